@@ -1,0 +1,36 @@
+# One command runs the platform, one runs the tests; both build .venv on a fresh machine.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench fuzz clean
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or make PY=python3)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[all]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgefleet demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check cloud edge_agent shared dashboard tests bench
+	$(BIN)/ruff format --check cloud edge_agent shared dashboard tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench $(ARGS)
+
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest -q tests/cloud/api/test_openapi_fuzz.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .edgefleet .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The EdgeFleet cloud control plane: registry, artifacts, fleet service, APIs."""

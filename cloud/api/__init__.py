@@ -1,0 +1,1 @@
+"""The cloud REST API: admin, device and (later) inference endpoints."""

@@ -1,0 +1,33 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from cloud.api.errors import install_error_handlers
+from cloud.api.limits import BodySizeLimit
+from cloud.api.metrics import ApiMetrics, MetricsMiddleware
+from cloud.api.routes import artifacts, audit, devices, health, models
+from cloud.context import CloudContext
+
+__all__ = ["create_app"]
+
+
+def create_app(context: CloudContext) -> FastAPI:
+    app = FastAPI(
+        title="EdgeFleet cloud API",
+        version="0.1.0",
+        description="Model registry, device enrollment and artifacts for the EdgeFleet fleet.",
+    )
+    app.state.context = context
+    app.state.metrics = ApiMetrics(context)
+    install_error_handlers(app)
+    for module in (health, models, devices, artifacts, audit):
+        app.include_router(module.router)
+    app.add_middleware(
+        BodySizeLimit,
+        default=context.settings.max_request_bytes,
+        uploads=context.settings.max_upload_bytes + 1024 * 1024,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

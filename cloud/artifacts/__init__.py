@@ -1,0 +1,1 @@
+"""Content-addressed artifact files and their chunk index."""

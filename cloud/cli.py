@@ -1,0 +1,77 @@
+"""`edgefleet`: run the cloud, run the demo, administer models and devices."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from cloud.context import CloudContext
+from cloud.launcher import run_cloud
+from cloud.settings import CloudSettings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
+console = Console()
+
+
+def _settings(**overrides: object) -> CloudSettings:
+    try:
+        return CloudSettings(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        for err in exc.errors():
+            console.print(f"[red]configuration error:[/red] {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _banner(context: CloudContext, api_url: str) -> None:
+    urls = context.urls
+    console.print("[bold green]EdgeFleet is up[/bold green]")
+    console.print(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
+    console.print(f"  registry   {urls.database_url}")
+    embedded = set(urls.embedded)
+    console.print(f"  MQTT       {urls.mqtt_url}{'  (embedded)' if 'mqtt' in embedded else ''}")
+    console.print(f"  Redis      {urls.redis_url}{'  (embedded)' if 'redis' in embedded else ''}")
+    console.print(f"  artifacts  {context.settings.artifact_dir.resolve()}")
+    if context.settings.dev_mode:
+        console.print(f"  admin token (dev mode) {context.settings.admin_token}")
+    console.print("Ctrl-C stops everything.", highlight=False)
+    sys.stdout.flush()
+
+
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(help="API port (0 picks a free one)")] = None,
+    host: Annotated[str | None, typer.Option(help="API bind address")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the registry and artifacts live")
+    ] = None,
+) -> None:
+    """Run the cloud API with the configured (or embedded) services."""
+    settings = _settings(api_port=port, api_host=host, data_dir=data_dir)
+    run_cloud(settings, on_ready=_banner)
+
+
+@app.command()
+def demo(
+    duration: Annotated[float | None, typer.Option(help="stop after N seconds")] = None,
+    port: Annotated[int, typer.Option(help="API port (0 picks a free one)")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="demo data directory")] = Path(".edgefleet/demo"),
+) -> None:
+    """Start the embedded services and the cloud API in dev mode; Ctrl-C stops all."""
+    settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
+    run_cloud(settings, duration=duration, on_ready=_banner)
+    console.print("EdgeFleet stopped; no child process left.")
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app()

@@ -1,0 +1,1 @@
+"""Embedded defaults: a real MQTT broker and a real Redis as child processes."""

@@ -1,0 +1,1 @@
+"""The model pipeline: inspect, export, quantize, gate, calibrate, register."""

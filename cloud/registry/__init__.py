@@ -1,0 +1,1 @@
+"""The registry: SQLAlchemy tables, Alembic migrations and keyword-only data functions."""

@@ -1,0 +1,178 @@
+"""ORM tables of the registry; API schemas live apart in ``cloud.api.schemas``."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "Artifact",
+    "AuditEvent",
+    "Base",
+    "Device",
+    "FederatedRun",
+    "Model",
+    "ModelVersion",
+    "Rollout",
+    "RolloutTarget",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+Timestamp = DateTime(timezone=True)
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[str] = mapped_column(String(32), default="classification")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(
+        back_populates="model",
+        order_by="ModelVersion.version",
+        foreign_keys="ModelVersion.model_id",
+    )
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    chunk_hashes: Mapped[list[Any]] = mapped_column(JSON)
+    media_type: Mapped[str] = mapped_column(String(64), default="application/onnx")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    precision: Mapped[str] = mapped_column(String(8))
+    artifact_sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256"))
+    inputs: Mapped[list[Any]] = mapped_column(JSON)
+    outputs: Mapped[list[Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    calibration: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    trainable: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    healthcheck: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    source: Mapped[str] = mapped_column(String(32), default="upload")
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions", foreign_keys=[model_id])
+    artifact: Mapped[Artifact] = relationship()
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    presence: Mapped[str] = mapped_column(String(16), default="unknown")
+    reported: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    desired_rev: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    strategy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="PENDING", index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+    targets: Mapped[list[RolloutTarget]] = relationship(back_populates="rollout")
+
+
+class RolloutTarget(Base):
+    __tablename__ = "rollout_targets"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_targets_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+    previous_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=True
+    )
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+    rollout: Mapped[Rollout] = relationship(back_populates="targets")
+
+
+class FederatedRun(Base):
+    __tablename__ = "federated_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    base_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    result_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=True
+    )
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(256))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

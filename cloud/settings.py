@@ -1,0 +1,55 @@
+"""Cloud configuration, validated once at start (env prefix ``EDGEFLEET_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEV_ADMIN_TOKEN", "CloudSettings"]
+
+DEV_ADMIN_TOKEN = "edgefleet-dev-admin-token"  # noqa: S105 - refused outside dev mode
+
+
+class CloudSettings(BaseSettings):
+    """Unset URLs mean "start the embedded default" (SQLite file, child broker, child Redis)."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="forbid")
+
+    data_dir: Path = Path(".edgefleet")
+    database_url: str | None = None
+    mqtt_url: str | None = None
+    redis_url: str | None = None
+    admin_token: str = DEV_ADMIN_TOKEN
+    dev_mode: bool = False
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    # The broker address devices are told at enrollment (production: the public one).
+    device_mqtt_url: str | None = None
+    chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _no_default_secret_in_production(self) -> CloudSettings:
+        if not self.dev_mode and self.admin_token == DEV_ADMIN_TOKEN:
+            raise ValueError(
+                "EDGEFLEET_ADMIN_TOKEN is the built-in development token; set a secret "
+                "(e.g. `openssl rand -hex 32`) or run in dev mode (EDGEFLEET_DEV_MODE=1)"
+            )
+        if len(self.admin_token) < 16:
+            raise ValueError("EDGEFLEET_ADMIN_TOKEN must be at least 16 characters")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "keys" / "signing_ed25519.pem"

@@ -1,0 +1,1 @@
+"""The Streamlit fleet dashboard; it reads the cloud REST API only, never the database."""

@@ -1,0 +1,104 @@
+"""The EdgeFleet error tree; every error knows the HTTP status it maps to.
+
+EdgeFleetError (500)
+├── InvalidInput (400)
+│   ├── ProtocolError (400)       malformed MQTT message or topic
+│   ├── TensorError (400)         wrong shape, dtype, NaN, unknown tensor
+│   └── ModelInvalid (422)        an ONNX file that does not check
+├── IntegrityError (400)          bytes that do not match their hash
+├── SignatureError (400)          a document whose signature does not verify
+│   ├── ExpiredDocument (400)
+│   └── StaleRevision (409)       rev lower than or equal to one already applied
+├── Unauthorized (401)
+├── Forbidden (403)
+├── NotFound (404)
+├── Conflict (409)
+├── PayloadTooLarge (413)
+└── ServiceUnavailable (503)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Conflict",
+    "EdgeFleetError",
+    "ExpiredDocument",
+    "Forbidden",
+    "IntegrityError",
+    "InvalidInput",
+    "ModelInvalid",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "ServiceUnavailable",
+    "SignatureError",
+    "StaleRevision",
+    "TensorError",
+    "Unauthorized",
+]
+
+
+class EdgeFleetError(Exception):
+    """Base of every error EdgeFleet raises on purpose."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(EdgeFleetError):
+    status_code = 400
+
+
+class ProtocolError(InvalidInput):
+    status_code = 400
+
+
+class TensorError(InvalidInput):
+    status_code = 400
+
+
+class ModelInvalid(InvalidInput):
+    status_code = 422
+
+
+class IntegrityError(EdgeFleetError):
+    status_code = 400
+
+
+class SignatureError(EdgeFleetError):
+    status_code = 400
+
+
+class ExpiredDocument(SignatureError):
+    status_code = 400
+
+
+class StaleRevision(SignatureError):
+    status_code = 409
+
+
+class Unauthorized(EdgeFleetError):
+    status_code = 401
+
+
+class Forbidden(EdgeFleetError):
+    status_code = 403
+
+
+class NotFound(EdgeFleetError):
+    status_code = 404
+
+
+class Conflict(EdgeFleetError):
+    status_code = 409
+
+
+class PayloadTooLarge(EdgeFleetError):
+    status_code = 413
+
+
+class ServiceUnavailable(EdgeFleetError):
+    status_code = 503

@@ -1,0 +1,229 @@
+"""Pydantic messages of the MQTT protocol (DESIGN.md §3); unknown fields are refused."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import ProtocolError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactRef",
+    "ArtifactRequest",
+    "DeploymentState",
+    "DesiredState",
+    "GoldenExample",
+    "HealthCheckSpec",
+    "Histogram",
+    "Manifest",
+    "Message",
+    "Presence",
+    "PresenceState",
+    "ReportedState",
+    "RoutingPolicy",
+    "RoutingSpec",
+    "StatusEvent",
+    "Telemetry",
+    "TensorSpec",
+    "decode",
+]
+
+SCHEMA_VERSION: Literal[1] = 1
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+TensorName = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_CHUNKS = 65_536
+
+
+class Message(BaseModel):
+    """Base of every protocol message: versioned, strict, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(cls: type[M], payload: bytes | str) -> M:
+    """Parse a message, turning any malformation into :class:`ProtocolError`."""
+    try:
+        return cls.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise ProtocolError(f"bad {cls.__name__}: {where}: {first['msg']}") from exc
+
+
+class TensorSpec(Message):
+    """One input or output of a model; -1 marks a dynamic dimension."""
+
+    name: TensorName
+    datatype: Literal[
+        "BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
+    ]
+    shape: list[Annotated[int, Field(ge=-1)]]
+
+
+class ArtifactRef(Message):
+    """A content-addressed file and the hash of each of its chunks."""
+
+    sha256: Sha256
+    size: int = Field(ge=1)
+    chunk_size: int = Field(ge=1024, le=16 * 1024 * 1024)
+    chunks: list[Sha256] = Field(min_length=1, max_length=MAX_CHUNKS)
+
+    @model_validator(mode="after")
+    def _chunk_count_matches(self) -> ArtifactRef:
+        expected = -(-self.size // self.chunk_size)
+        if len(self.chunks) != expected:
+            raise ValueError(
+                f"{len(self.chunks)} chunk hashes for {self.size} bytes in "
+                f"chunks of {self.chunk_size} (expected {expected})"
+            )
+        return self
+
+
+class RoutingPolicy(StrEnum):
+    MAX_PROB = "max_prob"
+    MARGIN = "margin"
+    ENTROPY = "entropy"
+    ALWAYS_EDGE = "always_edge"
+    ALWAYS_CLOUD = "always_cloud"
+
+
+class RoutingSpec(Message):
+    """How the edge decides an input is hard; the threshold is calibrated by the pipeline."""
+
+    policy: RoutingPolicy
+    threshold: float | None = None
+    target: str | None = Field(default=None, max_length=200)
+
+
+class GoldenExample(Message):
+    """An input and the outputs the model must give for it (flattened, row-major)."""
+
+    inputs: dict[TensorName, list[float]]
+    outputs: dict[TensorName, list[float]]
+
+
+class HealthCheckSpec(Message):
+    golden: list[GoldenExample] = Field(default_factory=list, max_length=64)
+    atol: float = Field(default=1e-3, gt=0)
+    max_latency_ms: float = Field(default=1000.0, gt=0)
+
+
+class Manifest(Message):
+    """What a device needs to fetch, verify, check and run one model version."""
+
+    model: Name
+    version: int = Field(ge=1)
+    precision: Literal["fp32", "fp16", "int8"]
+    artifact: ArtifactRef
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    routing: RoutingSpec | None = None
+    trainable: list[TensorName] = Field(default_factory=list)
+    healthcheck: HealthCheckSpec = Field(default_factory=HealthCheckSpec)
+
+
+class Deployment(Message):
+    """One model a device should run, and the rollout that asked for it."""
+
+    rollout_id: int | None = None
+    manifest: Manifest
+
+
+class DesiredState(Message):
+    """What one device should run; signed by the cloud and monotonic in ``rev``."""
+
+    device_id: Name
+    rev: int = Field(ge=1)
+    issued_at: datetime
+    expires_at: datetime
+    deployments: list[Deployment] = Field(default_factory=list, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_per_model(self) -> DesiredState:
+        names = [d.manifest.model for d in self.deployments]
+        if len(names) != len(set(names)):
+            raise ValueError("at most one deployment per model")
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+
+class ReportedState(Message):
+    rev_applied: int = Field(ge=0)
+    active: dict[Name, int] = Field(default_factory=dict)
+    agent_version: str = Field(max_length=64)
+    capabilities: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class DeploymentState(StrEnum):
+    QUEUED = "QUEUED"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    STAGED = "STAGED"
+    HEALTHCHECK = "HEALTHCHECK"
+    ACTIVE = "ACTIVE"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+class StatusEvent(Message):
+    rev: int = Field(ge=0)
+    rollout_id: int | None = None
+    model: Name
+    version: int = Field(ge=1)
+    state: DeploymentState
+    reason: str | None = Field(default=None, max_length=2000)
+    bytes_done: int = Field(default=0, ge=0)
+    bytes_total: int = Field(default=0, ge=0)
+    at: datetime
+
+
+class PresenceState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    STOPPED = "stopped"
+
+
+class Presence(Message):
+    # No timestamp: the Last Will is fixed at connect time, long before it fires.
+    state: PresenceState
+
+
+class Histogram(Message):
+    """Counts per bucket; ``bounds`` are upper bounds, the last bucket is +inf."""
+
+    bounds: list[float]
+    counts: list[Annotated[int, Field(ge=0)]]
+
+    @model_validator(mode="after")
+    def _shape(self) -> Histogram:
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError("counts must have one more entry than bounds")
+        if any(b >= a for a, b in zip(self.bounds[1:], self.bounds, strict=False)):
+            raise ValueError("bounds must increase")
+        return self
+
+
+class Telemetry(Message):
+    window_s: float = Field(gt=0)
+    counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    latency_ms: Histogram | None = None
+    active: dict[Name, int] = Field(default_factory=dict)
+    cpu_percent: float | None = Field(default=None, ge=0)
+    rss_bytes: int | None = Field(default=None, ge=0)
+    at: datetime
+
+
+class ArtifactRequest(Message):
+    sha256: Sha256
+    chunks: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_CHUNKS)
