@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from cloud.settings import CloudSettings
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _settings(**overrides: object) -> CloudSettings:
@@ -45,6 +46,13 @@ def _banner(context: CloudContext, api_url: str) -> None:
     sys.stdout.flush()
 
 
+def _run_until_stopped(settings: CloudSettings, duration: float | None) -> None:
+    # uvicorn re-raises Ctrl-C once it has shut down; by then every child is stopped.
+    with contextlib.suppress(KeyboardInterrupt):
+        run_cloud(settings, duration=duration, on_ready=_banner)
+    console.print("EdgeFleet stopped; every child process is gone.")
+
+
 @app.command()
 def serve(
     port: Annotated[int | None, typer.Option(help="API port (0 picks a free one)")] = None,
@@ -55,7 +63,7 @@ def serve(
 ) -> None:
     """Run the cloud API with the configured (or embedded) services."""
     settings = _settings(api_port=port, api_host=host, data_dir=data_dir)
-    run_cloud(settings, on_ready=_banner)
+    _run_until_stopped(settings, None)
 
 
 @app.command()
@@ -66,8 +74,7 @@ def demo(
 ) -> None:
     """Start the embedded services and the cloud API in dev mode; Ctrl-C stops all."""
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    run_cloud(settings, duration=duration, on_ready=_banner)
-    console.print("EdgeFleet stopped; no child process left.")
+    _run_until_stopped(settings, duration)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "Histogram",
     "Manifest",
     "Message",
+    "Part",
     "Presence",
     "PresenceState",
     "ReportedState",
@@ -47,7 +48,13 @@ class Message(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
-M = TypeVar("M", bound=Message)
+class Part(BaseModel):
+    """A piece of a message: as strict, but versioned by the message that holds it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def decode(cls: type[M], payload: bytes | str) -> M:
@@ -60,7 +67,7 @@ def decode(cls: type[M], payload: bytes | str) -> M:
         raise ProtocolError(f"bad {cls.__name__}: {where}: {first['msg']}") from exc
 
 
-class TensorSpec(Message):
+class TensorSpec(Part):
     """One input or output of a model; -1 marks a dynamic dimension."""
 
     name: TensorName
@@ -70,7 +77,7 @@ class TensorSpec(Message):
     shape: list[Annotated[int, Field(ge=-1)]]
 
 
-class ArtifactRef(Message):
+class ArtifactRef(Part):
     """A content-addressed file and the hash of each of its chunks."""
 
     sha256: Sha256
@@ -97,7 +104,7 @@ class RoutingPolicy(StrEnum):
     ALWAYS_CLOUD = "always_cloud"
 
 
-class RoutingSpec(Message):
+class RoutingSpec(Part):
     """How the edge decides an input is hard; the threshold is calibrated by the pipeline."""
 
     policy: RoutingPolicy
@@ -105,14 +112,14 @@ class RoutingSpec(Message):
     target: str | None = Field(default=None, max_length=200)
 
 
-class GoldenExample(Message):
+class GoldenExample(Part):
     """An input and the outputs the model must give for it (flattened, row-major)."""
 
     inputs: dict[TensorName, list[float]]
     outputs: dict[TensorName, list[float]]
 
 
-class HealthCheckSpec(Message):
+class HealthCheckSpec(Part):
     golden: list[GoldenExample] = Field(default_factory=list, max_length=64)
     atol: float = Field(default=1e-3, gt=0)
     max_latency_ms: float = Field(default=1000.0, gt=0)
@@ -132,7 +139,7 @@ class Manifest(Message):
     healthcheck: HealthCheckSpec = Field(default_factory=HealthCheckSpec)
 
 
-class Deployment(Message):
+class Deployment(Part):
     """One model a device should run, and the rollout that asked for it."""
 
     rollout_id: int | None = None
@@ -199,7 +206,7 @@ class Presence(Message):
     state: PresenceState
 
 
-class Histogram(Message):
+class Histogram(Part):
     """Counts per bucket; ``bounds`` are upper bounds, the last bucket is +inf."""
 
     bounds: list[float]

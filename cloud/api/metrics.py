@@ -9,7 +9,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.context import CloudContext
@@ -68,13 +67,11 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
 
-    def _route(self, scope: Scope) -> str:
-        router = scope.get("app")
-        for route in getattr(getattr(router, "router", None), "routes", []):
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return str(getattr(route, "path", "unmatched"))
-        return "unmatched"
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        # The router leaves the matched route in the scope (shared dict) once it matched.
+        route = scope.get("route")
+        return str(getattr(route, "path", "unmatched"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,17 +79,28 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            route, method = self._route(scope), scope.get("method", "")
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
 
         async def recording_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Count before the last byte leaves, so a client that reads /metrics
+                # right after its request already sees it.
+                record()
             await send(message)
 
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = self._route(scope)
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+            record()

@@ -1,0 +1,104 @@
+"""Protocol messages: strict, versioned, self-consistent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.errors import ProtocolError
+from shared.messages import (
+    ArtifactRef,
+    ArtifactRequest,
+    DesiredState,
+    Histogram,
+    Manifest,
+    Presence,
+    PresenceState,
+    StatusEvent,
+    decode,
+)
+
+
+def artifact(size: int = 10_000, chunk_size: int = 4096) -> ArtifactRef:
+    count = -(-size // chunk_size)
+    return ArtifactRef(
+        sha256="0" * 64,
+        size=size,
+        chunk_size=chunk_size,
+        chunks=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(count)],
+    )
+
+
+def manifest(model: str = "digits", version: int = 1) -> Manifest:
+    return Manifest.model_validate(
+        {
+            "model": model,
+            "version": version,
+            "precision": "int8",
+            "artifact": artifact().model_dump(),
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
+            "routing": {"policy": "max_prob", "threshold": 0.8},
+        }
+    )
+
+
+def test_manifest_round_trips_through_json() -> None:
+    original = manifest()
+    assert decode(Manifest, original.model_dump_json()) == original
+    assert original.schema_version == 1
+
+
+def test_unknown_fields_are_refused_with_a_protocol_error() -> None:
+    payload = Presence(state=PresenceState.ONLINE).model_dump(mode="json") | {"surprise": 1}
+    with pytest.raises(ProtocolError, match="surprise"):
+        decode(Presence, json.dumps(payload))
+
+
+def test_a_future_schema_version_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="schema_version"):
+        decode(Presence, '{"schema_version": 2, "state": "online"}')
+
+
+def test_malformed_json_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        decode(StatusEvent, b"\xff{not json")
+
+
+def test_chunk_hashes_must_cover_the_artifact_exactly() -> None:
+    good = artifact()
+    with pytest.raises(ValueError, match="expected 3"):
+        ArtifactRef(sha256=good.sha256, size=good.size, chunk_size=4096, chunks=good.chunks[:2])
+
+
+def test_desired_state_allows_one_deployment_per_model_and_a_real_lifetime() -> None:
+    now = datetime.now(UTC)
+    dep = {"manifest": manifest().model_dump()}
+    with pytest.raises(ValueError, match="one deployment per model"):
+        DesiredState.model_validate(
+            {
+                "device_id": "d1",
+                "rev": 1,
+                "issued_at": now,
+                "expires_at": now + timedelta(hours=1),
+                "deployments": [dep, dep],
+            }
+        )
+    with pytest.raises(ValueError, match="expires_at"):
+        DesiredState(device_id="d1", rev=1, issued_at=now, expires_at=now)
+
+
+def test_histogram_needs_one_more_count_than_bounds() -> None:
+    Histogram(bounds=[1.0, 5.0], counts=[1, 2, 3])
+    with pytest.raises(ValueError, match="one more entry"):
+        Histogram(bounds=[1.0, 5.0], counts=[1, 2])
+
+
+def test_artifact_request_refuses_negative_and_empty_chunk_lists() -> None:
+    with pytest.raises(ProtocolError):
+        decode(ArtifactRequest, '{"sha256": "' + "a" * 64 + '", "chunks": []}')
+    with pytest.raises(ProtocolError):
+        decode(ArtifactRequest, '{"sha256": "' + "a" * 64 + '", "chunks": [-1]}')
