@@ -24,6 +24,7 @@ __all__ = [
     "EdgeFleetError",
     "ExpiredDocument",
     "Forbidden",
+    "GateFailed",
     "IntegrityError",
     "InvalidInput",
     "ModelInvalid",
@@ -102,3 +103,9 @@ class PayloadTooLarge(EdgeFleetError):
 
 class ServiceUnavailable(EdgeFleetError):
     status_code = 503
+
+
+class GateFailed(EdgeFleetError):
+    """A quantized candidate lost more than the tolerance against its FP32 parent."""
+
+    status_code = 422

@@ -33,6 +33,7 @@ def register_version(
     trainable: list[str] | None = None,
     healthcheck: HealthCheckSpec | None = None,
     source: str = "upload",
+    dataset: str | None = None,
 ) -> ModelVersion:
     model = repository.get_model(session, name=model_name)
     parent = (
@@ -68,6 +69,7 @@ def register_version(
             trainable=trainable,
             healthcheck=(healthcheck or HealthCheckSpec()).model_dump(mode="json"),
             source=source,
+            dataset=dataset,
         )
         repository.record_audit(
             session,

@@ -108,6 +108,7 @@ def add_version(
     trainable: list[str] | None = None,
     healthcheck: dict[str, Any] | None = None,
     source: str = "upload",
+    dataset: str | None = None,
 ) -> ModelVersion:
     """Register the next version of ``model`` (versions are monotonic per model)."""
     if parent is not None and parent.model_id != model.id:
@@ -129,6 +130,7 @@ def add_version(
         trainable=trainable or [],
         healthcheck=healthcheck or {},
         source=source,
+        dataset=dataset,
     )
     session.add(version)
     _flush_or_conflict(session, f"version {(latest or 0) + 1} of {model.name!r}")

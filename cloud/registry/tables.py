@@ -97,6 +97,8 @@ class ModelVersion(Base):
     trainable: Mapped[list[Any]] = mapped_column(JSON, default=list)
     healthcheck: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     source: Mapped[str] = mapped_column(String(32), default="upload")
+    # Where evaluation data for this version comes from, e.g. "builtin:digits".
+    dataset: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions", foreign_keys=[model_id])

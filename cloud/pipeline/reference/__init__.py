@@ -1,0 +1,1 @@
+"""Reference models built from data that packages ship (no hub downloads)."""

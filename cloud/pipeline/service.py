@@ -1,0 +1,154 @@
+"""Pipeline operations on the registry: quantize a version (gate + calibrate + register)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cloud.context import CloudContext
+from cloud.pipeline.calibrate import RoutingTarget, calibrate
+from cloud.pipeline.datasets import EvalData, builtin
+from cloud.pipeline.evaluate import make_session, run_model
+from cloud.pipeline.gate import gate_classifier, gate_embedding
+from cloud.pipeline.golden import golden_examples
+from cloud.pipeline.quantize import QuantMethod, quantize
+from cloud.pipeline.register import register_version
+from cloud.registry import repository
+from shared.errors import Conflict, InvalidInput
+from shared.messages import RoutingPolicy, RoutingSpec, TensorSpec
+
+__all__ = ["QuantizeOptions", "load_version_bytes", "quantize_version"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizeOptions:
+    max_drop_pt: float = 0.5
+    min_cosine: float = 0.99
+    target: RoutingTarget = RoutingTarget("gap", 0.8)
+    policy: RoutingPolicy | None = None
+    cloud_model: tuple[str, int] | None = None
+    method: QuantMethod | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Parent:
+    model: str
+    version: int
+    task: str
+    precision: str
+    data: bytes
+    inputs: list[TensorSpec]
+    outputs: list[str]
+    trainable: list[str]
+    dataset: str | None
+
+
+def load_version_bytes(context: CloudContext, model: str, version: int) -> bytes:
+    with context.database.session() as s:
+        sha = repository.get_version(s, model_name=model, version=version).artifact_sha256
+    return context.artifacts.path(sha).read_bytes()
+
+
+def _parent(context: CloudContext, model: str, version: int) -> _Parent:
+    with context.database.session() as s:
+        row = repository.get_version(s, model_name=model, version=version)
+        parent = _Parent(
+            model=model,
+            version=version,
+            task=row.model.task,
+            precision=row.precision,
+            data=b"",
+            inputs=[TensorSpec.model_validate(i) for i in row.inputs],
+            outputs=[o["name"] for o in row.outputs],
+            trainable=list(row.trainable),
+            dataset=row.dataset,
+        )
+        sha = row.artifact_sha256
+    if parent.precision != "fp32":
+        raise Conflict(f"{model}:{version} is {parent.precision}; quantize an fp32 version")
+    return replace(parent, data=context.artifacts.path(sha).read_bytes())
+
+
+def _routing(
+    context: CloudContext, parent: _Parent, int8: bytes, data: EvalData, options: QuantizeOptions
+) -> tuple[dict[str, Any], RoutingSpec | None]:
+    if "probabilities" not in parent.outputs or data.calib_labels is None:
+        return {}, None
+    edge_probs = run_model(make_session(int8), data.calib_inputs, output="probabilities")
+    cloud_probs = None
+    if options.cloud_model is not None:
+        cloud_bytes = load_version_bytes(context, *options.cloud_model)
+        cloud_probs = run_model(make_session(cloud_bytes), data.calib_inputs, output="probabilities")
+    target = options.target
+    if target.kind == "gap" and cloud_probs is None:
+        raise InvalidInput("a gap target needs cloud_model (name:version) to compare against")
+    result = calibrate(edge_probs, data.calib_labels, target=target, cloud_probs=cloud_probs)
+    if options.cloud_model is not None:
+        result["cloud_model"] = f"{options.cloud_model[0]}:{options.cloud_model[1]}"
+    policy = options.policy or RoutingPolicy(result["chosen"])
+    if policy.value not in result["policies"]:
+        return result, RoutingSpec(policy=policy, target=str(target))
+    threshold = result["policies"][policy.value]["threshold"]
+    return result, RoutingSpec(policy=policy, threshold=threshold, target=str(target))
+
+
+def quantize_version(
+    context: CloudContext,
+    *,
+    model: str,
+    version: int,
+    data: EvalData | None,
+    options: QuantizeOptions,
+    actor: str,
+) -> int:
+    """Quantize ``model:version``, gate it, calibrate routing, register it as a child version.
+
+    Nothing is written unless the candidate passes the gate.
+    """
+    parent = _parent(context, model, version)
+    if data is None:
+        if parent.dataset is None:
+            raise InvalidInput(
+                f"{model}:{version} has no recorded dataset; upload evaluation data (.npz)"
+            )
+        data = builtin(parent.dataset)
+    embedding = parent.task == "embedding"
+    method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
+    int8 = quantize(parent.data, method=method, calibration=data.calib_inputs)
+    if embedding:
+        metrics = gate_embedding(
+            parent.data, int8, data.test_inputs, output=parent.outputs[0], min_cosine=options.min_cosine
+        )
+    else:
+        if data.test_labels is None:
+            raise InvalidInput("a classifier's evaluation data needs labels 'y'")
+        metrics = gate_classifier(
+            parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
+        )
+    metrics["size_ratio"] = round(len(int8) / len(parent.data), 4)
+    calibration, routing = _routing(context, parent, int8, data, options)
+    health = golden_examples(int8, data.test_inputs)
+    with context.database.session() as s:
+        row = register_version(
+            s,
+            context.artifacts,
+            model_name=model,
+            blocks=[int8],
+            max_bytes=len(int8),
+            precision="int8",
+            actor=actor,
+            parent_version=version,
+            metrics=metrics,
+            calibration=calibration,
+            routing=routing,
+            trainable=parent.trainable,
+            healthcheck=health,
+            source=f"quantize:{method.value}",
+            dataset=parent.dataset,
+        )
+        s.flush()
+        _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, metrics)
+        return row.version
