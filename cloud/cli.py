@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,13 +13,16 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
 from cloud.launcher import run_cloud
+from cloud.pipeline.reference.build import register_reference
 from cloud.settings import CloudSettings
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
+app.add_typer(models_app, name="model")
 console = Console(soft_wrap=True)
 
 
@@ -46,10 +50,29 @@ def _banner(context: CloudContext, api_url: str) -> None:
     sys.stdout.flush()
 
 
-def _run_until_stopped(settings: CloudSettings, duration: float | None) -> None:
+def _demo_ready(context: CloudContext, api_url: str) -> None:
+    """The banner, then the reference models on first start (FP32 and INT8)."""
+    _banner(context, api_url)
+    names = ["digits-cloud", "digits-edge", "digits-edge-weak"]
+    added = register_reference(
+        context,
+        names=names,
+        actor="demo",
+        progress=lambda msg: console.print(f"  [dim]{msg}[/dim]"),
+    )
+    if added:
+        console.print("Registered " + ", ".join(f"{m}:{v}" for m, v in added))
+    sys.stdout.flush()
+
+
+def _run_until_stopped(
+    settings: CloudSettings,
+    duration: float | None,
+    on_ready: Callable[[CloudContext, str], None] = _banner,
+) -> None:
     # uvicorn re-raises Ctrl-C once it has shut down; by then every child is stopped.
     with contextlib.suppress(KeyboardInterrupt):
-        run_cloud(settings, duration=duration, on_ready=_banner)
+        run_cloud(settings, duration=duration, on_ready=on_ready)
     console.print("EdgeFleet stopped; every child process is gone.")
 
 
@@ -74,7 +97,7 @@ def demo(
 ) -> None:
     """Start the embedded services and the cloud API in dev mode; Ctrl-C stops all."""
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    _run_until_stopped(settings, duration)
+    _run_until_stopped(settings, duration, on_ready=_demo_ready)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "GateFailed",
     "IntegrityError",
     "InvalidInput",
+    "MissingExtra",
     "ModelInvalid",
     "NotFound",
     "PayloadTooLarge",
@@ -103,6 +104,12 @@ class PayloadTooLarge(EdgeFleetError):
 
 class ServiceUnavailable(EdgeFleetError):
     status_code = 503
+
+
+class MissingExtra(EdgeFleetError):
+    """The request needs an optional part this installation lacks (a pip extra)."""
+
+    status_code = 422
 
 
 class GateFailed(EdgeFleetError):

@@ -25,15 +25,18 @@ def confidence(probabilities: Floats, policy: RoutingPolicy) -> Floats:
     if p.ndim != 2 or p.shape[1] < 2:
         raise InvalidInput(f"probabilities must be [N, K>=2], got {list(p.shape)}")
     if policy is RoutingPolicy.MAX_PROB:
-        return p.max(axis=1)
+        best: Floats = p.max(axis=1)
+        return best
     if policy is RoutingPolicy.MARGIN:
         top2 = np.partition(p, -2, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
+        margin: Floats = top2[:, 1] - top2[:, 0]
+        return margin
     if policy is RoutingPolicy.ENTROPY:
         # Normalised entropy (Sedna's CrossEntropyFilter form): 0 = certain, 1 = uniform.
         q = np.clip(p, 1e-12, 1.0)
         entropy = -(q * np.log(q)).sum(axis=1) / np.log(p.shape[1])
-        return 1.0 - entropy
+        certainty: Floats = 1.0 - entropy
+        return certainty
     if policy is RoutingPolicy.ALWAYS_EDGE:
         return np.ones(p.shape[0])
     if policy is RoutingPolicy.ALWAYS_CLOUD:

@@ -132,3 +132,24 @@ def api(context: CloudContext) -> Iterator[RunningApi]:
     """The cloud API served by a real uvicorn on a free port."""
     with serve_in_thread(create_app(context)) as url:
         yield RunningApi(url, context)
+
+
+@pytest.fixture(scope="session")
+def reference_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The digits reference models, built once per session (a few seconds)."""
+    from cloud.pipeline.reference import digits
+
+    splits = digits.digits_splits(0)
+    return {
+        "digits-edge": digits.build_edge(splits),
+        "digits-edge-weak": digits.build_weak_edge(splits),
+        "digits-cloud": digits.build_cloud(splits),
+    }
+
+
+def seed_reference_cache(settings: CloudSettings, models: dict[str, bytes]) -> None:
+    """Put prebuilt reference models where the pipeline caches them."""
+    cache = settings.data_dir / "reference"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, data in models.items():
+        (cache / f"{name}.onnx").write_bytes(data)

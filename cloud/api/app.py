@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from cloud.api.errors import install_error_handlers
 from cloud.api.limits import BodySizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
-from cloud.api.routes import artifacts, audit, devices, health, models
+from cloud.api.routes import artifacts, audit, devices, health, models, pipeline
 from cloud.context import CloudContext
 
 __all__ = ["create_app"]
@@ -22,7 +22,7 @@ def create_app(context: CloudContext) -> FastAPI:
     app.state.context = context
     app.state.metrics = ApiMetrics(context)
     install_error_handlers(app)
-    for module in (health, models, devices, artifacts, audit):
+    for module in (health, models, pipeline, devices, artifacts, audit):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

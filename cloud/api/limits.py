@@ -20,7 +20,7 @@ class BodySizeLimit:
         self.uploads = uploads
 
     def _limit(self, path: str) -> int:
-        return self.uploads if path.endswith("/versions") else self.default
+        return self.uploads if path.endswith(("/versions", "/quantize")) else self.default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

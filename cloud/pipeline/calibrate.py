@@ -72,7 +72,9 @@ def calibrate(
     """Thresholds for each policy, and the policy that meets the target with least offload."""
     n = len(labels)
     if n == 0 or len(edge_probs) != n:
-        raise InvalidInput("calibration needs probabilities and labels of the same, non-zero length")
+        raise InvalidInput(
+            "calibration needs probabilities and labels of the same, non-zero length"
+        )
     if target.kind == "gap" and cloud_probs is None:
         raise InvalidInput("a gap target needs the cloud model's answers on the calibration split")
     edge_ok = edge_probs.argmax(axis=1) == labels
@@ -87,7 +89,8 @@ def calibrate(
         if target.kind == "budget":
             k = int(np.floor(target.value * n + 1e-9))
         else:
-            assert cloud_ok is not None and cloud_acc is not None
+            assert cloud_ok is not None
+            assert cloud_acc is not None
             curve = _curve(order, edge_ok, cloud_ok)
             goal = edge_acc + target.value * max(cloud_acc - edge_acc, 0.0)
             k = int(np.argmax(curve >= goal - 1e-12))

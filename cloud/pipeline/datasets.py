@@ -28,10 +28,18 @@ MAX_ROWS = 100_000
 
 @dataclass(frozen=True, slots=True)
 class EvalData:
+    """Calibration half (quantization ranges, routing thresholds) and held-out half (gate)."""
+
     calib_inputs: dict[str, Array]
     calib_labels: Array | None
     test_inputs: dict[str, Array]
     test_labels: Array | None
+    # More data for activation ranges where there is some (never the held-out half).
+    range_inputs: dict[str, Array] | None = None
+
+    @property
+    def quantization_inputs(self) -> dict[str, Array]:
+        return self.range_inputs if self.range_inputs is not None else self.calib_inputs
 
 
 def builtin(name: str) -> EvalData:
@@ -39,7 +47,8 @@ def builtin(name: str) -> EvalData:
         from cloud.pipeline.reference.digits import digits_splits
 
         s = digits_splits(0)
-        return EvalData({"input": s.x_calib}, s.y_calib, {"input": s.x_test}, s.y_test)
+        ranges = {"input": np.concatenate([s.x_train, s.x_calib])}
+        return EvalData({"input": s.x_calib}, s.y_calib, {"input": s.x_test}, s.y_test, ranges)
     raise NotFound(f"unknown built-in dataset {name!r}")
 
 

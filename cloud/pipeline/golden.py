@@ -33,7 +33,10 @@ def golden_examples(
         golden.append(
             GoldenExample(
                 inputs={k: v.reshape(-1).astype(float).tolist() for k, v in feed.items()},
-                outputs={n: o.reshape(-1).astype(float).tolist() for n, o in zip(names, outputs, strict=True)},
+                outputs={
+                    n: o.reshape(-1).astype(float).tolist()
+                    for n, o in zip(names, outputs, strict=True)
+                },
             )
         )
     return HealthCheckSpec(golden=golden, atol=atol, max_latency_ms=max_latency_ms)

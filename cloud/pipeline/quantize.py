@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import numpy.typing as npt
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -40,7 +40,10 @@ class _Batches(CalibrationDataReader):  # type: ignore[misc]
     def __init__(self, inputs: dict[str, Array], batch_size: int) -> None:
         rows = len(next(iter(inputs.values())))
         self._batches: Iterator[dict[str, Array]] = iter(
-            [{k: v[i : i + batch_size] for k, v in inputs.items()} for i in range(0, rows, batch_size)]
+            [
+                {k: v[i : i + batch_size] for k, v in inputs.items()}
+                for i in range(0, rows, batch_size)
+            ]
         )
 
     def get_next(self) -> dict[str, Array] | None:
@@ -58,15 +61,21 @@ def _preprocess(source: Path, target: Path, *, transformer: bool) -> Path:
         return source
 
 
-def _output_heads(path: Path) -> list[str]:
-    """Softmax nodes stay in float: 8-bit probabilities (steps of 1/255) would tie the top
-    classes and make routing thresholds coarse. Unnamed nodes get names so they can be kept."""
+def _float_nodes(path: Path, trainable: frozenset[str]) -> list[str]:
+    """Nodes that stay in float. Softmax: 8-bit probabilities (steps of 1/255) would tie the
+    top classes and make routing thresholds coarse. Nodes that read a trainable tensor: the
+    head stays a plain float initializer that federated learning reads and replaces.
+    Unnamed nodes get names so they can be listed."""
     model = onnx.load(str(path))
     for index, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{index}"
     onnx.save(model, str(path))
-    return [n.name for n in model.graph.node if n.op_type == "Softmax"]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Softmax" or trainable.intersection(n.input)
+    ]
 
 
 def quantize(
@@ -74,6 +83,7 @@ def quantize(
     *,
     method: QuantMethod,
     calibration: dict[str, Array] | None = None,
+    trainable: Sequence[str] = (),
     batch_size: int = 64,
 ) -> bytes:
     """Return the INT8 model for ``model`` (FP32 ONNX bytes)."""
@@ -93,7 +103,7 @@ def quantize(
         prepared = _preprocess(
             source, work / "prepared.onnx", transformer=method is QuantMethod.DYNAMIC
         )
-        keep_float = _output_heads(prepared)
+        keep_float = _float_nodes(prepared, frozenset(trainable))
         target = work / "int8.onnx"
         if method is QuantMethod.STATIC:
             assert calibration is not None
@@ -113,6 +123,10 @@ def quantize(
             )
         else:
             quantize_dynamic(
-                str(prepared), str(target), per_channel=True, weight_type=QuantType.QInt8
+                str(prepared),
+                str(target),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep_float,
             )
         return target.read_bytes()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cloud.context import CloudContext
@@ -27,7 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 class QuantizeOptions:
     max_drop_pt: float = 0.5
     min_cosine: float = 0.99
-    target: RoutingTarget = RoutingTarget("gap", 0.8)
+    target: RoutingTarget = field(default_factory=lambda: RoutingTarget("gap", 0.8))
     policy: RoutingPolicy | None = None
     cloud_model: tuple[str, int] | None = None
     method: QuantMethod | None = None
@@ -81,7 +81,9 @@ def _routing(
     cloud_probs = None
     if options.cloud_model is not None:
         cloud_bytes = load_version_bytes(context, *options.cloud_model)
-        cloud_probs = run_model(make_session(cloud_bytes), data.calib_inputs, output="probabilities")
+        cloud_probs = run_model(
+            make_session(cloud_bytes), data.calib_inputs, output="probabilities"
+        )
     target = options.target
     if target.kind == "gap" and cloud_probs is None:
         raise InvalidInput("a gap target needs cloud_model (name:version) to compare against")
@@ -117,10 +119,19 @@ def quantize_version(
         data = builtin(parent.dataset)
     embedding = parent.task == "embedding"
     method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
-    int8 = quantize(parent.data, method=method, calibration=data.calib_inputs)
+    int8 = quantize(
+        parent.data,
+        method=method,
+        calibration=data.quantization_inputs,
+        trainable=parent.trainable,
+    )
     if embedding:
         metrics = gate_embedding(
-            parent.data, int8, data.test_inputs, output=parent.outputs[0], min_cosine=options.min_cosine
+            parent.data,
+            int8,
+            data.test_inputs,
+            output=parent.outputs[0],
+            min_cosine=options.min_cosine,
         )
     else:
         if data.test_labels is None:

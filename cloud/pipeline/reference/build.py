@@ -32,15 +32,16 @@ class ReferenceModel:
     quantize: bool
 
 
+_CLASSIFY = "classification"
 REFERENCE_MODELS = {
     m.name: m
     for m in (
-        ReferenceModel("digits-cloud", "RBF SVM on shift-augmented 8x8 digits (cloud)", "classification", False),
-        ReferenceModel("digits-edge", "MLP 64-64-32 on 8x8 digits (edge)", "classification", True),
-        ReferenceModel("digits-edge-weak", "MLP on 4x4 pooled digits (weak edge)", "classification", True),
+        ReferenceModel("digits-cloud", "RBF SVM on shifted 8x8 digits (cloud)", _CLASSIFY, False),
+        ReferenceModel("digits-edge", "MLP 64-64-32 on 8x8 digits (edge)", _CLASSIFY, True),
+        ReferenceModel("digits-edge-weak", "MLP on 4x4 pooled digits (weak edge)", _CLASSIFY, True),
         ReferenceModel("minilm", "all-MiniLM-L6-v2 sentence embeddings", "embedding", True),
     )
-}  # fmt: skip
+}
 
 
 def _build(name: str, cache: Path) -> bytes:
@@ -53,12 +54,12 @@ def _build(name: str, cache: Path) -> bytes:
         data = export_minilm()
     else:
         splits = digits.digits_splits(0)
-        builder = {
+        builders: dict[str, Callable[[digits.DigitsSplits], bytes]] = {
             "digits-edge": digits.build_edge,
             "digits-edge-weak": digits.build_weak_edge,
             "digits-cloud": digits.build_cloud,
-        }[name]
-        data = builder(splits)
+        }
+        data = builders[name](splits)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -141,29 +142,40 @@ def register_reference(
         ordered.insert(0, "digits-cloud")
     cache = context.settings.data_dir / "reference"
     registered: list[tuple[str, int]] = []
-    for name in ordered:
-        ref = REFERENCE_MODELS[name]
-        if _has_versions(context, name):
-            progress(f"{name}: already registered")
-            continue
-        progress(f"{name}: building")
-        fp32 = _register_fp32(context, ref, _build(name, cache), actor)
-        registered.append((name, fp32))
-        if ref.quantize:
-            progress(f"{name}: quantizing, gating, calibrating")
-            cloud = None if ref.task == "embedding" else ("digits-cloud", _latest(context, "digits-cloud"))
-            options = QuantizeOptions(
-                target=RoutingTarget("gap", 0.8) if cloud else RoutingTarget("budget", 0.2),
-                cloud_model=cloud,
-            )
-            data = None
-            if name == "minilm":
-                from cloud.pipeline.reference.minilm import eval_data
+    # One builder at a time across every API replica: a Redis lock, not a thread lock.
+    with context.redis.lock("edgefleet:lock:reference-build", timeout=1800, blocking_timeout=1800):
+        for name in ordered:
+            registered += _register_one(context, name, cache, actor, progress)
+    return registered
 
-                data = eval_data()
-            version = quantize_version(
-                context, model=name, version=fp32, data=data, options=options, actor=actor
-            )
-            registered.append((name, version))
-        progress(f"{name}: done")
+
+def _register_one(
+    context: CloudContext, name: str, cache: Path, actor: str, progress: Callable[[str], None]
+) -> list[tuple[str, int]]:
+    ref = REFERENCE_MODELS[name]
+    if _has_versions(context, name):
+        progress(f"{name}: already registered")
+        return []
+    progress(f"{name}: building")
+    fp32 = _register_fp32(context, ref, _build(name, cache), actor)
+    registered = [(name, fp32)]
+    if ref.quantize:
+        progress(f"{name}: quantizing, gating, calibrating")
+        cloud = None
+        if ref.task != "embedding":
+            cloud = ("digits-cloud", _latest(context, "digits-cloud"))
+        options = QuantizeOptions(
+            target=RoutingTarget("gap", 0.8) if cloud else RoutingTarget("budget", 0.2),
+            cloud_model=cloud,
+        )
+        data = None
+        if name == "minilm":
+            from cloud.pipeline.reference.minilm import eval_data
+
+            data = eval_data()
+        version = quantize_version(
+            context, model=name, version=fp32, data=data, options=options, actor=actor
+        )
+        registered.append((name, version))
+    progress(f"{name}: done")
     return registered

@@ -11,7 +11,14 @@ import numpy.typing as npt
 
 from cloud.pipeline.reference import graphs
 
-__all__ = ["DigitsSplits", "build_cloud", "build_edge", "build_weak_edge", "digits_splits", "shifted"]
+__all__ = [
+    "DigitsSplits",
+    "build_cloud",
+    "build_edge",
+    "build_weak_edge",
+    "digits_splits",
+    "shifted",
+]
 
 Array = npt.NDArray[Any]
 

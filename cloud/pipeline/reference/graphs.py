@@ -44,7 +44,8 @@ def _finish(
     model.ir_version = 8
     model.producer_name = "edgefleet"
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def mlp_classifier(
@@ -66,7 +67,7 @@ def mlp_classifier(
     current = "scaled"
     if pool is not None:
         # Average-pool the 8x8 image to (8/pool)^2 cells: a weaker view of the same input.
-        side = int(round(features**0.5))
+        side = round(features**0.5)
         inits += [
             helper.make_tensor("image_shape", TensorProto.INT64, [4], [-1, 1, side, side]),
             helper.make_tensor("flat_shape", TensorProto.INT64, [2], [-1, (side // pool) ** 2]),
@@ -74,7 +75,11 @@ def mlp_classifier(
         nodes += [
             helper.make_node("Reshape", [current, "image_shape"], ["image"]),
             helper.make_node(
-                "AveragePool", ["image"], ["pooled_image"], kernel_shape=[pool, pool], strides=[pool, pool]
+                "AveragePool",
+                ["image"],
+                ["pooled_image"],
+                kernel_shape=[pool, pool],
+                strides=[pool, pool],
             ),
             helper.make_node("Reshape", ["pooled_image", "flat_shape"], ["pooled"]),
         ]
@@ -145,5 +150,7 @@ def rbf_svm_classifier(
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
     ]
     classes = np.asarray(coefficients).shape[1]
-    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])
+    ]
     return _finish(nodes, inits, outputs, name, sv.shape[1])

@@ -1,0 +1,154 @@
+"""The pipeline over REST and from the `edgefleet model` CLI, against a running API."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.pipeline.datasets import EvalData
+from cloud.pipeline.reference.digits import digits_splits
+from cloud.pipeline.service import QuantizeOptions, quantize_version
+from shared.errors import GateFailed
+from tests.cloud.api.helpers import snapshot, upload
+from tests.conftest import ADMIN_TOKEN, RunningApi, seed_reference_cache
+
+EDGEFLEET = shutil.which("edgefleet") or str(Path(sys.executable).parent / "edgefleet")
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def api_with_reference(api: RunningApi, reference_onnx: dict[str, bytes]) -> RunningApi:
+    seed_reference_cache(api.context.settings, reference_onnx)
+    return api
+
+
+def test_reference_models_register_fp32_and_gated_calibrated_int8(
+    api_with_reference: RunningApi,
+) -> None:
+    with api_with_reference.client() as c:
+        r = c.post("/v1/reference-models", json={})
+        assert r.status_code == 201, r.text
+        added = {(v["model"], v["version"]): v for v in r.json()}
+        assert set(added) == {
+            ("digits-cloud", 1), ("digits-edge", 1), ("digits-edge", 2),
+            ("digits-edge-weak", 1), ("digits-edge-weak", 2),
+        }  # fmt: skip
+        int8 = added[("digits-edge", 2)]
+        assert (int8["precision"], int8["parent_version"]) == ("int8", 1)
+        assert int8["metrics"]["accuracy_drop_pt"] <= 0.5
+        assert int8["routing"]["policy"] in ("max_prob", "margin", "entropy")
+        assert 0 < int8["routing"]["threshold"] <= 1
+        assert int8["calibration"]["target"] == "gap:0.8"
+        assert int8["calibration"]["cloud_model"] == "digits-cloud:1"
+        assert set(int8["calibration"]["policies"]) == {"max_prob", "margin", "entropy"}
+        assert int8["trainable"] == ["head.weight", "head.bias"]
+        assert c.post("/v1/reference-models", json={}).json() == []
+        assert c.post("/v1/reference-models", json={"models": ["nope"]}).status_code == 422
+
+
+def test_quantize_over_rest_with_an_uploaded_dataset(api_with_reference: RunningApi) -> None:
+    splits = digits_splits(0)
+    data = _npz(x=splits.x_test, y=splits.y_test)
+    with api_with_reference.client() as c:
+        c.post("/v1/models", json={"name": "mine"})
+        assert upload(c, "mine", api_with_reference.context.artifacts.root.parent.joinpath(
+            "reference", "digits-edge.onnx").read_bytes()).status_code == 201  # fmt: skip
+        r = c.post(
+            "/v1/models/mine/versions/1/quantize",
+            data={"options": '{"target": "budget:0.1", "policy": "margin"}'},
+            files={"dataset": ("d.npz", data, "application/octet-stream")},
+        )
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["routing"]["policy"] == "margin"
+        assert body["calibration"]["policies"]["margin"]["offload"] <= 0.1
+        before = snapshot(api_with_reference.context)
+        assert c.post("/v1/models/mine/versions/2/quantize").status_code == 409  # already int8
+        assert c.post("/v1/models/mine/versions/1/quantize").status_code == 400  # no dataset
+        assert c.post("/v1/models/mine/versions/9/quantize").status_code == 404
+        bad = c.post(
+            "/v1/models/mine/versions/1/quantize",
+            files={"dataset": ("d.npz", b"not an npz", "application/octet-stream")},
+        )
+        assert bad.status_code == 400
+        assert "npz" in bad.json()["error"]
+        shape = c.post(
+            "/v1/models/mine/versions/1/quantize",
+            files={"dataset": ("d.npz", _npz(x=np.zeros((10, 5), np.float32)), "x/y")},
+        )
+        assert "shape" in shape.json()["error"]
+        opts = c.post("/v1/models/mine/versions/1/quantize", data={"options": '{"target": "x"}'})
+        assert opts.status_code == 400
+        assert snapshot(api_with_reference.context) == before
+
+
+def test_a_candidate_that_fails_the_gate_registers_nothing(api_with_reference: RunningApi) -> None:
+    context = api_with_reference.context
+    with api_with_reference.client() as c:
+        c.post("/v1/reference-models", json={"models": ["digits-cloud"]})
+        c.post("/v1/models", json={"name": "edge"})
+        upload(
+            c, "edge", (context.settings.data_dir / "reference" / "digits-edge.onnx").read_bytes()
+        )
+    before = snapshot(context)
+    splits = digits_splits(0)
+    broken = EvalData(
+        {"input": splits.x_calib * 0.02}, splits.y_calib, {"input": splits.x_test}, splits.y_test
+    )
+    with pytest.raises(GateFailed, match=r"accuracy .* vs FP32 .* pt drop"):
+        quantize_version(
+            context, model="edge", version=1, data=broken, options=QuantizeOptions(), actor="t"
+        )
+    assert snapshot(context) == before
+
+
+def _cli(api: RunningApi, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"COLUMNS": "250", "EDGEFLEET_ADMIN_TOKEN": ADMIN_TOKEN}
+    return subprocess.run(
+        [EDGEFLEET, "model", *args, "--api", api.url],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_model_cli_end_to_end(api_with_reference: RunningApi, tmp_path: Path) -> None:
+    built = _cli(api_with_reference, "build-reference")
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "digits-edge" in built.stdout
+    assert "int8" in built.stdout
+    model_file = api_with_reference.context.settings.data_dir / "reference" / "digits-edge.onnx"
+    added = _cli(api_with_reference, "add", str(model_file), "--name", "my-edge")
+    assert added.returncode == 0, added.stdout + added.stderr
+    splits = digits_splits(0)
+    data = tmp_path / "eval.npz"
+    data.write_bytes(_npz(x=splits.x_test, y=splits.y_test))
+    quant = _cli(
+        api_with_reference, "quantize", "my-edge", "1", "--data", str(data),
+        "--cloud-model", "digits-cloud:1",
+    )  # fmt: skip
+    assert quant.returncode == 0, quant.stdout + quant.stderr
+    assert "int8" in quant.stdout
+    listed = _cli(api_with_reference, "list")
+    assert "my-edge" in listed.stdout
+    assert "digits-edge-weak" in listed.stdout
+    versions = _cli(api_with_reference, "list", "my-edge")
+    assert "fp32" in versions.stdout
+    assert "int8" in versions.stdout
+    missing = _cli(api_with_reference, "quantize", "nope", "1")
+    assert missing.returncode == 1
+    assert "unknown model 'nope'" in missing.stdout
