@@ -128,5 +128,7 @@ def quantize(
                 per_channel=True,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=keep_float,
+                # Fused contrib ops (Attention, SkipLayerNorm) defeat type inference.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         return target.read_bytes()
