@@ -12,6 +12,7 @@ from cloud.api.app import create_app
 from cloud.context import CloudContext
 from cloud.embedded.processes import free_port
 from cloud.embedded.services import EmbeddedServices
+from cloud.fleet.service import FleetService
 from cloud.settings import CloudSettings
 
 __all__ = ["run_cloud"]
@@ -35,8 +36,10 @@ def run_cloud(
     ) as services:
         assert services.urls is not None
         context = CloudContext.open(settings, services.urls)
+        fleet = FleetService(context)
         try:
-            app = create_app(context)
+            fleet.start()
+            app = create_app(context, fleet)
             server = uvicorn.Server(
                 uvicorn.Config(
                     app, host=settings.api_host, port=port, log_level="warning", access_log=False
@@ -51,6 +54,7 @@ def run_cloud(
             watcher.start()
             server.run()
         finally:
+            fleet.stop()
             context.close()
 
 

@@ -184,10 +184,12 @@ class DeploymentState(StrEnum):
 
 
 class StatusEvent(Message):
+    """Deployment progress; ``model`` is None for a whole document that was refused."""
+
     rev: int = Field(ge=0)
     rollout_id: int | None = None
-    model: Name
-    version: int = Field(ge=1)
+    model: Name | None = None
+    version: int | None = Field(default=None, ge=1)
     state: DeploymentState
     reason: str | None = Field(default=None, max_length=2000)
     bytes_done: int = Field(default=0, ge=0)

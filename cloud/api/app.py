@@ -8,21 +8,24 @@ from cloud.api.errors import install_error_handlers
 from cloud.api.limits import BodySizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
 from cloud.api.routes import artifacts, audit, devices, health, models, pipeline
+from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
+from cloud.fleet.service import FleetService
 
 __all__ = ["create_app"]
 
 
-def create_app(context: CloudContext) -> FastAPI:
+def create_app(context: CloudContext, fleet: FleetService | None = None) -> FastAPI:
     app = FastAPI(
         title="EdgeFleet cloud API",
         version="0.1.0",
         description="Model registry, device enrollment and artifacts for the EdgeFleet fleet.",
     )
     app.state.context = context
+    app.state.fleet = fleet
     app.state.metrics = ApiMetrics(context)
     install_error_handlers(app)
-    for module in (health, models, pipeline, devices, artifacts, audit):
+    for module in (health, models, pipeline, devices, fleet_routes, artifacts, audit):
         app.include_router(module.router)
     app.add_middleware(
         BodySizeLimit,

@@ -22,6 +22,7 @@ __all__ = [
     "Artifact",
     "AuditEvent",
     "Base",
+    "DeploymentEvent",
     "Device",
     "FederatedRun",
     "Model",
@@ -115,8 +116,28 @@ class Device(Base):
     presence: Mapped[str] = mapped_column(String(16), default="unknown")
     reported: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     desired_rev: Mapped[int] = mapped_column(Integer, default=0)
+    # What the device should run: {model: {"version_id": id, "rollout_id": id | None}}.
+    desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class DeploymentEvent(Base):
+    """Every status a device reported about a deployment: the history behind the live view."""
+
+    __tablename__ = "deployment_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    rev: Mapped[int] = mapped_column(Integer)
+    rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    at: Mapped[datetime] = mapped_column(Timestamp)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class Rollout(Base):

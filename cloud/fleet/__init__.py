@@ -1,0 +1,1 @@
+"""The fleet service: the MQTT side of the control plane."""

@@ -1,0 +1,103 @@
+"""Artifact chunks over MQTT: requests from many devices are coalesced in a short window
+and each chunk is published once per window — the broker fans out, so the cloud's egress
+does not grow with the number of devices. A token bucket keeps the broker from flooding."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from cloud.artifacts.store import ArtifactStore
+from shared import topics
+from shared.errors import NotFound
+from shared.messages import ArtifactRequest
+
+__all__ = ["ChunkBroadcaster"]
+
+_LOGGER = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], bool]
+ChunkSizeOf = Callable[[str], int | None]
+
+
+class ChunkBroadcaster:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        publish: Publish,
+        *,
+        chunk_size_of: ChunkSizeOf,
+        window_s: float = 0.05,
+        rate_bytes_per_s: float = 32 * 1024 * 1024,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.chunk_size_of = chunk_size_of
+        self.window_s = window_s
+        self.rate = rate_bytes_per_s
+        self._pending: dict[str, set[int]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chunk-broadcaster", daemon=True)
+        self.requests = 0
+        self.chunks_published = 0
+        self.bytes_published = 0
+        self._tokens = rate_bytes_per_s
+        self._refilled = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+
+    def request(self, request: ArtifactRequest) -> None:
+        """Note what a device lacks; unknown artifacts are refused (logged) here."""
+        chunk_size = self.chunk_size_of(request.sha256)
+        if chunk_size is None:
+            raise NotFound(f"unknown artifact {request.sha256[:12]}")
+        with self._lock:
+            self._pending[request.sha256].update(request.chunks)
+            self.requests += 1
+        self._wake.set()
+
+    def _take(self, size: int) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens >= size:
+                self._tokens -= size
+                return
+            time.sleep(min(0.05, (size - self._tokens) / self.rate))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            # Let requests from other devices pile up for one window, then answer all.
+            self._stop.wait(self.window_s)
+            with self._lock:
+                batch, self._pending = self._pending, defaultdict(set)
+            for sha256, indices in batch.items():
+                chunk_size = self.chunk_size_of(sha256)
+                if chunk_size is None:
+                    continue
+                for index in sorted(indices):
+                    try:
+                        data = self.store.read_chunk(sha256, index, chunk_size=chunk_size)
+                    except NotFound:
+                        _LOGGER.warning(
+                            "request for chunk %s of %s beyond its end", index, sha256[:12]
+                        )
+                        continue
+                    self._take(len(data))
+                    if self.publish(topics.artifact_chunk(sha256, index), data):
+                        self.chunks_published += 1
+                        self.bytes_published += len(data)

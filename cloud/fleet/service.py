@@ -1,0 +1,192 @@
+"""FleetService: publishes desired state, serves artifact chunks, ingests what devices say
+(presence, reported state, deployment status, telemetry) into SQL history and Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from cloud.context import CloudContext
+from cloud.fleet.chunks import ChunkBroadcaster
+from cloud.fleet.desired import set_deployment, signed_desired_state
+from cloud.registry import repository
+from cloud.registry.tables import Artifact, DeploymentEvent
+from shared import topics
+from shared.errors import NotFound, ServiceUnavailable
+from shared.messages import (
+    ArtifactRequest,
+    DesiredState,
+    Presence,
+    ReportedState,
+    StatusEvent,
+    Telemetry,
+    decode,
+)
+from shared.mqtt_link import Handler, MqttLink
+from shared.topics import DeviceTopic
+
+__all__ = ["FleetService"]
+
+_LOGGER = logging.getLogger(__name__)
+DESIRED_KEY = "edgefleet:desired"
+TELEMETRY_TTL_S = 3600
+
+
+class FleetService:
+    def __init__(self, context: CloudContext) -> None:
+        self.context = context
+        self.link = MqttLink(
+            context.urls.mqtt_url,
+            client_id=f"edgefleet-cloud-{uuid.uuid4().hex[:8]}",
+            on_connected=self._republish_desired,
+        )
+        self.chunks = ChunkBroadcaster(
+            context.artifacts,
+            lambda topic, payload: self.link.publish(topic, payload, qos=1),
+            chunk_size_of=self._chunk_size,
+        )
+        self._chunk_sizes: dict[str, int] = {}
+        self.handlers: dict[DeviceTopic, Handler] = {
+            DeviceTopic.STATUS: self._on_status,
+            DeviceTopic.PRESENCE: self._on_presence,
+            DeviceTopic.REPORTED: self._on_reported,
+            DeviceTopic.TELEMETRY: self._on_telemetry,
+            DeviceTopic.ARTIFACT_REQUEST: self._on_artifact_request,
+        }
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        for kind, handler in self.handlers.items():
+            self.link.subscribe(topics.fleet_filter(kind), handler, qos=1)
+        self.chunks.start()
+        self.link.start()
+        if not self.link.wait_connected(timeout):
+            _LOGGER.warning("fleet service not connected to the broker yet; retrying in background")
+
+    def stop(self) -> None:
+        self.chunks.stop()
+        self.link.stop()
+
+    # -- desired state -------------------------------------------------------------------
+
+    def deploy(
+        self, *, device_id: str, model: str, version: int, rollout_id: int | None = None
+    ) -> DesiredState:
+        """Point ``device_id`` at ``model:version``, sign its desired state, publish it."""
+        with self.context.database.session() as s:
+            device = repository.get_device(s, device_id=device_id)
+            row = repository.get_version(s, model_name=model, version=version)
+            set_deployment(s, device=device, version=row, rollout_id=rollout_id)
+            state, envelope = signed_desired_state(s, device=device, key=self.context.signing_key)
+        payload = envelope.model_dump_json()
+        self.context.redis.hset(DESIRED_KEY, device_id, payload)
+        if not self.link.publish(
+            topics.device_topic(device_id, DeviceTopic.DESIRED), payload, retain=True
+        ):
+            raise ServiceUnavailable(
+                "the broker did not take the desired state; it is republished on reconnect"
+            )
+        return state
+
+    def _republish_desired(self) -> None:
+        """Retained documents die with a broker that keeps nothing: give them back."""
+        for device_id, payload in self.context.redis.hgetall(DESIRED_KEY).items():
+            device = device_id.decode() if isinstance(device_id, bytes) else str(device_id)
+            self.link.publish(
+                topics.device_topic(device, DeviceTopic.DESIRED), payload, retain=True
+            )
+
+    # -- artifacts -----------------------------------------------------------------------
+
+    def _chunk_size(self, sha256: str) -> int | None:
+        size = self._chunk_sizes.get(sha256)
+        if size is None:
+            with self.context.database.session() as s:
+                artifact = s.get(Artifact, sha256)
+                if artifact is None:
+                    return None
+                size = self._chunk_sizes[sha256] = artifact.chunk_size
+        return size
+
+    def _on_artifact_request(self, topic: str, payload: bytes) -> None:
+        topics.parse(topic)
+        self.chunks.request(decode(ArtifactRequest, payload))
+
+    # -- ingest --------------------------------------------------------------------------
+
+    def _device(self, topic: str) -> str:
+        device_id = topics.parse(topic).device_id
+        assert device_id is not None
+        return device_id
+
+    def _on_status(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        event = decode(StatusEvent, payload)
+        with self.context.database.session() as s:
+            repository.touch_device(s, device_id=device_id)
+            s.add(
+                DeploymentEvent(
+                    device_id=device_id, rev=event.rev, rollout_id=event.rollout_id,
+                    model=event.model, version=event.version, state=event.state.value,
+                    reason=event.reason, bytes_done=event.bytes_done, at=event.at,
+                )
+            )  # fmt: skip
+        self.context.redis.hset(
+            f"edgefleet:device:{device_id}", "last_status", event.model_dump_json()
+        )
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if not payload:
+            return
+        presence = decode(Presence, payload)
+        try:
+            with self.context.database.session() as s:
+                repository.touch_device(s, device_id=device_id, presence=presence.state.value)
+        except NotFound:
+            _LOGGER.warning("presence from unenrolled device %s ignored", device_id)
+            return
+        self.context.redis.hset(
+            f"edgefleet:device:{device_id}",
+            mapping={"presence": presence.state.value, "seen": datetime.now(UTC).isoformat()},
+        )
+
+    def _on_reported(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        if not payload:
+            return
+        reported = decode(ReportedState, payload)
+        with self.context.database.session() as s:
+            device = repository.touch_device(s, device_id=device_id)
+            device.reported = reported.model_dump(mode="json")
+        self.context.redis.hset(
+            f"edgefleet:device:{device_id}", "reported", reported.model_dump_json()
+        )
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        device_id = self._device(topic)
+        telemetry = decode(Telemetry, payload)
+        key = f"edgefleet:telemetry:{device_id}"
+        self.context.redis.set(key, telemetry.model_dump_json(), ex=TELEMETRY_TTL_S)
+        self.context.redis.hincrby("edgefleet:telemetry:messages", device_id, 1)
+
+    def events(self, device_id: str, limit: int = 100) -> list[dict[str, object]]:
+        from sqlalchemy import select
+
+        with self.context.database.session() as s:
+            rows = s.scalars(
+                select(DeploymentEvent)
+                .where(DeploymentEvent.device_id == device_id)
+                .order_by(DeploymentEvent.id.desc())
+                .limit(limit)
+            )
+            return [
+                json.loads(
+                    StatusEvent(
+                        rev=r.rev, rollout_id=r.rollout_id, model=r.model, version=r.version,
+                        state=r.state, reason=r.reason, bytes_done=r.bytes_done, at=r.at,
+                    ).model_dump_json()
+                )
+                for r in rows
+            ]  # fmt: skip

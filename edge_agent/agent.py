@@ -1,0 +1,183 @@
+"""The agent: MqttLink + ModelStore + Runtime + Deployer + Router + Telemetry + local API."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy.typing as npt
+
+from edge_agent import __version__
+from edge_agent.config import AgentSettings
+from edge_agent.delivery import HttpDelivery, MqttDelivery
+from edge_agent.deployer import Deployer
+from edge_agent.local_api import LocalApi
+from edge_agent.model_store import ModelStore
+from edge_agent.router import Answer, CloudClient, Router
+from edge_agent.runtime import Runtime
+from edge_agent.telemetry import LATENCY_BOUNDS_MS, Meter
+from shared import topics
+from shared.errors import EdgeFleetError
+from shared.messages import Presence, PresenceState, ReportedState, StatusEvent
+from shared.mqtt_link import MqttLink, Will
+from shared.signing import load_public_key
+from shared.topics import DeviceTopic
+
+__all__ = ["Agent"]
+
+_LOGGER = logging.getLogger(__name__)
+Array = npt.NDArray[Any]
+
+
+def _presence(state: PresenceState) -> bytes:
+    return Presence(state=state).model_dump_json().encode()
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.store = ModelStore(settings.data_dir / "store")
+        self.runtime = Runtime(threads=settings.threads)
+        self.meter = Meter()
+        self.link = MqttLink(
+            settings.mqtt_url,
+            client_id=f"agent-{self.device_id}",
+            username=self.device_id,
+            password=settings.token,
+            will=Will(
+                topic=self._topic(DeviceTopic.PRESENCE),
+                offline=_presence(PresenceState.OFFLINE),
+                online=_presence(PresenceState.ONLINE),
+                stopped=_presence(PresenceState.STOPPED),
+            ),
+            on_connected=self.publish_reported,
+        )
+        fetcher: MqttDelivery | HttpDelivery
+        if settings.download_via == "http":
+            fetcher = HttpDelivery(self.store, cloud_url=settings.cloud_url, token=settings.token)
+        else:
+            fetcher = MqttDelivery(
+                self.link, self.store, device_id=self.device_id, wait_s=settings.chunk_wait_s
+            )
+        self.deployer = Deployer(
+            device_id=self.device_id,
+            public_key=load_public_key(settings.public_key),
+            store=self.store,
+            runtime=self.runtime,
+            fetcher=fetcher,
+            publish_status=self._publish_status,
+            on_applied=self.publish_reported,
+        )
+        self.cloud = CloudClient(
+            settings.cloud_url, settings.token, budget_s=settings.cloud_budget_s
+        )
+        self.router = Router(self.runtime, cloud=self.cloud, override=settings.routing_override)
+        self.api: LocalApi | None = None
+        self._stop = threading.Event()
+        self._telemetry = threading.Thread(
+            target=self._telemetry_loop, name="telemetry", daemon=True
+        )
+
+    def _topic(self, kind: DeviceTopic) -> str:
+        return topics.device_topic(self.device_id, kind)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, *, serve_api: bool = True) -> None:
+        self._load_installed()
+        self.link.subscribe(self._topic(DeviceTopic.DESIRED), self.deployer.on_desired, qos=1)
+        self.deployer.start()
+        self.link.start()
+        self._telemetry.start()
+        if serve_api:
+            self.api = LocalApi(self, self.settings.api_host, self.settings.api_port)
+            self.api.start()
+        _LOGGER.info(
+            "agent %s started (%d model(s) active)", self.device_id, len(self.runtime.models())
+        )
+
+    def _load_installed(self) -> None:
+        """Serve what the store holds (it only ever points at verified blobs)."""
+        for name, installed in self.store.state.active.items():
+            try:
+                path = self.store.blob_path(installed.manifest.artifact.sha256)
+                self.runtime.swap(self.runtime.load(installed.manifest, path))
+            except Exception:
+                _LOGGER.exception("could not load active model %s", name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.api is not None:
+            self.api.stop()
+        self.deployer.stop()
+        self.link.stop()
+        self.cloud.close()
+        self._telemetry.join(5)
+
+    # -- inference -----------------------------------------------------------------------
+
+    def infer(self, model: str, inputs: dict[str, Array]) -> Answer:
+        """The in-process API: the same path as the local HTTP API."""
+        try:
+            answer = self.router.infer(model, inputs)
+        except EdgeFleetError:
+            self.meter.count("errors")
+            raise
+        self.meter.count(f"answers_{answer.source}")
+        if answer.degraded:
+            self.meter.count("degraded")
+        self.meter.observe_ms(answer.latency_ms)
+        return answer
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def reported(self) -> ReportedState:
+        return ReportedState(
+            rev_applied=self.store.state.rev_applied,
+            active={name: i.version for name, i in self.store.state.active.items()},
+            agent_version=__version__,
+            capabilities={"download": self.settings.download_via, "threads": self.settings.threads},
+        )
+
+    def publish_reported(self) -> None:
+        self.link.publish(
+            self._topic(DeviceTopic.REPORTED), self.reported().model_dump_json(), qos=1, retain=True
+        )
+
+    def _publish_status(self, event: StatusEvent) -> None:
+        self.link.publish(self._topic(DeviceTopic.STATUS), event.model_dump_json(), qos=1)
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.settings.telemetry_interval_s):
+            active = {name: m.version for name, m in self.runtime.models().items()}
+            snapshot = self.meter.snapshot(active)
+            self.link.publish(self._topic(DeviceTopic.TELEMETRY), snapshot.model_dump_json(), qos=0)
+
+    def prometheus(self) -> str:
+        lines = ["# TYPE edgefleet_agent_events_total counter"]
+        for name, value in sorted(self.meter.totals.items()):
+            lines.append(f'edgefleet_agent_events_total{{kind="{name}"}} {value}')
+        lines.append("# TYPE edgefleet_agent_latency_ms histogram")
+        cumulative = 0
+        for bound, count in zip(
+            [*LATENCY_BOUNDS_MS, float("inf")], self.meter.total_buckets, strict=True
+        ):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else f"{bound:g}"
+            lines.append(f'edgefleet_agent_latency_ms_bucket{{le="{le}"}} {cumulative}')
+        lines.append(f"edgefleet_agent_latency_ms_count {cumulative}")
+        for name, loaded in sorted(self.runtime.models().items()):
+            lines.append(f'edgefleet_agent_active_version{{model="{name}"}} {loaded.version}')
+        lines.append(f"edgefleet_agent_mqtt_connected {int(self.link.connected)}")
+        return "\n".join(lines) + "\n"
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.deployer.idle():
+                return True
+            time.sleep(0.05)
+        return self.deployer.idle()

@@ -1,0 +1,69 @@
+"""Agent configuration: a JSON file (written by `edge-agent enroll`) plus EDGEFLEET_AGENT_*
+environment variables, validated once at start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.messages import RoutingSpec
+from shared.signing import load_public_key
+from shared.topics import validate_device_id
+
+__all__ = ["AgentSettings", "load_settings"]
+
+DEFAULT_DATA_DIR = Path("/var/lib/edgefleet-agent")
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", extra="forbid")
+
+    device_id: str
+    token: str = Field(min_length=8)
+    cloud_url: str = Field(pattern=r"^https?://")
+    mqtt_url: str = Field(pattern=r"^(mqtt|tcp)://")
+    public_key: str
+    data_dir: Path = DEFAULT_DATA_DIR
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8470, ge=0, le=65535)
+    threads: int = Field(default=1, ge=1, le=64)
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    download_via: Literal["mqtt", "http"] = "mqtt"
+    chunk_wait_s: float = Field(default=3.0, gt=0)
+    cloud_budget_s: float = Field(default=0.5, gt=0, description="latency budget for offload")
+    routing_override: RoutingSpec | None = None
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        return validate_device_id(value)
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        load_public_key(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments (the file's content) first, then the environment on top.
+        return env_settings, init_settings
+
+
+def load_settings(config_file: Path | None, **overrides: Any) -> AgentSettings:
+    data: dict[str, Any] = {}
+    if config_file is not None and config_file.exists():
+        data = json.loads(config_file.read_text())
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return AgentSettings(**data)

@@ -1,0 +1,151 @@
+"""Fetch an artifact into the ModelStore: over MQTT (ask for missing chunks, receive them on
+`artifacts/{sha256}/{index}`) or over HTTP with Range. Both resume from what is on disk."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import httpx
+
+from edge_agent.model_store import ModelStore
+from shared import topics
+from shared.errors import IntegrityError, ServiceUnavailable
+from shared.messages import ArtifactRef, ArtifactRequest
+from shared.mqtt_link import MqttLink
+from shared.retry import Backoff
+from shared.topics import DeviceTopic
+
+__all__ = ["HttpDelivery", "MqttDelivery", "Progress"]
+
+_LOGGER = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # bytes done so far
+
+
+class MqttDelivery:
+    """Many devices asking for the same chunks share one broadcast: the cloud coalesces."""
+
+    def __init__(
+        self,
+        link: MqttLink,
+        store: ModelStore,
+        *,
+        device_id: str,
+        request_window: int = 64,
+        wait_s: float = 3.0,
+        max_stalls: int = 8,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.link = link
+        self.store = store
+        self.device_id = device_id
+        self.request_window = request_window
+        self.wait_s = wait_s
+        self.max_stalls = max_stalls
+        self.backoff = backoff or Backoff(base=0.2, cap=5.0)
+        self._arrived = threading.Condition()
+        self._active: dict[str, ArtifactRef] = {}
+        self.rejected_chunks = 0
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        parsed = topics.parse(topic)
+        ref = self._active.get(parsed.sha256 or "")
+        if ref is None or parsed.chunk_index is None:
+            return
+        if not self.store.write_chunk(ref, parsed.chunk_index, payload):
+            self.rejected_chunks += 1
+            _LOGGER.warning(
+                "chunk %s of %s failed its hash; will ask again",
+                parsed.chunk_index,
+                ref.sha256[:12],
+            )
+        with self._arrived:
+            self._arrived.notify_all()
+
+    def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
+        chunk_filter = topics.artifact_chunks_filter(ref.sha256)
+        self._active[ref.sha256] = ref
+        self.link.subscribe(chunk_filter, self._on_chunk, qos=1)
+        try:
+            self._fetch(ref, progress, stop)
+        finally:
+            self.link.unsubscribe(chunk_filter)
+            self._active.pop(ref.sha256, None)
+
+    def _fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
+        request_topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
+        stalls = 0
+        while not stop.is_set():
+            missing = self.store.missing_chunks(ref)
+            if not missing:
+                return
+            before = len(missing)
+            requested = 0
+            if self.link.connected:
+                request = ArtifactRequest(sha256=ref.sha256, chunks=missing[: self.request_window])
+                self.link.publish(request_topic, request.model_dump_json(), qos=1)
+                requested = len(request.chunks)
+            goal = before - requested
+
+            def arrived(goal: int = goal, requested: int = requested) -> bool:
+                return stop.is_set() or (
+                    requested > 0 and len(self.store.missing_chunks(ref)) <= goal
+                )
+
+            with self._arrived:
+                self._arrived.wait_for(arrived, timeout=self.wait_s)
+            now_missing = len(self.store.missing_chunks(ref))
+            progress(self.store.bytes_done(ref))
+            if now_missing < before:
+                stalls = 0
+                continue
+            stalls += 1
+            if stalls >= self.max_stalls:
+                raise ServiceUnavailable(
+                    f"download stalled: {now_missing} of {len(ref.chunks)} chunks missing after "
+                    f"{stalls} requests ({self.rejected_chunks} chunks failed their hash)"
+                )
+            stop.wait(self.backoff.delay(stalls))
+
+
+class HttpDelivery:
+    """`GET /v1/artifacts/{sha256}` with `Range`, from the first missing chunk on."""
+
+    def __init__(
+        self, store: ModelStore, *, cloud_url: str, token: str, timeout_s: float = 30.0
+    ) -> None:
+        self.store = store
+        self.cloud_url = cloud_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
+        missing = self.store.missing_chunks(ref)
+        if not missing:
+            return
+        start = missing[0] * ref.chunk_size
+        headers = {"Authorization": f"Bearer {self.token}", "Range": f"bytes={start}-"}
+        url = f"{self.cloud_url}/v1/artifacts/{ref.sha256}"
+        try:
+            with httpx.stream("GET", url, headers=headers, timeout=self.timeout_s) as response:
+                if response.status_code not in (200, 206):
+                    raise ServiceUnavailable(f"artifact download answered {response.status_code}")
+                index = missing[0] if response.status_code == 206 else 0
+                buffer = b""
+                for block in response.iter_bytes(1 << 16):
+                    if stop.is_set():
+                        return
+                    buffer += block
+                    while index < len(ref.chunks):
+                        size = min(ref.chunk_size, ref.size - index * ref.chunk_size)
+                        if len(buffer) < size:
+                            break
+                        piece, buffer = buffer[:size], buffer[size:]
+                        if not self.store.write_chunk(ref, index, piece):
+                            raise IntegrityError(f"chunk {index} from HTTP failed its hash")
+                        index += 1
+                        progress(self.store.bytes_done(ref))
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"artifact download failed: {exc}") from exc

@@ -1,0 +1,234 @@
+"""ModelStore: artifacts on disk, verified; downloads that survive a crash; atomic activation.
+
+Layout under ``root``::
+
+    state.json              highest rev applied; per model the active and previous version
+    blobs/<sha256>          complete artifacts, verified against their sha256
+    partial/<sha256>.part   an artifact being assembled, chunk by chunk
+    partial/<sha256>.done   indices of the chunks written (data fsynced before the index)
+
+``state.json`` is only ever replaced atomically, and only points at verified blobs, so
+whatever moment the process dies at, the next start finds a complete, verified model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.fsutil import atomic_write, fsync_dir
+from shared.errors import IntegrityError, InvalidInput
+from shared.messages import ArtifactRef, Manifest
+
+__all__ = ["Installed", "ModelStore", "StoreState"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Installed:
+    manifest: Manifest
+    rollout_id: int | None = None
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def to_json(self) -> dict[str, Any]:
+        return {"manifest": self.manifest.model_dump(mode="json"), "rollout_id": self.rollout_id}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Installed:
+        return cls(Manifest.model_validate(raw["manifest"]), raw.get("rollout_id"))
+
+
+@dataclass
+class StoreState:
+    rev_applied: int = 0
+    active: dict[str, Installed] = field(default_factory=dict)
+    previous: dict[str, Installed] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "rev_applied": self.rev_applied,
+                "active": {k: v.to_json() for k, v in self.active.items()},
+                "previous": {k: v.to_json() for k, v in self.previous.items()},
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StoreState:
+        raw = json.loads(data)
+        return cls(
+            rev_applied=int(raw.get("rev_applied", 0)),
+            active={k: Installed.from_json(v) for k, v in raw.get("active", {}).items()},
+            previous={k: Installed.from_json(v) for k, v in raw.get("previous", {}).items()},
+        )
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as src:
+        while block := src.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.partial = root / "partial"
+        for folder in (self.blobs, self.partial):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.state = self._load_state()
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _load_state(self) -> StoreState:
+        path = self.root / "state.json"
+        if not path.exists():
+            return StoreState()
+        try:
+            state = StoreState.from_bytes(path.read_bytes())
+        except (ValueError, KeyError, TypeError) as exc:
+            # Cannot happen with atomic writes; if it does (disk fault), start clean and say so.
+            _LOGGER.error("state.json unreadable (%s); starting without a model", exc)
+            return StoreState()
+        for name in list(state.active):
+            if not self._blob_ok(state.active[name].manifest.artifact):
+                _LOGGER.error("active %s blob failed verification; falling back", name)
+                fallback = state.previous.pop(name, None)
+                if fallback and self._blob_ok(fallback.manifest.artifact):
+                    state.active[name] = fallback
+                else:
+                    del state.active[name]
+        return state
+
+    def _save(self) -> None:
+        atomic_write(self.root / "state.json", self.state.to_bytes())
+
+    def set_rev_applied(self, rev: int) -> None:
+        with self._lock:
+            self.state.rev_applied = max(self.state.rev_applied, rev)
+            self._save()
+
+    def active(self, model: str) -> Installed | None:
+        return self.state.active.get(model)
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / sha256
+
+    def _blob_ok(self, ref: ArtifactRef) -> bool:
+        path = self.blob_path(ref.sha256)
+        return (
+            path.is_file() and path.stat().st_size == ref.size and _sha256_file(path) == ref.sha256
+        )
+
+    def has_blob(self, ref: ArtifactRef) -> bool:
+        return self.blob_path(ref.sha256).is_file()
+
+    # -- downloads -----------------------------------------------------------------------
+
+    def _part(self, ref: ArtifactRef) -> tuple[Path, Path]:
+        return self.partial / f"{ref.sha256}.part", self.partial / f"{ref.sha256}.done"
+
+    def chunks_done(self, ref: ArtifactRef) -> set[int]:
+        _, done = self._part(ref)
+        if not done.exists():
+            return set()
+        indices = set()
+        for line in done.read_text().splitlines():
+            # A torn last line (crash mid-append) is simply not counted.
+            if line.isdigit() and int(line) < len(ref.chunks):
+                indices.add(int(line))
+        return indices
+
+    def missing_chunks(self, ref: ArtifactRef) -> list[int]:
+        done = self.chunks_done(ref)
+        return [i for i in range(len(ref.chunks)) if i not in done]
+
+    def bytes_done(self, ref: ArtifactRef) -> int:
+        done = self.chunks_done(ref)
+        return sum(min(ref.chunk_size, ref.size - i * ref.chunk_size) for i in done)
+
+    def write_chunk(self, ref: ArtifactRef, index: int, data: bytes) -> bool:
+        """Keep a chunk if its hash matches the manifest; False (and nothing kept) if not."""
+        if not 0 <= index < len(ref.chunks):
+            raise InvalidInput(f"chunk {index} outside artifact {ref.sha256[:12]}")
+        expected = min(ref.chunk_size, ref.size - index * ref.chunk_size)
+        if len(data) != expected or hashlib.sha256(data).hexdigest() != ref.chunks[index]:
+            return False
+        part, done = self._part(ref)
+        with self._lock:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, data, index * ref.chunk_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with done.open("a") as log:
+                log.write(f"{index}\n")
+                log.flush()
+                os.fsync(log.fileno())
+        return True
+
+    def finish(self, ref: ArtifactRef) -> Path:
+        """Check the whole file against the manifest and move it among the blobs."""
+        part, done = self._part(ref)
+        with self._lock:
+            if self.missing_chunks(ref):
+                raise IntegrityError(f"artifact {ref.sha256[:12]} is incomplete")
+            os.truncate(part, ref.size)
+            actual = _sha256_file(part)
+            if actual != ref.sha256:
+                self.discard(ref)
+                raise IntegrityError(
+                    f"artifact sha256 {actual[:12]}… does not match "
+                    f"the manifest's {ref.sha256[:12]}…"
+                )
+            target = self.blob_path(ref.sha256)
+            os.replace(part, target)
+            fsync_dir(self.blobs)
+            done.unlink(missing_ok=True)
+            return target
+
+    def discard(self, ref: ArtifactRef) -> None:
+        for path in self._part(ref):
+            path.unlink(missing_ok=True)
+
+    # -- activation ----------------------------------------------------------------------
+
+    def activate(self, installed: Installed) -> None:
+        """Make ``installed`` the active version of its model; the old one becomes previous."""
+        name = installed.manifest.model
+        with self._lock:
+            if not self._blob_ok(installed.manifest.artifact):
+                raise IntegrityError(f"{name}:{installed.version} blob failed verification")
+            current = self.state.active.get(name)
+            if (
+                current is not None
+                and current.manifest.artifact.sha256 != installed.manifest.artifact.sha256
+            ):
+                self.state.previous[name] = current
+            self.state.active[name] = installed
+            self._save()
+            self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        keep = {i.manifest.artifact.sha256 for i in self.state.active.values()}
+        keep |= {i.manifest.artifact.sha256 for i in self.state.previous.values()}
+        for blob in self.blobs.iterdir():
+            if blob.name not in keep and not blob.name.startswith("."):
+                blob.unlink(missing_ok=True)
