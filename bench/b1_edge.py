@@ -15,22 +15,24 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
+import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from bench.common import interleaved, summarize, write  # noqa: E402
-from cloud.pipeline.evaluate import accuracy, cosine_rows, make_session, run_model  # noqa: E402
-from cloud.pipeline.quantize import QuantMethod, quantize  # noqa: E402
-from cloud.pipeline.reference import digits  # noqa: E402
-from cloud.pipeline.reference.graphs import HEAD_BIAS, HEAD_WEIGHT  # noqa: E402
+from bench.common import interleaved, summarize, write
+from cloud.pipeline.evaluate import accuracy, cosine_rows, make_session, run_model
+from cloud.pipeline.quantize import QuantMethod, quantize
+from cloud.pipeline.reference import digits
+from cloud.pipeline.reference.graphs import HEAD_BIAS, HEAD_WEIGHT
 
 
 def _digits_torch(model: bytes) -> Any:
     """The digits edge MLP as a PyTorch module with the ONNX graph's own weights."""
     import torch
 
-    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(model).graph.initializer}
+    weights = {
+        i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(model).graph.initializer
+    }
     layers: list[Any] = []
     i = 0
     while f"layer{i}.weight" in weights:
@@ -92,18 +94,20 @@ def _run_case(
             calls = 5 if batch > 1 else 20
             samples = interleaved(engines, rounds=3 if quick else 15, calls=calls)
             result = {e: summarize(v, batch) for e, v in samples.items()}
+            p50 = {e: r["p50_ms"] for e, r in result.items()}
             row = {
-                "model": name, "threads": threads, "batch": batch, "engines": result,
-                "int8_vs_fp32": round(result["ort_fp32"]["p50_ms"] / result["ort_int8"]["p50_ms"], 3),
-                "int8_vs_pytorch": round(
-                    result["pytorch_eager_fp32"]["p50_ms"] / result["ort_int8"]["p50_ms"], 3
-                ),
+                "model": name,
+                "threads": threads,
+                "batch": batch,
+                "engines": result,
+                "int8_vs_fp32": round(p50["ort_fp32"] / p50["ort_int8"], 3),
+                "int8_vs_pytorch": round(p50["pytorch_eager_fp32"] / p50["ort_int8"], 3),
                 "load_s": {"ort_fp32": round(fp32_load, 4), "ort_int8": round(int8_load, 4)},
-            }  # fmt: skip
+            }
             rows.append(row)
             print(
-                f"{name:12s} t={threads} b={batch:2d}  torch {result['pytorch_eager_fp32']['p50_ms']:8.3f} ms"
-                f"  fp32 {result['ort_fp32']['p50_ms']:8.3f} ms  int8 {result['ort_int8']['p50_ms']:8.3f} ms"
+                f"{name:12s} t={threads} b={batch:2d}  torch {p50['pytorch_eager_fp32']:8.3f} ms"
+                f"  fp32 {p50['ort_fp32']:8.3f} ms  int8 {p50['ort_int8']:8.3f} ms"
                 f"  int8/fp32 {row['int8_vs_fp32']:.2f}x  int8/torch {row['int8_vs_pytorch']:.2f}x"
             )
     return rows
@@ -143,7 +147,11 @@ def bench_minilm(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     cos = cosine_rows(a, b)
     quality = {
         "size_bytes": {"fp32": len(fp32), "int8": len(int8)},
-        "cosine_int8_to_fp32": {"mean": float(cos.mean()), "min": float(cos.min()), "sentences": 64},
+        "cosine_int8_to_fp32": {
+            "mean": float(cos.mean()),
+            "min": float(cos.min()),
+            "sentences": 64,
+        },
     }
     feeds = {bs: {k: v[:bs].copy() for k, v in corpus.items()} for bs in (1, 32)}
     return _run_case("minilm", fp32, int8, module, feeds, minilm.OUTPUT, quick), quality

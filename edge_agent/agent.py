@@ -60,7 +60,11 @@ class Agent:
             fetcher = HttpDelivery(self.store, cloud_url=settings.cloud_url, token=settings.token)
         else:
             fetcher = MqttDelivery(
-                self.link, self.store, device_id=self.device_id, wait_s=settings.chunk_wait_s
+                self.link,
+                self.store,
+                device_id=self.device_id,
+                wait_s=settings.chunk_wait_s,
+                max_stalls=settings.download_max_stalls,
             )
         self.deployer = Deployer(
             device_id=self.device_id,

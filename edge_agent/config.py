@@ -34,6 +34,7 @@ class AgentSettings(BaseSettings):
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     download_via: Literal["mqtt", "http"] = "mqtt"
     chunk_wait_s: float = Field(default=3.0, gt=0)
+    download_max_stalls: int = Field(default=8, ge=1, description="requests without progress")
     cloud_budget_s: float = Field(default=0.5, gt=0, description="latency budget for offload")
     routing_override: RoutingSpec | None = None
 

@@ -82,6 +82,21 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _drop_torn_tail(log: Path) -> None:
+    """Cut a last line that a crash left without its newline, before appending after it."""
+    if not log.exists() or log.stat().st_size == 0:
+        return
+    with log.open("rb") as src:
+        src.seek(-1, os.SEEK_END)
+        if src.read(1) == b"\n":
+            return
+    data = log.read_bytes()
+    with log.open("r+b") as out:
+        out.truncate(data.rfind(b"\n") + 1)
+        out.flush()
+        os.fsync(out.fileno())
+
+
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -149,8 +164,9 @@ class ModelStore:
         if not done.exists():
             return set()
         indices = set()
-        for line in done.read_text().splitlines():
-            # A torn last line (crash mid-append) is simply not counted.
+        # Only newline-terminated lines count: a torn last line ("1" of "12") could name
+        # a chunk whose data never landed. Data is fsynced before its line is appended.
+        for line in done.read_text().split("\n")[:-1]:
             if line.isdigit() and int(line) < len(ref.chunks):
                 indices.add(int(line))
         return indices
@@ -178,6 +194,7 @@ class ModelStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            _drop_torn_tail(done)
             with done.open("a") as log:
                 log.write(f"{index}\n")
                 log.flush()

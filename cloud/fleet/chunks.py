@@ -46,7 +46,7 @@ class ChunkBroadcaster:
         self.requests = 0
         self.chunks_published = 0
         self.bytes_published = 0
-        self._tokens = rate_bytes_per_s
+        self._tokens = 0.0
         self._refilled = time.monotonic()
 
     def start(self) -> None:
@@ -68,9 +68,11 @@ class ChunkBroadcaster:
         self._wake.set()
 
     def _take(self, size: int) -> None:
+        # Bursts of at most 100 ms worth (or one chunk): the broker sees a steady stream.
+        burst = max(self.rate * 0.1, size)
         while not self._stop.is_set():
             now = time.monotonic()
-            self._tokens = min(self.rate, self._tokens + (now - self._refilled) * self.rate)
+            self._tokens = min(burst, self._tokens + (now - self._refilled) * self.rate)
             self._refilled = now
             if self._tokens >= size:
                 self._tokens -= size

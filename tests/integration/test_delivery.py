@@ -19,10 +19,8 @@ def test_a_registered_model_reaches_the_agent_and_answers(
 ) -> None:
     version = cloud.register("digits-edge", reference_onnx["digits-edge"])
     agent = cloud.start_agent(cloud.agent_settings(agent_dir), serve_api=True)
-    wait_for(
-        lambda: cloud.context.redis.hget(f"edgefleet:device:{agent.device_id}", "presence") == b"online",
-        15, "presence online",
-    )  # fmt: skip
+    live_key = f"edgefleet:device:{agent.device_id}"
+    wait_for(lambda: cloud.context.redis.hget(live_key, "presence") == b"online", 15, "online")
     with cloud.admin() as c:
         r = c.put(
             f"/v1/devices/{agent.device_id}/deployments/digits-edge", json={"version": version}
@@ -71,10 +69,9 @@ def test_a_registered_model_reaches_the_agent_and_answers(
     )
     assert bad.status_code == 400
     assert "shape" in bad.json()["error"]
-    nan_body = (
-        '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [%s]}]}'
-        % (", ".join(["NaN"] * 64))
-    )
+    nans = ",".join(["NaN"] * 64)
+    nan_body = '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": ['
+    nan_body += nans + "]}]}"
     nan = httpx.post(f"{agent.api.url}/v2/models/digits-edge/infer", content=nan_body)
     assert nan.status_code == 400
     assert httpx.get(f"{agent.api.url}/v2/models/nope").status_code == 404

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 
 from cloud.api.app import create_app
 from cloud.context import CloudContext
+from cloud.fleet.service import FleetService
 from cloud.registry import repository
 from tests.conftest import ADMIN_TOKEN, serve_in_thread
 
@@ -16,13 +17,16 @@ EXAMPLES_PER_OPERATION = 40
 
 
 def test_no_generated_request_causes_a_server_error(context: CloudContext) -> None:
-    """Every operation of /openapi.json, fuzzed as the admin and anonymously, over real HTTP."""
+    """Every operation of /openapi.json, fuzzed as the admin and anonymously, over real HTTP,
+    against the whole cloud (API and fleet service on the embedded broker)."""
     with context.database.session() as s:
         repository.create_model(s, name="digits")
         repository.enroll_device(s, device_id="cam-1")
     failures: list[str] = []
     calls: list[int] = []
-    with serve_in_thread(create_app(context)) as url:
+    fleet = FleetService(context)
+    fleet.start()
+    with serve_in_thread(create_app(context, fleet)) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) >= 10
@@ -47,6 +51,7 @@ def test_no_generated_request_causes_a_server_error(context: CloudContext) -> No
                         )
 
             fuzz()
+    fleet.stop()
     assert failures == []
     # The fuzzer really reached the handlers: some requests passed auth and validation.
     assert len(calls) > 10 * len(operations)

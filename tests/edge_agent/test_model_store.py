@@ -1,0 +1,98 @@
+"""ModelStore: chunks checked on the way in, progress that survives a restart, atomic swaps."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_agent.model_store import Installed, ModelStore
+from shared.errors import IntegrityError
+from shared.messages import ArtifactRef, Manifest
+
+CHUNK = 1024
+
+
+def _manifest(data: bytes, version: int = 1) -> Manifest:
+    ref = ArtifactRef(
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        chunk_size=CHUNK,
+        chunks=[
+            hashlib.sha256(data[i : i + CHUNK]).hexdigest() for i in range(0, len(data), CHUNK)
+        ],
+    )
+    spec = [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+    return Manifest.model_validate(
+        {"model": "m", "version": version, "precision": "fp32", "artifact": ref.model_dump(),
+         "inputs": spec, "outputs": spec}
+    )  # fmt: skip
+
+
+def _fill(store: ModelStore, ref: ArtifactRef, data: bytes, indices: list[int]) -> None:
+    for i in indices:
+        assert store.write_chunk(ref, i, data[i * CHUNK : (i + 1) * CHUNK])
+
+
+def test_a_chunk_with_the_wrong_hash_is_not_kept(tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    ref = _manifest(data).artifact
+    store = ModelStore(tmp_path)
+    assert not store.write_chunk(ref, 0, b"x" * CHUNK)
+    assert not store.write_chunk(ref, 2, data[2048:] + b"extra")
+    assert store.missing_chunks(ref) == [0, 1, 2]
+
+
+def test_progress_survives_a_restart_and_a_torn_log_line(tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    ref = _manifest(data).artifact
+    _fill(ModelStore(tmp_path), ref, data, [0, 3])
+    with (tmp_path / "partial" / f"{ref.sha256}.done").open("a") as log:
+        log.write("4")  # a crash mid-append: no newline, and chunk 4's data never landed
+    reopened = ModelStore(tmp_path)
+    assert reopened.missing_chunks(ref) == [1, 2, 4]
+    _fill(reopened, ref, data, [1, 2, 4])
+    path = reopened.finish(ref)
+    assert path.read_bytes() == data
+
+
+def test_a_whole_file_that_does_not_match_is_discarded(tmp_path: Path) -> None:
+    """Chunks that match their own hashes but a manifest whose whole-file hash is wrong."""
+    data = os.urandom(2500)
+    manifest = _manifest(data)
+    forged = manifest.artifact.model_copy(update={"sha256": "f" * 64})
+    store = ModelStore(tmp_path)
+    _fill(store, forged, data, [0, 1, 2])
+    with pytest.raises(IntegrityError, match="does not match"):
+        store.finish(forged)
+    assert store.missing_chunks(forged) == [0, 1, 2]
+
+
+def test_activation_keeps_the_previous_version_and_collects_the_rest(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    blobs = [os.urandom(1500 + i) for i in range(3)]
+    for version, data in enumerate(blobs, start=1):
+        manifest = _manifest(data, version)
+        _fill(store, manifest.artifact, data, list(range(len(manifest.artifact.chunks))))
+        store.finish(manifest.artifact)
+        store.activate(Installed(manifest))
+    reopened = ModelStore(tmp_path)
+    assert reopened.active("m").version == 3  # type: ignore[union-attr]
+    assert reopened.state.previous["m"].version == 2
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted(
+        hashlib.sha256(b).hexdigest() for b in blobs[1:]
+    )
+
+
+def test_a_corrupted_active_blob_falls_back_to_the_previous_on_start(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    first, second = os.urandom(1200), os.urandom(1300)
+    for version, data in enumerate((first, second), start=1):
+        manifest = _manifest(data, version)
+        _fill(store, manifest.artifact, data, list(range(len(manifest.artifact.chunks))))
+        store.finish(manifest.artifact)
+        store.activate(Installed(manifest))
+    (tmp_path / "blobs" / hashlib.sha256(second).hexdigest()).write_bytes(b"bit rot")
+    assert ModelStore(tmp_path).active("m").version == 1  # type: ignore[union-attr]
