@@ -25,6 +25,9 @@ class CloudSettings(BaseSettings):
     dev_mode: bool = False
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    # The cloud's own broker login (production ACLs give it edgefleet/v1/#).
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
     # The broker address devices are told at enrollment (production: the public one).
     device_mqtt_url: str | None = None
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -40,6 +40,8 @@ class FleetService:
         self.link = MqttLink(
             context.urls.mqtt_url,
             client_id=f"edgefleet-cloud-{uuid.uuid4().hex[:8]}",
+            username=context.settings.mqtt_username,
+            password=context.settings.mqtt_password,
             on_connected=self._republish_desired,
         )
         self.chunks = ChunkBroadcaster(
