@@ -86,9 +86,11 @@ agent.runtime.swap(agent.runtime.load(Manifest.model_validate_json(sys.argv[3]),
 feed = {k: np.array(v, dtype=np.int64) for k, v in json.loads(sys.argv[4]).items()}
 for _ in range(200):
     agent.infer("minilm", feed)
-print(json.dumps({"interpreter": start, "agent_imported": imported, "serving_minilm_int8": rss_bytes(),
-                  "cloud_modules_loaded": sorted(m for m in sys.modules if m.split(".")[0] in
-                  ("sqlalchemy", "redis", "fastapi", "torch", "streamlit", "sklearn"))}))
+CLOUD = ("sqlalchemy", "redis", "fastapi", "torch", "streamlit", "sklearn")
+print(json.dumps({
+    "interpreter": start, "agent_imported": imported, "serving_minilm_int8": rss_bytes(),
+    "cloud_modules_loaded": sorted(m for m in sys.modules if m.split(".")[0] in CLOUD),
+}))
 agent.stop()
 """
 

@@ -107,5 +107,6 @@ def test_devices_keep_to_their_own_scope(secured_broker: int) -> None:
 
 def test_a_wrong_token_is_refused(secured_broker: int) -> None:
     client, _, ack = _client(secured_broker, "cam-a", "not-the-token")
-    assert ack and ack[0] != 0
+    assert ack
+    assert ack[0] != 0
     client.loop_stop()
