@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
+from cloud.demo_fleet import DemoFleet
 from cloud.launcher import run_cloud
 from cloud.pipeline.reference.build import register_reference
 from cloud.settings import CloudSettings
@@ -50,29 +51,44 @@ def _banner(context: CloudContext, api_url: str) -> None:
     sys.stdout.flush()
 
 
-def _demo_ready(context: CloudContext, api_url: str) -> None:
-    """The banner, then the reference models on first start (FP32 and INT8)."""
-    _banner(context, api_url)
-    names = ["digits-cloud", "digits-edge", "digits-edge-weak"]
-    added = register_reference(
-        context,
-        names=names,
-        actor="demo",
-        progress=lambda msg: console.print(f"  [dim]{msg}[/dim]"),
-    )
-    if added:
-        console.print("Registered " + ", ".join(f"{m}:{v}" for m, v in added))
-    sys.stdout.flush()
+class _Demo:
+    """What `edgefleet demo` adds once the API is up: reference models, then local agents."""
+
+    def __init__(self, agents: int) -> None:
+        self.count = agents
+        self.fleet: DemoFleet | None = None
+
+    def ready(self, context: CloudContext, api_url: str) -> None:
+        _banner(context, api_url)
+        names = ["digits-cloud", "digits-edge", "digits-edge-weak"]
+        added = register_reference(
+            context,
+            names=names,
+            actor="demo",
+            progress=lambda msg: console.print(f"  [dim]{msg}[/dim]"),
+        )
+        if added:
+            console.print("Registered " + ", ".join(f"{m}:{v}" for m, v in added))
+        if self.count:
+            self.fleet = DemoFleet(context, api_url, self.count)
+            for line in self.fleet.start():
+                console.print(f"  agent {line}")
+        sys.stdout.flush()
+
+    def stop(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
 
 
 def _run_until_stopped(
     settings: CloudSettings,
     duration: float | None,
     on_ready: Callable[[CloudContext, str], None] = _banner,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
     # uvicorn re-raises Ctrl-C once it has shut down; by then every child is stopped.
     with contextlib.suppress(KeyboardInterrupt):
-        run_cloud(settings, duration=duration, on_ready=on_ready)
+        run_cloud(settings, duration=duration, on_ready=on_ready, on_stop=on_stop)
     console.print("EdgeFleet stopped; every child process is gone.")
 
 
@@ -94,10 +110,13 @@ def demo(
     duration: Annotated[float | None, typer.Option(help="stop after N seconds")] = None,
     port: Annotated[int, typer.Option(help="API port (0 picks a free one)")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="demo data directory")] = Path(".edgefleet/demo"),
+    agents: Annotated[int, typer.Option(help="local edge agents to run", min=0, max=50)] = 2,
 ) -> None:
-    """Start the embedded services and the cloud API in dev mode; Ctrl-C stops all."""
+    """Start the embedded services, the cloud API in dev mode, the reference models and N
+    local agents running the INT8 edge model; Ctrl-C stops all."""
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    _run_until_stopped(settings, duration, on_ready=_demo_ready)
+    demo_run = _Demo(agents)
+    _run_until_stopped(settings, duration, on_ready=demo_run.ready, on_stop=demo_run.stop)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ def run_cloud(
     *,
     duration: float | None = None,
     on_ready: Callable[[CloudContext, str], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
     """Serve until Ctrl-C/SIGTERM or ``duration`` seconds; every child is stopped on the way out."""
     port = settings.api_port or free_port(settings.api_host)
@@ -54,6 +55,8 @@ def run_cloud(
             watcher.start()
             server.run()
         finally:
+            if on_stop is not None:
+                on_stop()
             fleet.stop()
             context.close()
 

@@ -131,7 +131,8 @@ class FleetService:
                 DeploymentEvent(
                     device_id=device_id, rev=event.rev, rollout_id=event.rollout_id,
                     model=event.model, version=event.version, state=event.state.value,
-                    reason=event.reason, bytes_done=event.bytes_done, at=event.at,
+                    reason=event.reason, bytes_done=event.bytes_done,
+                    bytes_total=event.bytes_total, at=event.at,
                 )
             )  # fmt: skip
         self.context.redis.hset(
@@ -187,7 +188,8 @@ class FleetService:
                 json.loads(
                     StatusEvent(
                         rev=r.rev, rollout_id=r.rollout_id, model=r.model, version=r.version,
-                        state=r.state, reason=r.reason, bytes_done=r.bytes_done, at=r.at,
+                        state=r.state, reason=r.reason, bytes_done=r.bytes_done,
+                        bytes_total=r.bytes_total, at=r.at,
                     ).model_dump_json()
                 )
                 for r in rows
