@@ -9,7 +9,6 @@ agent's local HTTP API with binary tensors and with JSON. Also the agent's resid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -36,21 +35,12 @@ THREADS = 2
 
 
 def _manifest(path: Path, name: str) -> Manifest:
-    data = path.read_bytes()
-    size = 1 << 20
     summary = inspect_onnx(path)
     return Manifest(
         model=name,
         version=1,
         precision="int8",
-        artifact=ArtifactRef(
-            sha256=hashlib.sha256(data).hexdigest(),
-            size=len(data),
-            chunk_size=size,
-            chunks=[
-                hashlib.sha256(data[i : i + size]).hexdigest() for i in range(0, len(data), size)
-            ],
-        ),
+        artifact=ArtifactRef.of(path.read_bytes(), 1 << 20),
         inputs=summary.inputs,
         outputs=summary.outputs,
     )

@@ -10,7 +10,7 @@ import httpx
 from cloud.context import CloudContext
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
-from edge_agent.fsutil import atomic_write
+from shared.fsutil import atomic_write
 
 __all__ = ["DemoFleet"]
 

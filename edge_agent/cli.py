@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from edge_agent import __version__
 from edge_agent.config import DEFAULT_DATA_DIR, load_settings
-from edge_agent.fsutil import atomic_write
 from edge_agent.model_store import ModelStore
+from shared.fsutil import atomic_write
 
 __all__ = ["main"]
 

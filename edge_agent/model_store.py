@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.fsutil import atomic_write, fsync_dir
 from shared.errors import IntegrityError, InvalidInput
+from shared.fsutil import atomic_write, fsync_dir
 from shared.messages import ArtifactRef, Manifest
 
 __all__ = ["Installed", "ModelStore", "StoreState"]

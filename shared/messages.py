@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
@@ -84,6 +85,19 @@ class ArtifactRef(Part):
     size: int = Field(ge=1)
     chunk_size: int = Field(ge=1024, le=16 * 1024 * 1024)
     chunks: list[Sha256] = Field(min_length=1, max_length=MAX_CHUNKS)
+
+    @classmethod
+    def of(cls, data: bytes, chunk_size: int) -> ArtifactRef:
+        """The reference for ``data`` cut in ``chunk_size`` pieces."""
+        return cls(
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            chunk_size=chunk_size,
+            chunks=[
+                hashlib.sha256(data[i : i + chunk_size]).hexdigest()
+                for i in range(0, len(data), chunk_size)
+            ],
+        )
 
     @model_validator(mode="after")
     def _chunk_count_matches(self) -> ArtifactRef:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import NotFound, PayloadTooLarge
+from shared.fsutil import fsync_dir
 from shared.topics import validate_sha256
 
 __all__ = ["ArtifactInfo", "ArtifactStore"]
@@ -73,7 +74,7 @@ class ArtifactStore:
             final = self.path(sha256)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return ArtifactInfo(sha256, size, self.chunk_size, chunk_hashes)
         finally:
             tmp.unlink(missing_ok=True)
@@ -99,11 +100,3 @@ class ArtifactStore:
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

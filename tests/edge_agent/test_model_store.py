@@ -16,14 +16,7 @@ CHUNK = 1024
 
 
 def _manifest(data: bytes, version: int = 1) -> Manifest:
-    ref = ArtifactRef(
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data),
-        chunk_size=CHUNK,
-        chunks=[
-            hashlib.sha256(data[i : i + CHUNK]).hexdigest() for i in range(0, len(data), CHUNK)
-        ],
-    )
+    ref = ArtifactRef.of(data, CHUNK)
     spec = [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
     return Manifest.model_validate(
         {"model": "m", "version": version, "precision": "fp32", "artifact": ref.model_dump(),

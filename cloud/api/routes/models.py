@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cloud.api.deps import AdminAuth, ContextDep, SessionDep
+from cloud.api.forms import parse_json_field
 from cloud.api.schemas import ModelCreate, ModelPublic, VersionCreate, VersionPublic
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
 from cloud.registry.tables import Model, ModelVersion
-from shared.errors import InvalidInput
 from shared.messages import RoutingSpec, TensorSpec
 
 __all__ = ["router", "version_public"]
@@ -86,19 +84,6 @@ def get_version(name: str, version: int, session: SessionDep, _actor: AdminAuth)
     return version_public(repository.get_version(session, model_name=name, version=version))
 
 
-def _parse_metadata(raw: str | None) -> VersionCreate:
-    if not raw:
-        return VersionCreate()
-    try:
-        return VersionCreate.model_validate(json.loads(raw))
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"metadata is not valid JSON: {exc.msg}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "metadata"
-        raise InvalidInput(f"invalid metadata: {where}: {first['msg']}") from exc
-
-
 def _blocks(upload: UploadFile) -> Iterator[bytes]:
     upload.file.seek(0)
     while block := upload.file.read(1 << 20):
@@ -114,7 +99,7 @@ async def upload_version(
     actor: AdminAuth,
     metadata: Annotated[str | None, Form(description="JSON: VersionCreate")] = None,
 ) -> VersionPublic:
-    meta = _parse_metadata(metadata)
+    meta = parse_json_field(metadata, VersionCreate, field="metadata")
 
     def register() -> VersionPublic:
         row = register_version(

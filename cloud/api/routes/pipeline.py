@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile, status
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from cloud.api.deps import AdminAuth, ContextDep
+from cloud.api.forms import parse_json_field
 from cloud.api.routes.models import version_public
 from cloud.api.schemas import VersionPublic
 from cloud.context import CloudContext
@@ -62,17 +62,6 @@ class QuantizeRequest(BaseModel):
         )
 
 
-def _parse_options(raw: str | None) -> QuantizeRequest:
-    try:
-        return QuantizeRequest.model_validate(json.loads(raw) if raw else {})
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"options are not valid JSON: {exc.msg}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "options"
-        raise InvalidInput(f"invalid options: {where}: {first['msg']}") from exc
-
-
 def _public(context: CloudContext, model: str, version: int) -> VersionPublic:
     with context.database.session() as s:
         return version_public(repository.get_version(s, model_name=model, version=version))
@@ -94,7 +83,7 @@ async def quantize(
 ) -> VersionPublic:
     """Quantize an FP32 version to INT8, gate it against its parent, calibrate routing,
     and register it as a new version. Without a dataset the version's recorded one is used."""
-    request = _parse_options(options)
+    request = parse_json_field(options, QuantizeRequest, field="options")
     raw = await dataset.read(MAX_DATASET_BYTES + 1) if dataset is not None else None
     if raw is not None and len(raw) > MAX_DATASET_BYTES:
         raise InvalidInput(f"dataset over {MAX_DATASET_BYTES} bytes")
