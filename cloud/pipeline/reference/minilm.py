@@ -95,10 +95,11 @@ def eval_data(count: int = 128) -> EvalData:
 
 def load_torch_model() -> Any:
     """The PyTorch module that the ONNX graph reproduces (also the B1 eager baseline)."""
+    model_dir = _model_dir()
     import torch
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(str(_model_dir()), local_files_only=True)
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
     encoder.eval()
 
     class SentenceEmbedding(torch.nn.Module):
@@ -116,6 +117,7 @@ def load_torch_model() -> Any:
 
 
 def export_minilm() -> bytes:
+    _model_dir()  # a clear MissingExtra before anything imports torch
     import torch
 
     module = load_torch_model()

@@ -61,3 +61,16 @@ def test_splits_are_disjoint_stratified_and_seeded() -> None:
     shifted_x, shifted_y = shifted(a.x_train[:3], a.y_train[:3])
     assert shifted_x.shape == (15, 64)
     assert (shifted_y[3:6] == a.y_train[:3]).all()
+
+
+def test_minilm_without_the_models_extra_is_a_clear_422(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an install without torch (CI, devices) asking for MiniLM says what to install."""
+    import sys
+
+    from cloud.pipeline.reference.minilm import export_minilm
+    from shared.errors import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingExtra, match=r"edgefleet\[models\]") as caught:
+        export_minilm()
+    assert caught.value.status_code == 422
