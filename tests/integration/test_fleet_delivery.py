@@ -32,7 +32,7 @@ def test_many_devices_share_one_broadcast(embedded_cloud: Cloud, agent_dir: Path
     published = cloud.fleet.chunks.bytes_published
     print(f"published {published / size:.2f} artifacts for {DEVICES} devices")
     assert published >= size
-    # One download per device would be DEVICES × size; the broker did the fan-out.
+    # One download per device would be DEVICES * size; the broker did the fan-out.
     assert published < 0.5 * DEVICES * size, (
         f"{published / size:.1f} artifacts published for {DEVICES} devices"
     )
