@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,26 +28,28 @@ def _cloud_context(settings: CloudSettings, embedded: ServiceUrls, mqtt_url: str
     return CloudContext.open(settings, urls)
 
 
-@pytest.fixture
-def cloud(settings: CloudSettings, embedded: ServiceUrls, broker_url: str) -> Iterator[Cloud]:
-    """The real cloud on either broker."""
-    context = _cloud_context(settings, embedded, broker_url)
+@contextmanager
+def _cloud(settings: CloudSettings, embedded: ServiceUrls, mqtt_url: str) -> Iterator[Cloud]:
+    context = _cloud_context(settings, embedded, mqtt_url)
     try:
         with running_cloud(context) as running:
             yield running
     finally:
         context.close()
+
+
+@pytest.fixture
+def cloud(settings: CloudSettings, embedded: ServiceUrls, broker_url: str) -> Iterator[Cloud]:
+    """The real cloud on either broker."""
+    with _cloud(settings, embedded, broker_url) as running:
+        yield running
 
 
 @pytest.fixture
 def embedded_cloud(settings: CloudSettings, embedded: ServiceUrls) -> Iterator[Cloud]:
     """The real cloud on the embedded broker only (for the slower fault tests)."""
-    context = _cloud_context(settings, embedded, embedded.mqtt_url)
-    try:
-        with running_cloud(context) as running:
-            yield running
-    finally:
-        context.close()
+    with _cloud(settings, embedded, embedded.mqtt_url) as running:
+        yield running
 
 
 @pytest.fixture
