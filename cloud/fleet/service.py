@@ -60,7 +60,7 @@ class FleetService:
 
     def start(self, *, timeout: float = 10.0) -> None:
         for kind, handler in self.handlers.items():
-            self.link.subscribe(topics.fleet_filter(kind), handler, qos=1)
+            self.link.subscribe(topics.fleet_filter(kind), self._known_devices_only(handler), qos=1)
         self.chunks.start()
         self.link.start()
         if not self.link.wait_connected(timeout):
@@ -69,6 +69,18 @@ class FleetService:
     def stop(self) -> None:
         self.chunks.stop()
         self.link.stop()
+
+    @staticmethod
+    def _known_devices_only(handler: Handler) -> Handler:
+        """A message from a device the registry does not know is a warning, not a trace."""
+
+        def guarded(topic: str, payload: bytes) -> None:
+            try:
+                handler(topic, payload)
+            except NotFound as exc:
+                _LOGGER.warning("ignored %s: %s", topic, exc.message)
+
+        return guarded
 
     # -- desired state -------------------------------------------------------------------
 
@@ -144,12 +156,8 @@ class FleetService:
         if not payload:
             return
         presence = decode(Presence, payload)
-        try:
-            with self.context.database.session() as s:
-                repository.touch_device(s, device_id=device_id, presence=presence.state.value)
-        except NotFound:
-            _LOGGER.warning("presence from unenrolled device %s ignored", device_id)
-            return
+        with self.context.database.session() as s:
+            repository.touch_device(s, device_id=device_id, presence=presence.state.value)
         self.context.redis.hset(
             f"edgefleet:device:{device_id}",
             mapping={"presence": presence.state.value, "seen": datetime.now(UTC).isoformat()},
