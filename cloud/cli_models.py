@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -115,12 +116,18 @@ def build_reference(
         console.print("all reference models were already registered")
 
 
-def _stream(path: Path, progress: Progress) -> Iterator[bytes]:
-    task = progress.add_task(f"upload {path.name}", total=path.stat().st_size)
-    with path.open("rb") as src:
-        while block := src.read(1 << 20):
-            progress.advance(task, len(block))
-            yield block
+class _CountingFile(io.BufferedReader):
+    """A file that reports each read: httpx reads it while it uploads, so the bar is the
+    upload itself, and the file is never held in memory whole."""
+
+    def __init__(self, path: Path, on_read: Callable[[int], None]) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._on_read = on_read
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._on_read(len(data))
+        return data
 
 
 @app.command("add")
@@ -146,16 +153,14 @@ def add(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             console=console,
         ) as progress:  # fmt: skip
-            body = b"".join(_stream(file, progress))
-        with _spinner() as spin:
-            spin.add_task("checking and registering", total=None)
-            version = _check(
-                client.post(
+            task_id = progress.add_task(f"upload {file.name}", total=file.stat().st_size)
+            with _CountingFile(file, lambda n: progress.advance(task_id, n)) as body:
+                response = client.post(
                     f"/v1/models/{name}/versions",
                     files={"file": (file.name, body, "application/octet-stream")},
                     data={"metadata": json.dumps(meta)},
                 )
-            )
+        version = _check(response)
     _print_versions([version])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import numpy.typing as npt
@@ -177,11 +176,3 @@ class Agent:
             lines.append(f'edgefleet_agent_active_version{{model="{name}"}} {loaded.version}')
         lines.append(f"edgefleet_agent_mqtt_connected {int(self.link.connected)}")
         return "\n".join(lines) + "\n"
-
-    def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.deployer.idle():
-                return True
-            time.sleep(0.05)
-        return self.deployer.idle()

@@ -105,6 +105,7 @@ class ModelStore:
         for folder in (self.blobs, self.partial):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._done: dict[str, set[int]] = {}
         self.state = self._load_state()
 
     # -- state ---------------------------------------------------------------------------
@@ -160,16 +161,24 @@ class ModelStore:
         return self.partial / f"{ref.sha256}.part", self.partial / f"{ref.sha256}.done"
 
     def chunks_done(self, ref: ArtifactRef) -> set[int]:
-        _, done = self._part(ref)
-        if not done.exists():
-            return set()
-        indices = set()
-        # Only newline-terminated lines count: a torn last line ("1" of "12") could name
-        # a chunk whose data never landed. Data is fsynced before its line is appended.
-        for line in done.read_text().split("\n")[:-1]:
-            if line.isdigit() and int(line) < len(ref.chunks):
-                indices.add(int(line))
-        return indices
+        """Indices of the chunks on disk: read from the log once, then kept in memory
+        (the download loop asks after every chunk)."""
+        with self._lock:
+            cached = self._done.get(ref.sha256)
+            if cached is not None:
+                return cached
+            _, done = self._part(ref)
+            indices: set[int] = set()
+            if done.exists():
+                _drop_torn_tail(done)
+                # Only newline-terminated lines count: a torn last line ("1" of "12")
+                # could name a chunk whose data never landed. Data is fsynced before
+                # its line is appended, so every whole line is true.
+                for line in done.read_text().split("\n")[:-1]:
+                    if line.isdigit() and int(line) < len(ref.chunks):
+                        indices.add(int(line))
+            self._done[ref.sha256] = indices
+            return indices
 
     def missing_chunks(self, ref: ArtifactRef) -> list[int]:
         done = self.chunks_done(ref)
@@ -188,17 +197,18 @@ class ModelStore:
             return False
         part, done = self._part(ref)
         with self._lock:
+            indices = self.chunks_done(ref)  # loads (and repairs) the log before appending
             fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 os.pwrite(fd, data, index * ref.chunk_size)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _drop_torn_tail(done)
             with done.open("a") as log:
                 log.write(f"{index}\n")
                 log.flush()
                 os.fsync(log.fileno())
+            indices.add(index)
         return True
 
     def finish(self, ref: ArtifactRef) -> Path:
@@ -219,11 +229,14 @@ class ModelStore:
             os.replace(part, target)
             fsync_dir(self.blobs)
             done.unlink(missing_ok=True)
+            self._done.pop(ref.sha256, None)
             return target
 
     def discard(self, ref: ArtifactRef) -> None:
-        for path in self._part(ref):
-            path.unlink(missing_ok=True)
+        with self._lock:
+            for path in self._part(ref):
+                path.unlink(missing_ok=True)
+            self._done.pop(ref.sha256, None)
 
     # -- activation ----------------------------------------------------------------------
 

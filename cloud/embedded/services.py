@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from contextlib import AbstractContextManager
@@ -79,8 +80,6 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         return self.urls
 
     def _start_broker(self, log_dir: Path) -> str:
-        import json
-
         port = free_port()
         options = {
             "listen": "127.0.0.1",

@@ -48,7 +48,6 @@ def manifest_for(row: ModelVersion) -> Manifest:
 
 
 def set_deployment(
-    session: Session,
     *,
     device: Device,
     version: ModelVersion,

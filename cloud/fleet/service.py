@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from datetime import UTC, datetime
+
+from sqlalchemy import select
 
 from cloud.context import CloudContext
 from cloud.fleet.chunks import ChunkBroadcaster
@@ -91,7 +92,7 @@ class FleetService:
         with self.context.database.session() as s:
             device = repository.get_device(s, device_id=device_id)
             row = repository.get_version(s, model_name=model, version=version)
-            set_deployment(s, device=device, version=row, rollout_id=rollout_id)
+            set_deployment(device=device, version=row, rollout_id=rollout_id)
             state, envelope = signed_desired_state(s, device=device, key=self.context.signing_key)
         payload = envelope.model_dump_json()
         self.context.redis.hset(DESIRED_KEY, device_id, payload)
@@ -183,8 +184,6 @@ class FleetService:
         self.context.redis.hincrby("edgefleet:telemetry:messages", device_id, 1)
 
     def events(self, device_id: str, limit: int = 100) -> list[dict[str, object]]:
-        from sqlalchemy import select
-
         with self.context.database.session() as s:
             rows = s.scalars(
                 select(DeploymentEvent)
@@ -193,12 +192,18 @@ class FleetService:
                 .limit(limit)
             )
             return [
-                json.loads(
-                    StatusEvent(
-                        rev=r.rev, rollout_id=r.rollout_id, model=r.model, version=r.version,
-                        state=r.state, reason=r.reason, bytes_done=r.bytes_done,
-                        bytes_total=r.bytes_total, at=r.at,
-                    ).model_dump_json()
-                )
+                StatusEvent.model_validate(
+                    {
+                        "rev": r.rev,
+                        "rollout_id": r.rollout_id,
+                        "model": r.model,
+                        "version": r.version,
+                        "state": r.state,
+                        "reason": r.reason,
+                        "bytes_done": r.bytes_done,
+                        "bytes_total": r.bytes_total,
+                        "at": r.at,
+                    }
+                ).model_dump(mode="json")
                 for r in rows
-            ]  # fmt: skip
+            ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from cloud.context import CloudContext
@@ -55,21 +55,19 @@ def load_version_bytes(context: CloudContext, model: str, version: int) -> bytes
 def _parent(context: CloudContext, model: str, version: int) -> _Parent:
     with context.database.session() as s:
         row = repository.get_version(s, model_name=model, version=version)
-        parent = _Parent(
+        if row.precision != "fp32":
+            raise Conflict(f"{model}:{version} is {row.precision}; quantize an fp32 version")
+        return _Parent(
             model=model,
             version=version,
             task=row.model.task,
             precision=row.precision,
-            data=b"",
+            data=context.artifacts.path(row.artifact_sha256).read_bytes(),
             inputs=[TensorSpec.model_validate(i) for i in row.inputs],
             outputs=[o["name"] for o in row.outputs],
             trainable=list(row.trainable),
             dataset=row.dataset,
         )
-        sha = row.artifact_sha256
-    if parent.precision != "fp32":
-        raise Conflict(f"{model}:{version} is {parent.precision}; quantize an fp32 version")
-    return replace(parent, data=context.artifacts.path(sha).read_bytes())
 
 
 def _routing(
