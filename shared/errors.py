@@ -3,6 +3,7 @@
 EdgeFleetError (500)
 ├── InvalidInput (400)
 │   ├── ProtocolError (400)       malformed MQTT message or topic
+│   │   └── UnsupportedSchema (400) a newer major schema_version than this side reads
 │   ├── TensorError (400)         wrong shape, dtype, NaN, unknown tensor
 │   └── ModelInvalid (422)        an ONNX file that does not check
 ├── IntegrityError (400)          bytes that do not match their hash
@@ -37,6 +38,7 @@ __all__ = [
     "StaleRevision",
     "TensorError",
     "Unauthorized",
+    "UnsupportedSchema",
 ]
 
 
@@ -55,6 +57,12 @@ class InvalidInput(EdgeFleetError):
 
 
 class ProtocolError(InvalidInput):
+    status_code = 400
+
+
+class UnsupportedSchema(ProtocolError):
+    """A message of a newer major protocol version: refused with the reason, never guessed at."""
+
     status_code = 400
 
 

@@ -1,4 +1,13 @@
-"""Pydantic messages of the MQTT protocol (DESIGN.md §3); unknown fields are refused."""
+"""Pydantic messages of the MQTT protocol (DESIGN.md §3).
+
+Protocol evolution: a fleet runs mixed agent versions for months, so *readers are tolerant*
+and *writers are strict*. Code that builds a message gets ``extra="forbid"`` (a typo is a bug);
+:func:`decode`, the one way a received payload is read, ignores fields it does not know (at
+every level) and refuses a newer *major* ``schema_version`` with a clear reason. New fields get
+defaults that keep the old behaviour, so they need no new major version. Signed documents are
+verified over the exact payload bytes before they are decoded, so unknown fields are still
+covered by the signature.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from shared.errors import ProtocolError
+from shared.errors import ProtocolError, UnsupportedSchema
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -34,7 +50,8 @@ __all__ = [
     "decode",
 ]
 
-SCHEMA_VERSION: Literal[1] = 1
+# The major version this code reads and writes; minor additions never change it.
+SCHEMA_VERSION = 1
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 TensorName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -42,15 +59,29 @@ MAX_CHUNKS = 65_536
 
 
 class Message(BaseModel):
-    """Base of every protocol message: versioned, strict, immutable."""
+    """Base of every protocol message: versioned, strict when written, immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_major(cls, value: int) -> int:
+        if value > SCHEMA_VERSION:
+            raise ValueError(_newer_schema(value))
+        return value
+
+
+def _newer_schema(value: object) -> str:
+    return (
+        f"schema_version {value} is newer than this reader's {SCHEMA_VERSION}; "
+        "upgrade this side to read it"
+    )
 
 
 class Part(BaseModel):
-    """A piece of a message: as strict, but versioned by the message that holds it."""
+    """A piece of a message: as strict when written, versioned by the message holding it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,11 +90,21 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def decode(cls: type[M], payload: bytes | str) -> M:
-    """Parse a message, turning any malformation into :class:`ProtocolError`."""
+    """Read a received message tolerantly: unknown fields are ignored at every level.
+
+    Raises :class:`UnsupportedSchema` for a newer major ``schema_version`` (whatever else
+    is wrong with the message: its shape may be the newer one) and :class:`ProtocolError`
+    for any other malformation."""
     try:
-        return cls.model_validate_json(payload)
+        return cls.model_validate_json(payload, extra="ignore")
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        for error in errors:
+            if error["loc"] == ("schema_version",) and error["type"] == "value_error":
+                raise UnsupportedSchema(
+                    f"{cls.__name__} refused: {_newer_schema(error['input'])}"
+                ) from exc
+        first = errors[0]
         where = ".".join(str(p) for p in first["loc"]) or "message"
         raise ProtocolError(f"bad {cls.__name__}: {where}: {first['msg']}") from exc
 

@@ -110,7 +110,8 @@ def verify(envelope: SignedEnvelope | bytes | str, public_key: Ed25519PublicKey,
     """Check the signature against the pinned key, then parse the payload as ``cls``."""
     if not isinstance(envelope, SignedEnvelope):
         try:
-            envelope = SignedEnvelope.model_validate_json(envelope)
+            # Tolerant like every reader: an envelope may grow fields (say, an algorithm).
+            envelope = SignedEnvelope.model_validate_json(envelope, extra="ignore")
         except ValueError as exc:
             raise ProtocolError("malformed signed envelope") from exc
     try:

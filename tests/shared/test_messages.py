@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.errors import ProtocolError
+from shared.errors import ProtocolError, UnsupportedSchema
 from shared.messages import (
     ArtifactRef,
     ArtifactRequest,
@@ -52,15 +52,38 @@ def test_manifest_round_trips_through_json() -> None:
     assert original.schema_version == 1
 
 
-def test_unknown_fields_are_refused_with_a_protocol_error() -> None:
-    payload = Presence(state=PresenceState.ONLINE).model_dump(mode="json") | {"surprise": 1}
-    with pytest.raises(ProtocolError, match="surprise"):
-        decode(Presence, json.dumps(payload))
+def test_unknown_fields_are_ignored_when_reading_at_every_level() -> None:
+    """A newer cloud adds fields (top level and nested): an older reader takes the message."""
+    raw = manifest().model_dump(mode="json")
+    raw["added_in_a_later_minor"] = {"anything": [1, 2]}
+    raw["artifact"]["mirror_url"] = "https://example.invalid/a"
+    raw["routing"]["curve"] = [[0.1, 0.5]]
+    raw["inputs"][0]["layout"] = "NC"
+
+    read = decode(Manifest, json.dumps(raw))
+
+    assert read == manifest()
+
+
+def test_writers_stay_strict() -> None:
+    """Code that builds a message with a field the protocol lacks is a bug: refused."""
+    with pytest.raises(ValueError, match="surprise"):
+        Presence.model_validate({"state": "online", "surprise": 1})
 
 
 def test_a_future_schema_version_is_refused() -> None:
-    with pytest.raises(ProtocolError, match="schema_version"):
+    """A newer *major* version is refused with a reason, even when its shape differs too."""
+    with pytest.raises(UnsupportedSchema, match="schema_version 2 is newer than this reader's 1"):
         decode(Presence, '{"schema_version": 2, "state": "online"}')
+    with pytest.raises(UnsupportedSchema, match="schema_version 3"):
+        decode(StatusEvent, '{"schema_version": 3, "phase": "renamed-field"}')
+
+
+def test_an_older_or_current_schema_version_is_read() -> None:
+    assert decode(Presence, '{"schema_version": 1, "state": "online"}').schema_version == 1
+    assert decode(Presence, '{"state": "stopped"}').state is PresenceState.STOPPED
+    with pytest.raises(ProtocolError, match="schema_version"):
+        decode(Presence, '{"schema_version": 0, "state": "online"}')
 
 
 def test_malformed_json_is_a_protocol_error() -> None:

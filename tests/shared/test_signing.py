@@ -7,12 +7,14 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.errors import ExpiredDocument, ProtocolError, SignatureError
+from shared.errors import ExpiredDocument, ProtocolError, SignatureError, UnsupportedSchema
 from shared.messages import DesiredState
 from shared.signing import (
     SignedEnvelope,
     generate_key,
+    key_id,
     load_or_create_private_key,
     load_public_key,
     public_key_b64,
@@ -105,3 +107,49 @@ def test_the_signing_key_is_created_once_private_and_reused(tmp_path) -> None:  
 def test_a_garbage_public_key_is_refused() -> None:
     with pytest.raises(SignatureError):
         load_public_key("bm90IGEga2V5")
+
+
+def _signed_raw(body: dict[str, object], key: Ed25519PrivateKey) -> bytes:
+    """Sign ``body`` as a newer cloud would: its own canonical JSON, fields we may not know."""
+    payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    envelope = SignedEnvelope(
+        payload=base64.b64encode(payload).decode(),
+        signature=base64.b64encode(key.sign(payload)).decode(),
+        key_id=key_id(key.public_key()),
+    )
+    return envelope.model_dump_json().encode()
+
+
+def test_a_document_with_fields_this_reader_does_not_know_verifies_and_reads() -> None:
+    """A newer cloud signs fields an older agent lacks: the agent still accepts the document,
+    and the unknown fields are covered by the signature all the same."""
+    key = generate_key()
+    body = desired(rev=4).model_dump(mode="json") | {"rollout_policy": {"window": "night"}}
+    body["added_later"] = True
+    raw = _signed_raw(body, key)
+
+    state = verify_desired_state(raw, key.public_key(), device_id="cam-1")
+    assert state.rev == 4
+
+    envelope = json.loads(raw)
+    tampered_body = json.loads(base64.b64decode(envelope["payload"]))
+    tampered_body["rollout_policy"]["window"] = "noon"
+    envelope["payload"] = base64.b64encode(
+        json.dumps(tampered_body, sort_keys=True, separators=(",", ":")).encode()
+    ).decode()
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_desired_state(json.dumps(envelope), key.public_key(), device_id="cam-1")
+
+
+def test_a_document_of_a_newer_major_schema_is_refused_with_the_reason() -> None:
+    key = generate_key()
+    body = desired().model_dump(mode="json") | {"schema_version": 2}
+    with pytest.raises(UnsupportedSchema, match="schema_version 2 is newer"):
+        verify_desired_state(_signed_raw(body, key), key.public_key(), device_id="cam-1")
+
+
+def test_an_envelope_with_an_extra_field_is_read() -> None:
+    key = generate_key()
+    envelope = json.loads(sign(desired(), key).model_dump_json()) | {"alg": "Ed25519"}
+    state = verify_desired_state(json.dumps(envelope), key.public_key(), device_id="cam-1")
+    assert state.rev == 3
