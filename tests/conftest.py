@@ -93,6 +93,9 @@ def settings(tmp_path: Path) -> CloudSettings:
 def context(settings: CloudSettings, embedded: ServiceUrls) -> Iterator[CloudContext]:
     urls = ServiceUrls(settings.resolved_database_url, embedded.mqtt_url, embedded.redis_url)
     ctx = CloudContext.open(settings, urls)
+    # The session's embedded Redis is this worker's alone: start every test from an empty one,
+    # so no test reads what another left (live views, locks, cached documents).
+    ctx.redis.flushdb()
     yield ctx
     ctx.close()
 

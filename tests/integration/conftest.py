@@ -25,7 +25,9 @@ def broker_url(request: pytest.FixtureRequest, embedded: ServiceUrls) -> str:
 
 def _cloud_context(settings: CloudSettings, embedded: ServiceUrls, mqtt_url: str) -> CloudContext:
     urls = ServiceUrls(settings.resolved_database_url, mqtt_url, embedded.redis_url)
-    return CloudContext.open(settings, urls)
+    context = CloudContext.open(settings, urls)
+    context.redis.flushdb()  # nothing another test left behind
+    return context
 
 
 @contextmanager
