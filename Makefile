@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[all]'
 	@touch $(STAMP)
 
+# ARGS="--verbose" adds third-party logs; ARGS="--duration 30 --agents 5" stops by itself.
 demo: $(STAMP)
 	$(BIN)/edgefleet demo $(ARGS)
 

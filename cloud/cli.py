@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 from pydantic import ValidationError
@@ -15,16 +16,44 @@ from rich.console import Console
 
 from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
-from cloud.demo_fleet import DemoFleet
-from cloud.launcher import run_cloud
-from cloud.pipeline.reference.build import register_reference
+from cloud.demo.session import DemoSession
+from cloud.launcher import OnReady, run_cloud
 from cloud.settings import CloudSettings
+from shared.errors import EdgeFleetError
 
-__all__ = ["app", "main"]
+__all__ = ["OWN_LOGGERS", "app", "configure_logging", "main"]
 
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
 console = Console(soft_wrap=True)
+
+# Our packages log at INFO; everything else (httpx, alembic, onnxruntime's quantizer, which
+# logs on the root logger) only from WARNING unless --verbose.
+OWN_LOGGERS = ("cloud", "shared", "edge_agent", "dashboard")
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="log everything, third-party libraries included")
+]
+
+
+class _OurHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler this CLI installed, so configuring twice replaces it."""
+
+
+def configure_logging(verbose: bool = False) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(handler)
+    handler = _OurHandler()
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _settings(**overrides: object) -> CloudSettings:
@@ -36,60 +65,51 @@ def _settings(**overrides: object) -> CloudSettings:
         raise typer.Exit(2) from None
 
 
-def _banner(context: CloudContext, api_url: str) -> None:
-    urls = context.urls
-    console.print("[bold green]EdgeFleet is up[/bold green]")
-    console.print(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
-    console.print(f"  registry   {urls.database_url}")
-    embedded = set(urls.embedded)
-    console.print(f"  MQTT       {urls.mqtt_url}{'  (embedded)' if 'mqtt' in embedded else ''}")
-    console.print(f"  Redis      {urls.redis_url}{'  (embedded)' if 'redis' in embedded else ''}")
-    console.print(f"  artifacts  {context.settings.artifact_dir.resolve()}")
-    if context.settings.dev_mode:
-        console.print(f"  admin token (dev mode) {context.settings.admin_token}")
-    console.print("Ctrl-C stops everything.", highlight=False)
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
     sys.stdout.flush()
 
 
-class _Demo:
-    """What `edgefleet demo` adds once the API is up: reference models, then local agents."""
+def _banner(context: CloudContext, api_url: str) -> None:
+    urls = context.urls
+    embedded = set(urls.embedded)
+    settings = context.settings
+    console.print("[bold green]EdgeFleet is up[/bold green]")
+    _say(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
+    _say(f"  registry   {urls.database_url}")
+    _say(f"  MQTT       {urls.mqtt_url}{'  (embedded)' if 'mqtt' in embedded else ''}")
+    _say(f"  Redis      {urls.redis_url}{'  (embedded)' if 'redis' in embedded else ''}")
+    _say(f"  artifacts  {settings.artifact_dir.resolve()}")
+    _say(f"  logs       {(settings.data_dir / 'logs').resolve()}")
+    if settings.dev_mode:
+        _say(f"  admin token (dev mode) {settings.admin_token}")
 
-    def __init__(self, agents: int) -> None:
-        self.count = agents
-        self.fleet: DemoFleet | None = None
 
-    def ready(self, context: CloudContext, api_url: str) -> None:
-        _banner(context, api_url)
-        names = ["digits-cloud", "digits-edge", "digits-edge-weak"]
-        added = register_reference(
-            context,
-            names=names,
-            actor="demo",
-            progress=lambda msg: console.print(f"  [dim]{msg}[/dim]"),
-        )
-        if added:
-            console.print("Registered " + ", ".join(f"{m}:{v}" for m, v in added))
-        if self.count:
-            self.fleet = DemoFleet(context, api_url, self.count)
-            for line in self.fleet.start():
-                console.print(f"  agent {line}")
-        sys.stdout.flush()
-
-    def stop(self) -> None:
-        if self.fleet is not None:
-            self.fleet.stop()
+def _serve_banner(context: CloudContext, api_url: str, _stop: threading.Event) -> None:
+    _banner(context, api_url)
+    _say("Ctrl-C stops everything.")
 
 
 def _run_until_stopped(
     settings: CloudSettings,
     duration: float | None,
-    on_ready: Callable[[CloudContext, str], None] = _banner,
+    on_ready: OnReady = _serve_banner,
     on_stop: Callable[[], None] | None = None,
 ) -> None:
-    # uvicorn re-raises Ctrl-C once it has shut down; by then every child is stopped.
-    with contextlib.suppress(KeyboardInterrupt):
-        run_cloud(settings, duration=duration, on_ready=on_ready, on_stop=on_stop)
-    console.print("EdgeFleet stopped; every child process is gone.")
+    _say(f"Starting EdgeFleet (data in {settings.data_dir.resolve()})")
+    try:
+        # A second Ctrl-C interrupts the orderly stop; the children still die with us.
+        with contextlib.suppress(KeyboardInterrupt):
+            run_cloud(
+                settings,
+                duration=duration,
+                on_ready=on_ready,
+                on_stop=on_stop,
+            )
+    except EdgeFleetError as exc:
+        console.print(f"[red]EdgeFleet stopped:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    _say("EdgeFleet stopped; every child process is gone.")
 
 
 @app.command()
@@ -99,8 +119,10 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option(help="where the registry and artifacts live")
     ] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run the cloud API with the configured (or embedded) services."""
+    configure_logging(verbose)
     settings = _settings(api_port=port, api_host=host, data_dir=data_dir)
     _run_until_stopped(settings, None)
 
@@ -111,16 +133,16 @@ def demo(
     port: Annotated[int, typer.Option(help="API port (0 picks a free one)")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="demo data directory")] = Path(".edgefleet/demo"),
     agents: Annotated[int, typer.Option(help="local edge agents to run", min=0, max=50)] = 2,
+    verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
-    local agents running the INT8 edge model; Ctrl-C stops all."""
+    local `edge-agent` processes running the INT8 edge model; Ctrl-C stops all."""
+    configure_logging(verbose)
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    demo_run = _Demo(agents)
-    _run_until_stopped(settings, duration, on_ready=demo_run.ready, on_stop=demo_run.stop)
+    session = DemoSession(agents, say=_say, banner=_banner)
+    _run_until_stopped(settings, duration, on_ready=session.ready, on_stop=session.stop)
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     app()

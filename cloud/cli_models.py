@@ -74,16 +74,21 @@ def _spinner() -> Progress:
 
 def _print_versions(rows: list[dict[str, Any]]) -> None:
     table = Table("model", "version", "parent", "precision", "size", "metrics", "routing")
+    warnings: list[str] = []
     for v in rows:
         routing = v.get("routing") or {}
         threshold = routing.get("threshold")
         route = f"{routing.get('policy')} < {threshold:.4f}" if threshold is not None else ""
-        metrics = ", ".join(f"{k}={val:g}" for k, val in sorted(v["metrics"].items()))
+        numbers = {k: val for k, val in v["metrics"].items() if isinstance(val, int | float)}
+        metrics = ", ".join(f"{k}={val:g}" for k, val in sorted(numbers.items()))
+        warnings += [f"{v['model']}:{v['version']}: {w}" for w in v["metrics"].get("warnings", [])]
         table.add_row(
             v["model"], str(v["version"]), str(v.get("parent_version") or ""), v["precision"],
             f"{v['size'] / 1024:.1f} KiB", metrics, route,
         )  # fmt: skip
     console.print(table)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 @app.command("build-reference")
@@ -173,13 +178,19 @@ def quantize(
     cloud_model: Annotated[str | None, typer.Option(help="NAME:VERSION for a gap target")] = None,
     policy: Annotated[str | None, typer.Option(help="max_prob, margin or entropy")] = None,
     max_drop_pt: Annotated[float, typer.Option(help="accuracy loss allowed (points)")] = 0.5,
+    allow_larger: Annotated[
+        bool, typer.Option(help="register the INT8 child even if larger than its parent")
+    ] = False,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = DEV_ADMIN_TOKEN,
 ) -> None:
-    """Quantize an FP32 version to INT8, gated against its parent, routing calibrated."""
+    """Quantize an FP32 version to INT8, gated against its parent, routing calibrated.
+    An INT8 child larger than its parent is refused unless --allow-larger."""
     given = {"target": target, "cloud_model": cloud_model, "policy": policy}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     options["max_drop_pt"] = max_drop_pt
+    if allow_larger:
+        options["allow_larger"] = True
     files = (
         {"dataset": (data.name, data.read_bytes(), "application/octet-stream")} if data else None
     )

@@ -69,10 +69,20 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
-    if agent.api is not None:
-        print(f"edge-agent {settings.device_id}: local API {agent.api.url}", flush=True)
-    stop.wait()
-    agent.stop()
+    api_url = agent.api.url if agent.api is not None else None
+    if api_url is not None:
+        print(f"edge-agent {settings.device_id}: local API {api_url}", flush=True)
+    ready_file = Path(args.ready_file) if args.ready_file else None
+    if ready_file is not None:
+        # Whoever started us (the demo, a supervisor) learns the port we were given.
+        ready = {"device_id": settings.device_id, "api_url": api_url, "pid": os.getpid()}
+        atomic_write(ready_file, json.dumps(ready).encode())
+    try:
+        stop.wait()
+        agent.stop()
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
     return 0
 
 
@@ -106,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     p_enroll.add_argument("--mqtt", help="broker URL, if not the one the cloud announces")
     p_enroll.set_defaults(fn=enroll)
     p_run = sub.add_parser("run", help="run the agent")
-    p_run.add_argument("--port", type=int, default=None, help="local API port")
+    p_run.add_argument("--port", type=int, default=None, help="local API port (0: a free one)")
+    p_run.add_argument(
+        "--ready-file", help="once serving, write {device_id, api_url, pid} as JSON here"
+    )
     p_run.set_defaults(fn=run)
     sub.add_parser("status", help="what the device runs").set_defaults(fn=status)
     args = parser.parse_args(argv)

@@ -54,6 +54,7 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         redis_url: str | None,
     ) -> None:
         self.data_dir = data_dir
+        self.log_dir = data_dir / "logs"
         self._database_url = database_url
         self._mqtt_url = mqtt_url
         self._redis_url = redis_url
@@ -61,7 +62,7 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         self.urls: ServiceUrls | None = None
 
     def start(self) -> ServiceUrls:
-        log_dir = self.data_dir / "logs"
+        log_dir = self.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         embedded = []
         try:
@@ -122,6 +123,7 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         return [c.pid for c in self.children.values() if c.pid is not None]
 
     def stop(self) -> None:
+        """Stop the children, last started first; call it once nothing uses them any more."""
         for name, child in reversed(list(self.children.items())):
             _LOGGER.info("stopping embedded %s", name)
             child.stop()

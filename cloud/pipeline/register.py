@@ -34,6 +34,7 @@ def register_version(
     healthcheck: HealthCheckSpec | None = None,
     source: str = "upload",
     dataset: str | None = None,
+    warnings: list[str] | None = None,
 ) -> ModelVersion:
     model = repository.get_model(session, name=model_name)
     parent = (
@@ -76,7 +77,12 @@ def register_version(
             actor=actor,
             action="version.register",
             subject=f"{model_name}:{version.version}",
-            detail={"sha256": info.sha256, "size": info.size, "precision": precision},
+            detail={
+                "sha256": info.sha256,
+                "size": info.size,
+                "precision": precision,
+                **({"warnings": warnings} if warnings else {}),
+            },
         )
     except BaseException:
         if not known:

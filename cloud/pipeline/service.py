@@ -1,4 +1,5 @@
-"""Pipeline operations on the registry: quantize a version (gate + calibrate + register)."""
+"""Pipeline operations on the registry: quantize a version (size rule, gate, calibrate,
+register)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
-from shared.errors import Conflict, InvalidInput
+from shared.errors import Conflict, GateFailed, InvalidInput
 from shared.messages import RoutingPolicy, RoutingSpec, TensorSpec
 
-__all__ = ["QuantizeOptions", "load_version_bytes", "quantize_version"]
+__all__ = ["LargerThanParent", "QuantizeOptions", "load_version_bytes", "quantize_version"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +32,23 @@ class QuantizeOptions:
     policy: RoutingPolicy | None = None
     cloud_model: tuple[str, int] | None = None
     method: QuantMethod | None = None
+    # An INT8 child larger than its parent defeats the point of shipping it to a device;
+    # registering one anyway is a decision someone takes explicitly.
+    allow_larger: bool = False
+
+
+class LargerThanParent(GateFailed):
+    """The INT8 candidate is larger than its FP32 parent (tiny graphs: QDQ overhead)."""
+
+    def __init__(self, model: str, version: int, size: int, parent_size: int) -> None:
+        self.size = size
+        self.parent_size = parent_size
+        self.ratio = size / parent_size
+        super().__init__(
+            f"the INT8 candidate of {model}:{version} is {self.ratio:.2f}x the size of its "
+            f"FP32 parent ({size} vs {parent_size} bytes): quantization overhead outweighs "
+            "the smaller weights; nothing registered (allow_larger registers it anyway)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +124,9 @@ def quantize_version(
 ) -> int:
     """Quantize ``model:version``, gate it, calibrate routing, register it as a child version.
 
-    Nothing is written unless the candidate passes the gate.
+    Nothing is written unless the candidate passes the gate and is no larger than its
+    parent (or ``options.allow_larger`` says to register it anyway, with a warning kept in
+    the version's metrics and in the audit log).
     """
     parent = _parent(context, model, version)
     if data is None:
@@ -123,8 +143,9 @@ def quantize_version(
         calibration=data.quantization_inputs,
         trainable=parent.trainable,
     )
+    warnings = _size_warnings(model, version, len(int8), len(parent.data), options)
     if embedding:
-        metrics = gate_embedding(
+        scores = gate_embedding(
             parent.data,
             int8,
             data.test_inputs,
@@ -134,10 +155,12 @@ def quantize_version(
     else:
         if data.test_labels is None:
             raise InvalidInput("a classifier's evaluation data needs labels 'y'")
-        metrics = gate_classifier(
+        scores = gate_classifier(
             parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
         )
-    metrics["size_ratio"] = round(len(int8) / len(parent.data), 4)
+    metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
+    if warnings:
+        metrics["warnings"] = warnings
     calibration, routing = _routing(context, parent, int8, data, options)
     health = golden_examples(int8, data.test_inputs)
     with context.database.session() as s:
@@ -157,7 +180,24 @@ def quantize_version(
             healthcheck=health,
             source=f"quantize:{method.value}",
             dataset=parent.dataset,
+            warnings=warnings,
         )
         s.flush()
         _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, metrics)
         return row.version
+
+
+def _size_warnings(
+    model: str, version: int, size: int, parent_size: int, options: QuantizeOptions
+) -> list[str]:
+    if size <= parent_size:
+        return []
+    refusal = LargerThanParent(model, version, size, parent_size)
+    if not options.allow_larger:
+        raise refusal
+    warning = (
+        f"INT8 is {refusal.ratio:.2f}x the size of its FP32 parent ({size} vs "
+        f"{parent_size} bytes); registered with allow_larger"
+    )
+    _LOGGER.warning("%s:%s: %s", model, version, warning)
+    return [warning]

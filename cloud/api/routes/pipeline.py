@@ -44,6 +44,11 @@ class QuantizeRequest(BaseModel):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:[0-9]+$"
     )
     method: QuantMethod | None = None
+    allow_larger: bool = Field(
+        default=False,
+        description="register an INT8 child even if it is larger than its FP32 parent "
+        "(the warning is kept in its metrics and the audit log)",
+    )
 
     def options(self) -> QuantizeOptions:
         cloud = None
@@ -59,6 +64,7 @@ class QuantizeRequest(BaseModel):
             policy=self.policy,
             cloud_model=cloud,
             method=self.method,
+            allow_larger=self.allow_larger,
         )
 
 
@@ -71,7 +77,12 @@ def _public(context: CloudContext, model: str, version: int) -> VersionPublic:
     "/v1/models/{name}/versions/{version}/quantize",
     status_code=status.HTTP_201_CREATED,
     response_model=VersionPublic,
-    responses={422: {"description": "the INT8 candidate failed the accuracy gate"}},
+    responses={
+        422: {
+            "description": "the INT8 candidate failed the accuracy gate, or is larger than "
+            "its FP32 parent without allow_larger"
+        }
+    },
 )
 async def quantize(
     name: str,

@@ -15,7 +15,7 @@ from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.reference import digits
 from cloud.pipeline.reference.graphs import HEAD_BIAS, HEAD_WEIGHT
 from cloud.pipeline.register import register_version
-from cloud.pipeline.service import QuantizeOptions, quantize_version
+from cloud.pipeline.service import LargerThanParent, QuantizeOptions, quantize_version
 from cloud.registry import repository
 from shared.errors import NotFound
 
@@ -129,7 +129,8 @@ def register_reference(
     actor: str,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> list[tuple[str, int]]:
-    """Build and register each named reference model (FP32, then INT8 where it applies).
+    """Build and register each named reference model (FP32, then INT8 where it applies
+    and is smaller than its parent).
 
     Models that already have versions are left as they are; returns what was registered.
     """
@@ -173,9 +174,17 @@ def _register_one(
             from cloud.pipeline.reference.minilm import eval_data
 
             data = eval_data()
-        version = quantize_version(
-            context, model=name, version=fp32, data=data, options=options, actor=actor
-        )
-        registered.append((name, version))
+        try:
+            version = quantize_version(
+                context, model=name, version=fp32, data=data, options=options, actor=actor
+            )
+        except LargerThanParent as exc:
+            # The weak edge model is tiny: QDQ nodes outweigh its 8-bit weights. FP32 it is.
+            progress(
+                f"{name}: no INT8 version (it would be {exc.ratio:.2f}x the FP32 size, "
+                f"{exc.size / 1024:.1f} vs {exc.parent_size / 1024:.1f} KiB); FP32 only"
+            )
+        else:
+            registered.append((name, version))
     progress(f"{name}: done")
     return registered

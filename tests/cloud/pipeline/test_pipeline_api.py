@@ -41,9 +41,9 @@ def test_reference_models_register_fp32_and_gated_calibrated_int8(
         r = c.post("/v1/reference-models", json={})
         assert r.status_code == 201, r.text
         added = {(v["model"], v["version"]): v for v in r.json()}
+        # The weak edge model keeps FP32 only: its INT8 child would be larger than it.
         assert set(added) == {
-            ("digits-cloud", 1), ("digits-edge", 1), ("digits-edge", 2),
-            ("digits-edge-weak", 1), ("digits-edge-weak", 2),
+            ("digits-cloud", 1), ("digits-edge", 1), ("digits-edge", 2), ("digits-edge-weak", 1),
         }  # fmt: skip
         int8 = added[("digits-edge", 2)]
         assert (int8["precision"], int8["parent_version"]) == ("int8", 1)
@@ -149,6 +149,19 @@ def test_the_model_cli_end_to_end(api_with_reference: RunningApi, tmp_path: Path
     versions = _cli(api_with_reference, "list", "my-edge")
     assert "fp32" in versions.stdout
     assert "int8" in versions.stdout
+    larger = _cli(
+        api_with_reference, "quantize", "digits-edge-weak", "1",
+        "--cloud-model", "digits-cloud:1",
+    )  # fmt: skip
+    assert larger.returncode == 1
+    assert "error 422" in larger.stdout
+    assert "allow_larger" in larger.stdout
+    allowed = _cli(
+        api_with_reference, "quantize", "digits-edge-weak", "1",
+        "--cloud-model", "digits-cloud:1", "--allow-larger",
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "warning: digits-edge-weak:2: INT8 is" in allowed.stdout
     missing = _cli(api_with_reference, "quantize", "nope", "1")
     assert missing.returncode == 1
     assert "unknown model 'nope'" in missing.stdout

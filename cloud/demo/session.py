@@ -1,0 +1,95 @@
+"""What `edgefleet demo` does once the API is up, told step by step on the console."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import httpx
+
+from cloud.context import CloudContext
+from cloud.demo.agents import LocalAgents, agent_command
+from cloud.pipeline.reference.build import register_reference
+from shared.errors import ServiceUnavailable
+
+__all__ = ["DEMO_MODEL", "DemoSession"]
+
+DEMO_MODEL = "digits-edge"
+REFERENCE = ["digits-cloud", "digits-edge", "digits-edge-weak"]
+_ACTIVE_TIMEOUT_S = 30.0
+
+
+class DemoSession:
+    """Reference models, then local `edge-agent` processes running the INT8 edge model."""
+
+    def __init__(
+        self,
+        agents: int,
+        *,
+        say: Callable[[str], None],
+        banner: Callable[[CloudContext, str], None],
+    ) -> None:
+        self.count = agents
+        self.say = say
+        self.banner = banner
+        self.fleet: LocalAgents | None = None
+
+    def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
+        self.banner(context, api_url)
+        cache = context.settings.data_dir.resolve() / "reference"
+        self.say(f"Reference models (built on first start, cached in {cache}):")
+        added = register_reference(
+            context, names=REFERENCE, actor="demo", progress=lambda msg: self.say(f"  {msg}")
+        )
+        if added:
+            self.say("  registered " + ", ".join(f"{m}:{v}" for m, v in added))
+        if self.count and not stop.is_set():
+            try:
+                self._agents(context, api_url, stop)
+            except httpx.HTTPError as exc:
+                raise ServiceUnavailable(f"the demo could not reach its own API: {exc}") from exc
+        if not stop.is_set():
+            self.say("Ctrl-C stops everything.")
+
+    def _agents(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
+        command = agent_command()
+        if command is None:
+            self.say("No local agents: `edge-agent` is not installed (pip install -e '.[edge]').")
+            return
+        data_dir = context.settings.data_dir.resolve()
+        self.fleet = LocalAgents(
+            command=command,
+            api_url=api_url,
+            admin_token=context.settings.admin_token,
+            data_dir=data_dir,
+            count=self.count,
+        )
+        self.say(f"Local edge agents (`edge-agent run`, one device each, under {data_dir}/agents):")
+        for agent in self.fleet.start(stop):
+            if agent.api_url:
+                self.say(f"  {agent.device_id}  local API {agent.api_url}  log {agent.log_path}")
+        if stop.is_set():
+            return
+        version = self.fleet.latest_int8(DEMO_MODEL)
+        if version is None:
+            self.say(f"  {DEMO_MODEL} has no INT8 version: nothing deployed")
+            return
+        self.say(f"Deploying {DEMO_MODEL}:{version} (INT8) to the agents over MQTT:")
+        self.fleet.deploy(DEMO_MODEL, version)
+        active = self.fleet.wait_active(DEMO_MODEL, version, stop, _ACTIVE_TIMEOUT_S)
+        for agent in self.fleet.agents:
+            if agent in active:
+                self.say(
+                    f"  {agent.device_id} serves it: POST {agent.api_url}/v2/models/"
+                    f"{DEMO_MODEL}/infer (KServe v2)"
+                )
+            elif not stop.is_set():
+                self.say(
+                    f"  {agent.device_id}: not active after {_ACTIVE_TIMEOUT_S:g}s; see "
+                    f"GET {api_url}/v1/devices/{agent.device_id}/events and {agent.log_path}"
+                )
+
+    def stop(self) -> None:
+        if self.fleet is not None:
+            self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")
+            self.fleet.stop()
