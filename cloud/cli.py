@@ -14,17 +14,20 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from cloud.cli_broker import app as broker_app
 from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
+from cloud.embedded.services import ServiceUrls
 from cloud.launcher import OnReady, run_cloud
 from cloud.settings import CloudSettings
 from shared.errors import EdgeFleetError
 
-__all__ = ["OWN_LOGGERS", "app", "configure_logging", "main"]
+__all__ = ["OWN_LOGGERS", "app", "broker_note", "configure_logging", "main"]
 
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
+app.add_typer(broker_app, name="broker")
 console = Console(soft_wrap=True)
 
 # Our packages log at INFO; everything else (httpx, alembic, onnxruntime's quantizer, which
@@ -70,6 +73,20 @@ def _say(message: str) -> None:
     sys.stdout.flush()
 
 
+def broker_note(urls: ServiceUrls, settings: CloudSettings) -> str:
+    """What the banner says after the broker's URL: which one, and who may use it."""
+    if urls.embedded_broker == "mosquitto":
+        return "  (embedded Mosquitto: per-device logins on; anonymous clients are refused)"
+    if urls.embedded_broker == "rumqttd":
+        return (
+            "  (embedded rumqttd: this broker has NO authentication; anyone on this machine can "
+            "read and publish every device's topics. Install mosquitto for per-device logins)"
+        )
+    if settings.broker_accounts == "dynsec":
+        return "  (per-device logins provisioned at enrollment)"
+    return ""
+
+
 def _banner(context: CloudContext, api_url: str) -> None:
     urls = context.urls
     embedded = set(urls.embedded)
@@ -77,7 +94,7 @@ def _banner(context: CloudContext, api_url: str) -> None:
     console.print("[bold green]EdgeFleet is up[/bold green]")
     _say(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
     _say(f"  registry   {urls.database_url}")
-    _say(f"  MQTT       {urls.mqtt_url}{'  (embedded)' if 'mqtt' in embedded else ''}")
+    _say(f"  MQTT       {urls.mqtt_url}{broker_note(urls, settings)}")
     _say(f"  Redis      {urls.redis_url}{'  (embedded)' if 'redis' in embedded else ''}")
     _say(f"  artifacts  {settings.artifact_dir.resolve()}")
     _say(f"  logs       {(settings.data_dir / 'logs').resolve()}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy.typing as npt
@@ -16,9 +17,9 @@ from edge_agent.local_api import LocalApi
 from edge_agent.model_store import ModelStore
 from edge_agent.router import Answer, CloudClient, Router
 from edge_agent.runtime import Runtime
-from edge_agent.telemetry import LATENCY_BOUNDS_MS, Meter
+from edge_agent.telemetry import LATENCY_BOUNDS_MS, Meter, Outbox
 from shared import topics
-from shared.errors import EdgeFleetError
+from shared.errors import EdgeFleetError, InferenceFailed
 from shared.messages import Presence, PresenceState, ReportedState, StatusEvent
 from shared.mqtt_link import MqttLink, Will
 from shared.signing import load_public_key
@@ -41,6 +42,11 @@ class Agent:
         self.store = ModelStore(settings.data_dir / "store")
         self.runtime = Runtime(threads=settings.threads)
         self.meter = Meter()
+        # Windows taken while offline wait here; what overflows is counted in the next one.
+        self.outbox = Outbox(
+            settings.telemetry_buffer,
+            on_drop=lambda n: self.meter.count("telemetry_dropped", n),
+        )
         self.link = MqttLink(
             settings.mqtt_url,
             client_id=f"agent-{self.device_id}",
@@ -52,7 +58,7 @@ class Agent:
                 online=_presence(PresenceState.ONLINE),
                 stopped=_presence(PresenceState.STOPPED),
             ),
-            on_connected=self.publish_reported,
+            on_connected=self._on_connected,
         )
         fetcher: MqttDelivery | HttpDelivery
         if settings.download_via == "http":
@@ -78,8 +84,10 @@ class Agent:
             settings.cloud_url, settings.token, budget_s=settings.cloud_budget_s
         )
         self.router = Router(self.runtime, cloud=self.cloud, override=settings.routing_override)
+        self.fetcher = fetcher
         self.api: LocalApi | None = None
         self._stop = threading.Event()
+        self._telemetry_wake = threading.Event()
         self._telemetry = threading.Thread(
             target=self._telemetry_loop, name="telemetry", daemon=True
         )
@@ -103,21 +111,26 @@ class Agent:
         )
 
     def _load_installed(self) -> None:
-        """Serve what the store holds (it only ever points at verified blobs)."""
-        for name, installed in self.store.state.active.items():
+        """Serve what the store holds (it only ever points at verified blobs). A model that
+        does not load is not served, and so not reported as active either."""
+        for name, installed in list(self.store.state.active.items()):
             try:
                 path = self.store.blob_path(installed.manifest.artifact.sha256)
                 self.runtime.swap(self.runtime.load(installed.manifest, path))
             except Exception:
-                _LOGGER.exception("could not load active model %s", name)
+                self.meter.count("load_failures")
+                _LOGGER.exception("could not load active model %s; not serving it", name)
 
     def stop(self) -> None:
         self._stop.set()
+        self._telemetry_wake.set()
         if self.api is not None:
             self.api.stop()
         self.deployer.stop()
         self.link.stop()
         self.cloud.close()
+        if isinstance(self.fetcher, HttpDelivery):
+            self.fetcher.close()
         self._telemetry.join(5)
 
     # -- inference -----------------------------------------------------------------------
@@ -126,8 +139,10 @@ class Agent:
         """The in-process API: the same path as the local HTTP API."""
         try:
             answer = self.router.infer(model, inputs)
-        except EdgeFleetError:
+        except EdgeFleetError as exc:
             self.meter.count("errors")
+            if isinstance(exc, InferenceFailed):
+                self.meter.count("engine_errors")
             raise
         self.meter.count(f"answers_{answer.source}")
         if answer.degraded:
@@ -138,9 +153,10 @@ class Agent:
     # -- reporting -----------------------------------------------------------------------
 
     def reported(self) -> ReportedState:
+        """What this device serves: the runtime's models, not what the store points at."""
         return ReportedState(
             rev_applied=self.store.state.rev_applied,
-            active={name: i.version for name, i in self.store.state.active.items()},
+            active={name: m.version for name, m in self.runtime.models().items()},
             agent_version=__version__,
             capabilities={"download": self.settings.download_via, "threads": self.settings.threads},
         )
@@ -151,13 +167,49 @@ class Agent:
         )
 
     def _publish_status(self, event: StatusEvent) -> None:
-        self.link.publish(self._topic(DeviceTopic.STATUS), event.model_dump_json(), qos=1)
+        if not self.link.publish(self._topic(DeviceTopic.STATUS), event.model_dump_json(), qos=1):
+            # The link's queue is full (a long outage): say so rather than lose it quietly.
+            self.meter.count("status_dropped")
+            _LOGGER.warning(
+                "status %s of %s rev %s could not be queued", event.state, event.model, event.rev
+            )
+
+    def _on_connected(self) -> None:
+        """Runs on the MQTT thread after each CONNACK: report, and let the telemetry thread
+        send what it kept while offline (it owns the outbox's publishing)."""
+        self.publish_reported()
+        self._telemetry_wake.set()
+
+    def close_telemetry_window(self) -> None:
+        """End the current telemetry window and queue it (sent by ``send_telemetry``)."""
+        active = {name: m.version for name, m in self.runtime.models().items()}
+        self.outbox.put(self.meter.snapshot(active).model_dump_json().encode())
+
+    def send_telemetry(self) -> int:
+        """Send the queued windows, oldest first, as far as the link takes them."""
+        return self.outbox.flush(self._publish_telemetry)
+
+    def _publish_telemetry(self, payload: bytes) -> bool:
+        # Not connected means not sent, whatever publish says: paho drops QoS 0 offline.
+        if not self.link.connected:
+            return False
+        return self.link.publish(self._topic(DeviceTopic.TELEMETRY), payload, qos=0)
 
     def _telemetry_loop(self) -> None:
-        while not self._stop.wait(self.settings.telemetry_interval_s):
-            active = {name: m.version for name, m in self.runtime.models().items()}
-            snapshot = self.meter.snapshot(active)
-            self.link.publish(self._topic(DeviceTopic.TELEMETRY), snapshot.model_dump_json(), qos=0)
+        interval = self.settings.telemetry_interval_s
+        next_at = time.monotonic() + interval
+        while not self._stop.is_set():
+            self._telemetry_wake.wait(max(0.0, next_at - time.monotonic()))
+            self._telemetry_wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_at:
+                    next_at = time.monotonic() + interval
+                    self.close_telemetry_window()
+                self.send_telemetry()
+            except Exception:
+                _LOGGER.exception("telemetry: this round failed; kept windows wait for the next")
 
     def prometheus(self) -> str:
         lines = ["# TYPE edgefleet_agent_events_total counter"]
@@ -175,4 +227,6 @@ class Agent:
         for name, loaded in sorted(self.runtime.models().items()):
             lines.append(f'edgefleet_agent_active_version{{model="{name}"}} {loaded.version}')
         lines.append(f"edgefleet_agent_mqtt_connected {int(self.link.connected)}")
+        lines.append("# TYPE edgefleet_agent_telemetry_buffered gauge")
+        lines.append(f"edgefleet_agent_telemetry_buffered {len(self.outbox)}")
         return "\n".join(lines) + "\n"

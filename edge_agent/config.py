@@ -32,6 +32,9 @@ class AgentSettings(BaseSettings):
     api_port: int = Field(default=8470, ge=0, le=65535)
     threads: int = Field(default=1, ge=1, le=64)
     telemetry_interval_s: float = Field(default=10.0, gt=0)
+    telemetry_buffer: int = Field(
+        default=360, ge=1, le=100_000, description="windows kept while offline (oldest dropped)"
+    )
     download_via: Literal["mqtt", "http"] = "mqtt"
     chunk_wait_s: float = Field(default=3.0, gt=0)
     download_max_stalls: int = Field(default=8, ge=1, description="requests without progress")

@@ -114,22 +114,32 @@ class HttpDelivery:
     """`GET /v1/artifacts/{sha256}` with `Range`, from the first missing chunk on."""
 
     def __init__(
-        self, store: ModelStore, *, cloud_url: str, token: str, timeout_s: float = 30.0
+        self,
+        store: ModelStore,
+        *,
+        cloud_url: str,
+        token: str,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.store = store
         self.cloud_url = cloud_url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
+        self._client = httpx.Client(
+            headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s, transport=transport
+        )
+
+    def close(self) -> None:
+        self._client.close()
 
     def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
         missing = self.store.missing_chunks(ref)
         if not missing:
             return
         start = missing[0] * ref.chunk_size
-        headers = {"Authorization": f"Bearer {self.token}", "Range": f"bytes={start}-"}
+        headers = {"Range": f"bytes={start}-"}
         url = f"{self.cloud_url}/v1/artifacts/{ref.sha256}"
         try:
-            with httpx.stream("GET", url, headers=headers, timeout=self.timeout_s) as response:
+            with self._client.stream("GET", url, headers=headers) as response:
                 if response.status_code not in (200, 206):
                     raise ServiceUnavailable(f"artifact download answered {response.status_code}")
                 index = missing[0] if response.status_code == 206 else 0

@@ -3,6 +3,9 @@ atomically activated model out, with a status event for every step.
 
 QUEUED → DOWNLOADING → VERIFYING → STAGED → HEALTHCHECK → ACTIVE
                                    any step → FAILED(reason)  (→ ROLLED_BACK: the old one stays)
+
+Whatever raises during a deployment (our errors, a disk error, an engine error, a bug) ends in
+FAILED with its reason; the deployer thread goes on with the next rev.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.healthcheck import health_check
 from edge_agent.model_store import Installed, ModelStore
-from edge_agent.runtime import Runtime
+from edge_agent.runtime import LoadedModel, Runtime, error_line
 from shared.errors import EdgeFleetError, StaleRevision
 from shared.messages import ArtifactRef, Deployment, DeploymentState, DesiredState, StatusEvent
 from shared.signing import verify_desired_state
@@ -26,6 +29,7 @@ from shared.signing import verify_desired_state
 __all__ = ["Deployer", "Fetcher"]
 
 _LOGGER = logging.getLogger(__name__)
+MAX_REASON = 1000  # StatusEvent.reason allows 2,000; a reason is a line, not a dump
 
 
 class Fetcher(Protocol):
@@ -84,9 +88,10 @@ class Deployer:
                 raise StaleRevision(
                     f"rev {state.rev} is not newer than rev {self._highest_queued} (anti-rollback)"
                 )
-        except EdgeFleetError as exc:
-            _LOGGER.warning("desired state refused: %s", exc.message)
-            self._status(DeploymentState.FAILED, rev=0, reason=f"refused: {exc.message}")
+        except Exception as exc:
+            reason = _describe(exc)
+            _LOGGER.warning("desired state refused: %s", reason)
+            self._status(DeploymentState.FAILED, rev=0, reason=f"refused: {reason}")
             return
         self._highest_queued = state.rev
         self.busy.set()
@@ -102,8 +107,15 @@ class Deployer:
             self.busy.set()
             try:
                 self._apply(state)
-            except Exception:
+            except Exception as exc:
+                # Each deployment reports its own failure; what lands here is the rev's
+                # bookkeeping (recording it, reporting it). Say so and take the next rev.
                 _LOGGER.exception("applying rev %s failed", state.rev)
+                self._status(
+                    DeploymentState.FAILED,
+                    rev=state.rev,
+                    reason=f"rev {state.rev}: {_describe(exc)}",
+                )
             finally:
                 if self._queue.empty():
                     self.busy.clear()
@@ -115,6 +127,10 @@ class Deployer:
             if state.rev < self._highest_queued:
                 return  # superseded while we worked: the newer rev decides
             self._deploy(state.rev, deployment)
+        if self._stop.is_set():
+            # Stopped mid-way: the rev is not applied, so the retained document (delivered
+            # again on the next start) resumes it instead of being skipped as done.
+            return
         self.store.set_rev_applied(state.rev)
         self.on_applied()
 
@@ -127,47 +143,39 @@ class Deployer:
         reason: str | None = None,
         done: int = 0,
     ) -> None:
+        """Publish one status event; a failure to publish is logged, never raised, so that a
+        report that cannot be sent does not abort (or hide) the deployment it reports on."""
         manifest = deployment.manifest if deployment else None
-        self.publish_status(
-            StatusEvent(
-                rev=rev,
-                rollout_id=deployment.rollout_id if deployment else None,
-                model=manifest.model if manifest else None,
-                version=manifest.version if manifest else None,
-                state=state,
-                reason=reason,
-                bytes_done=done,
-                bytes_total=manifest.artifact.size if manifest else 0,
-                at=datetime.now(UTC),
+        try:
+            self.publish_status(
+                StatusEvent(
+                    rev=rev,
+                    rollout_id=deployment.rollout_id if deployment else None,
+                    model=manifest.model if manifest else None,
+                    version=manifest.version if manifest else None,
+                    state=state,
+                    reason=reason[:MAX_REASON] if reason is not None else None,
+                    bytes_done=done,
+                    bytes_total=manifest.artifact.size if manifest else 0,
+                    at=datetime.now(UTC),
+                )
             )
-        )
+        except Exception:
+            _LOGGER.exception("could not publish status %s for rev %s", state, rev)
 
     def _deploy(self, rev: int, deployment: Deployment) -> None:
         manifest = deployment.manifest
-        current = self.store.active(manifest.model)
-        if current is not None and current.manifest.artifact.sha256 == manifest.artifact.sha256:
-            if current.version != manifest.version or current.rollout_id != deployment.rollout_id:
-                self.store.activate(Installed(manifest, deployment.rollout_id))
-            self._status(
-                DeploymentState.ACTIVE, rev=rev, deployment=deployment, done=manifest.artifact.size
-            )
-            return
         step = DeploymentState.QUEUED
         try:
+            served = self.runtime.models().get(manifest.model)
+            if served is not None and served.manifest.artifact.sha256 == manifest.artifact.sha256:
+                self._relabel(rev, deployment, served)
+                return
             self._status(step, rev=rev, deployment=deployment)
             ref = manifest.artifact
             if not self.store.has_blob(ref):
                 step = DeploymentState.DOWNLOADING
-                last = [-1]
-
-                def progress(done: int) -> None:
-                    # Report roughly every 10 %, not every chunk.
-                    if done * 10 // ref.size != last[0]:
-                        last[0] = done * 10 // ref.size
-                        self._status(step, rev=rev, deployment=deployment, done=done)
-
-                progress(self.store.bytes_done(ref))
-                self.fetcher.fetch(ref, progress, self._stop)
+                self._download(rev, deployment)
                 if self._stop.is_set():
                     return
                 step = DeploymentState.VERIFYING
@@ -187,6 +195,41 @@ class Deployer:
             self._failed(rev, deployment, step, exc.message)
         except OSError as exc:
             self._failed(rev, deployment, step, f"disk: {exc}")
+        except Exception as exc:
+            # A bug or a library error nobody foresaw: still a FAILED with its reason, never
+            # a deployment left at an intermediate state.
+            _LOGGER.exception("%s:%s failed unexpectedly", manifest.model, manifest.version)
+            self._failed(rev, deployment, step, _describe(exc))
+
+    def _relabel(self, rev: int, deployment: Deployment, served: LoadedModel) -> None:
+        """The bytes already serve: only the version label or the rollout changes."""
+        manifest = deployment.manifest
+        current = self.store.active(manifest.model)
+        if (
+            current is None
+            or current.manifest.artifact.sha256 != manifest.artifact.sha256
+            or current.version != manifest.version
+            or current.rollout_id != deployment.rollout_id
+        ):
+            self.store.activate(Installed(manifest, deployment.rollout_id))
+        if served.manifest != manifest:
+            self.runtime.swap(LoadedModel(manifest, served.session, served.output_names))
+        self._status(
+            DeploymentState.ACTIVE, rev=rev, deployment=deployment, done=manifest.artifact.size
+        )
+
+    def _download(self, rev: int, deployment: Deployment) -> None:
+        ref = deployment.manifest.artifact
+        last = [-1]
+
+        def progress(done: int) -> None:
+            # Report roughly every 10 %, not every chunk.
+            if done * 10 // ref.size != last[0]:
+                last[0] = done * 10 // ref.size
+                self._status(DeploymentState.DOWNLOADING, rev=rev, deployment=deployment, done=done)
+
+        progress(self.store.bytes_done(ref))
+        self.fetcher.fetch(ref, progress, self._stop)
 
     def _failed(self, rev: int, deployment: Deployment, step: DeploymentState, reason: str) -> None:
         _LOGGER.warning(
@@ -199,7 +242,8 @@ class Deployer:
         self._status(
             DeploymentState.FAILED, rev=rev, deployment=deployment, reason=f"{step.value}: {reason}"
         )
-        kept = self.store.active(deployment.manifest.model)
+        # What is kept is what the runtime serves, whatever the store says.
+        kept = self.runtime.models().get(deployment.manifest.model)
         if kept is not None:
             self._status(
                 DeploymentState.ROLLED_BACK,
@@ -207,3 +251,10 @@ class Deployer:
                 deployment=deployment,
                 reason=f"kept {kept.manifest.model}:{kept.version}",
             )
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line for a status reason: its type and first line."""
+    if isinstance(exc, EdgeFleetError):
+        return exc.message
+    return f"{type(exc).__name__}: {error_line(exc)}"

@@ -3,10 +3,12 @@ installs no web framework). Every answer carries source, confidence, version, la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -52,7 +54,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
 
+    def _guarded(self, handle: Callable[[], None]) -> None:
+        """Whatever goes wrong inside, the client gets a JSON 500 (the details stay in the
+        log) instead of a reset connection, and the server goes on."""
+        try:
+            handle()
+        except Exception:
+            _LOGGER.exception("local API: %s %s failed", self.command, self.path)
+            self.close_connection = True  # the response may be half written
+            with contextlib.suppress(OSError):  # the client may be gone already
+                self._error(500, "internal error")
+
     def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _get(self) -> None:
         agent = self.server.agent
         path = self.path.split("?", 1)[0]
         if path in ("/healthz", "/v2/health/live"):
@@ -88,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no route {path}")
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0]
         if not (path.startswith("/v2/models/") and path.endswith("/infer")):
             self._error(404, f"no route {path}")

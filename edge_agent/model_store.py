@@ -160,33 +160,42 @@ class ModelStore:
     def _part(self, ref: ArtifactRef) -> tuple[Path, Path]:
         return self.partial / f"{ref.sha256}.part", self.partial / f"{ref.sha256}.done"
 
-    def chunks_done(self, ref: ArtifactRef) -> set[int]:
-        """Indices of the chunks on disk: read from the log once, then kept in memory
-        (the download loop asks after every chunk)."""
+    def _chunks(self, ref: ArtifactRef) -> set[int]:
+        """The live set of chunk indices on disk; the caller holds the lock.
+
+        Read from the log once, then kept in memory (the download loop asks after every
+        chunk). Chunk writers mutate it on the MQTT thread, so it never leaves the lock:
+        readers get copies or values computed under it."""
+        cached = self._done.get(ref.sha256)
+        if cached is not None:
+            return cached
+        _, done = self._part(ref)
+        indices: set[int] = set()
+        if done.exists():
+            _drop_torn_tail(done)
+            # Only newline-terminated lines count: a torn last line ("1" of "12")
+            # could name a chunk whose data never landed. Data is fsynced before
+            # its line is appended, so every whole line is true.
+            for line in done.read_text().split("\n")[:-1]:
+                if line.isdigit() and int(line) < len(ref.chunks):
+                    indices.add(int(line))
+        self._done[ref.sha256] = indices
+        return indices
+
+    def chunks_done(self, ref: ArtifactRef) -> frozenset[int]:
+        """A snapshot of the indices of the chunks on disk."""
         with self._lock:
-            cached = self._done.get(ref.sha256)
-            if cached is not None:
-                return cached
-            _, done = self._part(ref)
-            indices: set[int] = set()
-            if done.exists():
-                _drop_torn_tail(done)
-                # Only newline-terminated lines count: a torn last line ("1" of "12")
-                # could name a chunk whose data never landed. Data is fsynced before
-                # its line is appended, so every whole line is true.
-                for line in done.read_text().split("\n")[:-1]:
-                    if line.isdigit() and int(line) < len(ref.chunks):
-                        indices.add(int(line))
-            self._done[ref.sha256] = indices
-            return indices
+            return frozenset(self._chunks(ref))
 
     def missing_chunks(self, ref: ArtifactRef) -> list[int]:
-        done = self.chunks_done(ref)
-        return [i for i in range(len(ref.chunks)) if i not in done]
+        with self._lock:
+            done = self._chunks(ref)
+            return [i for i in range(len(ref.chunks)) if i not in done]
 
     def bytes_done(self, ref: ArtifactRef) -> int:
-        done = self.chunks_done(ref)
-        return sum(min(ref.chunk_size, ref.size - i * ref.chunk_size) for i in done)
+        with self._lock:
+            done = self._chunks(ref)
+            return sum(min(ref.chunk_size, ref.size - i * ref.chunk_size) for i in done)
 
     def write_chunk(self, ref: ArtifactRef, index: int, data: bytes) -> bool:
         """Keep a chunk if its hash matches the manifest; False (and nothing kept) if not."""
@@ -197,7 +206,7 @@ class ModelStore:
             return False
         part, done = self._part(ref)
         with self._lock:
-            indices = self.chunks_done(ref)  # loads (and repairs) the log before appending
+            indices = self._chunks(ref)  # loads (and repairs) the log before appending
             fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 os.pwrite(fd, data, index * ref.chunk_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,7 +15,6 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.runtime import Runtime
-from shared.errors import EdgeFleetError
 from shared.messages import RoutingPolicy, RoutingSpec
 from shared.routing import confidence
 from shared.tensors import HEADER_LENGTH, decode_response, encode_request
@@ -45,6 +45,7 @@ class CircuitBreaker:
 
     failures: int = 3
     reset_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
     _consecutive: int = 0
     _opened_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -53,8 +54,8 @@ class CircuitBreaker:
         with self._lock:
             if self._opened_at is None:
                 return True
-            if time.monotonic() - self._opened_at >= self.reset_s:
-                self._opened_at = time.monotonic()  # half-open: let one call through
+            if self.clock() - self._opened_at >= self.reset_s:
+                self._opened_at = self.clock()  # half-open: let one call through
                 return True
             return False
 
@@ -66,7 +67,7 @@ class CircuitBreaker:
         with self._lock:
             self._consecutive += 1
             if self._consecutive >= self.failures:
-                self._opened_at = time.monotonic()
+                self._opened_at = self.clock()
 
     @property
     def open(self) -> bool:
@@ -76,13 +77,22 @@ class CircuitBreaker:
 class CloudClient:
     """KServe v2 binary-tensor client for the cloud's fallback inference API."""
 
-    def __init__(self, base_url: str, token: str, *, budget_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        budget_s: float = 0.5,
+        breaker: CircuitBreaker | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.budget_s = budget_s
-        self.breaker = CircuitBreaker()
+        self.breaker = breaker or CircuitBreaker()
         self._client = httpx.Client(
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(budget_s, connect=min(budget_s, 0.25)),
+            transport=transport,
         )
 
     def infer(self, model: str, inputs: dict[str, Array]) -> dict[str, Array]:
@@ -154,8 +164,11 @@ class Router:
             return local
         try:
             outputs = self.cloud.infer(model, inputs)
-        except (httpx.HTTPError, EdgeFleetError) as exc:
+        except Exception as exc:
+            # Any cloud failure (network, status, a body that does not parse) is the same
+            # thing to the app: the local answer, flagged, never an error.
             self.cloud.breaker.failure()
+            _LOGGER.debug("offload of %s failed: %r", model, exc)
             local.degraded, local.reason = True, f"hard input, cloud failed: {type(exc).__name__}"
             return local
         self.cloud.breaker.success()

@@ -15,13 +15,21 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from shared.errors import NotFound, TensorError
+from shared.errors import InferenceFailed, NotFound, TensorError
 from shared.messages import Manifest, TensorSpec
 from shared.tensors import dtype_of
 
-__all__ = ["LoadedModel", "Runtime", "load_session"]
+__all__ = ["LoadedModel", "Runtime", "error_line", "load_session"]
 
 Array = npt.NDArray[Any]
+
+
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error (onnxruntime's run to many), bounded: enough to act on,
+    never a traceback."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    return first[:limit]
 
 
 def load_session(path: Path, *, threads: int) -> ort.InferenceSession:
@@ -72,7 +80,13 @@ class LoadedModel:
         return checked
 
     def run(self, inputs: dict[str, Array]) -> dict[str, Array]:
-        outputs = self.session.run(self.output_names, inputs)
+        """Run the session; an engine failure becomes :class:`InferenceFailed` (HTTP 500)."""
+        try:
+            outputs = self.session.run(self.output_names, inputs)
+        except Exception as exc:  # onnxruntime raises its own pybind11 hierarchy
+            raise InferenceFailed(
+                f"{self.manifest.model}:{self.version} failed: {error_line(exc)}"
+            ) from exc
         return dict(zip(self.output_names, outputs, strict=True))
 
 

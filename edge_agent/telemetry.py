@@ -1,4 +1,5 @@
-"""Counters and a latency histogram since the last report, plus the process's resource use."""
+"""Counters and a latency histogram since the last report, the process's resource use, and
+the outbox that keeps the windows a disconnected agent could not send."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import os
 import resource
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shared.messages import Histogram, Telemetry
 
-__all__ = ["LATENCY_BOUNDS_MS", "Meter", "rss_bytes"]
+__all__ = ["LATENCY_BOUNDS_MS", "Meter", "Outbox", "rss_bytes"]
 
 LATENCY_BOUNDS_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 
@@ -69,3 +71,43 @@ class Meter:
             rss_bytes=rss_bytes(),
             at=datetime.now(UTC),
         )
+
+
+class Outbox:
+    """Telemetry windows not sent yet, oldest first; bounded, the oldest dropped when full.
+
+    A window is taken off only once ``send`` accepted it, so a publish refused while the
+    link is down keeps it (and everything after it) for the next flush, in order."""
+
+    def __init__(self, limit: int, *, on_drop: Callable[[int], None] | None = None) -> None:
+        if limit < 1:
+            raise ValueError("an outbox holds at least one window")
+        self.limit = limit
+        self.dropped = 0
+        self._on_drop = on_drop
+        self._pending: deque[bytes] = deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, payload: bytes) -> None:
+        with self._lock:
+            self._pending.append(payload)
+            overflow = len(self._pending) - self.limit
+            for _ in range(overflow):
+                self._pending.popleft()
+            self.dropped += max(overflow, 0)
+        if overflow > 0 and self._on_drop is not None:
+            self._on_drop(overflow)
+
+    def flush(self, send: Callable[[bytes], bool]) -> int:
+        """Send windows in order until ``send`` refuses one; returns how many went out."""
+        sent = 0
+        with self._lock:  # held while sending: two flushes must not interleave the order
+            while self._pending:
+                if not send(self._pending[0]):
+                    break
+                self._pending.popleft()
+                sent += 1
+        return sent

@@ -15,7 +15,8 @@ EdgeFleetError (500)
 ├── NotFound (404)
 ├── Conflict (409)
 ├── PayloadTooLarge (413)
-└── ServiceUnavailable (503)
+├── ServiceUnavailable (503)
+└── InferenceFailed (500)         the inference engine failed on an input it accepted
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "ExpiredDocument",
     "Forbidden",
     "GateFailed",
+    "InferenceFailed",
     "IntegrityError",
     "InvalidInput",
     "MissingExtra",
@@ -112,6 +114,12 @@ class PayloadTooLarge(EdgeFleetError):
 
 class ServiceUnavailable(EdgeFleetError):
     status_code = 503
+
+
+class InferenceFailed(EdgeFleetError):
+    """The inference engine raised while running a model on an input that passed its checks."""
+
+    status_code = 500
 
 
 class MissingExtra(EdgeFleetError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,58 @@ def test_a_corrupted_active_blob_falls_back_to_the_previous_on_start(tmp_path: P
         store.activate(Installed(manifest))
     (tmp_path / "blobs" / hashlib.sha256(second).hexdigest()).write_bytes(b"bit rot")
     assert ModelStore(tmp_path).active("m").version == 1  # type: ignore[union-attr]
+
+
+def test_chunk_sets_are_read_under_the_lock_while_chunks_arrive(tmp_path: Path) -> None:
+    """Chunks land on the MQTT thread while the download loop reads progress: with 1,000
+    agents this raised "Set changed size during iteration" and left devices at DOWNLOADING.
+    Thread switches are made very frequent so that the interleaving shows up every run."""
+    data = os.urandom(CHUNK * 2000)
+    ref = ArtifactRef.of(data, CHUNK)
+    store = ModelStore(tmp_path)
+    _fill(store, ref, data, list(range(1500)))  # a large set makes each read a long iteration
+    errors: list[Exception] = []
+    finished = threading.Event()
+
+    def writer(indices: range) -> None:
+        for i in indices:
+            if finished.is_set():
+                return
+            store.write_chunk(ref, i, data[i * CHUNK : (i + 1) * CHUNK])
+
+    def reader() -> None:
+        while not finished.is_set():
+            try:
+                store.bytes_done(ref)  # what the download loop reports after every chunk
+            except RuntimeError as exc:
+                errors.append(exc)
+                finished.set()
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    writers = [threading.Thread(target=writer, args=(range(1500 + k, 2000, 2),)) for k in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in readers + writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        finished.set()
+        for thread in readers:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert store.missing_chunks(ref) == []
+    assert store.bytes_done(ref) == len(data)
+
+
+def test_chunks_done_is_a_snapshot_that_later_chunks_do_not_change(tmp_path: Path) -> None:
+    data = os.urandom(3000)
+    ref = _manifest(data).artifact
+    store = ModelStore(tmp_path)
+    _fill(store, ref, data, [0])
+    seen = store.chunks_done(ref)
+    _fill(store, ref, data, [1, 2])
+    assert seen == {0}
+    assert store.chunks_done(ref) == {0, 1, 2}

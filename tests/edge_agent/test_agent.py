@@ -1,0 +1,38 @@
+"""The agent reports what its runtime serves: a model the store points at but that does not
+load at start is neither served nor reported active (the cloud must not count it ACTIVE)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent.agent import Agent
+from edge_agent.model_store import Installed, ModelStore
+from tests.edge_agent.support import agent_settings, manifest_for, put_blob, tiny_classifier
+
+
+def _install(data_dir: Path, data: bytes, *, model: str) -> None:
+    """What a deployment left on disk: a verified blob, activated in the store."""
+    store = ModelStore(data_dir / "store")
+    manifest = manifest_for(data, model=model, version=4)
+    put_blob(store, data, manifest.artifact)
+    store.activate(Installed(manifest))
+    store.set_rev_applied(9)
+
+
+def test_a_stored_model_that_does_not_load_is_not_reported_active(tmp_path: Path) -> None:
+    data_dir = tmp_path / "agent"
+    _install(data_dir, tiny_classifier(seed=1), model="good")
+    # Its bytes match the manifest's hash (the store verifies that), but onnxruntime cannot
+    # load them: say the agent was upgraded to an onnxruntime that refuses this opset.
+    _install(data_dir, b"not a graph onnxruntime can load " * 40, model="broken")
+    agent = Agent(agent_settings(data_dir))
+    agent.start(serve_api=False)
+    try:
+        assert set(agent.store.state.active) == {"good", "broken"}
+        reported = agent.reported()
+        assert reported.active == {"good": 4}
+        assert reported.rev_applied == 9
+        assert agent.meter.totals["load_failures"] == 1
+        assert 'edgefleet_agent_active_version{model="broken"}' not in agent.prometheus()
+    finally:
+        agent.stop()

@@ -1,0 +1,260 @@
+"""Delivery: an artifact reaches the ModelStore over HTTP Range (an httpx.MockTransport
+playing the cloud's artifact endpoint) or as MQTT chunks (a real Mosquitto, with a client
+playing the cloud's chunk broadcaster); both resume from what is on disk and keep no chunk
+that fails its hash."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_agent.delivery import HttpDelivery, MqttDelivery
+from edge_agent.model_store import ModelStore
+from shared import topics
+from shared.errors import IntegrityError, ServiceUnavailable
+from shared.messages import ArtifactRef, ArtifactRequest, decode
+from shared.mqtt_link import MqttLink
+from shared.retry import Backoff
+from shared.topics import DeviceTopic
+from tests.edge_agent.support import CHUNK, wait_for
+from tests.services import MOSQUITTO, need
+
+DATA = os.urandom(CHUNK * 5 + 300)
+REF = ArtifactRef.of(DATA, CHUNK)
+TOKEN = "device-token-123"
+
+
+class ArtifactEndpoint:
+    """`GET /v1/artifacts/{sha256}` with Range, as the cloud serves it."""
+
+    def __init__(self, data: bytes = DATA, *, honour_range: bool = True) -> None:
+        self.data = data
+        self.honour_range = honour_range
+        self.ranges: list[str | None] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return httpx.Response(401, json={"error": "unauthorized"})
+        if request.url.path != f"/v1/artifacts/{REF.sha256}":
+            return httpx.Response(404, json={"error": "no such artifact"})
+        wanted = request.headers.get("Range")
+        self.ranges.append(wanted)
+        if wanted is None or not self.honour_range:
+            return httpx.Response(200, content=self.data)
+        start = int(wanted.removeprefix("bytes=").removesuffix("-"))
+        return httpx.Response(
+            206,
+            content=self.data[start:],
+            headers={"Content-Range": f"bytes {start}-{len(self.data) - 1}/{len(self.data)}"},
+        )
+
+
+def _http(store: ModelStore, endpoint: ArtifactEndpoint) -> HttpDelivery:
+    return HttpDelivery(
+        store,
+        cloud_url="http://cloud.test/",
+        token=TOKEN,
+        transport=httpx.MockTransport(endpoint.handle),
+    )
+
+
+def _fill(store: ModelStore, indices: list[int]) -> None:
+    for i in indices:
+        assert store.write_chunk(REF, i, DATA[i * CHUNK : (i + 1) * CHUNK])
+
+
+def test_http_fetches_the_whole_artifact_and_reports_progress(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    endpoint = ArtifactEndpoint()
+    progress: list[int] = []
+    delivery = _http(store, endpoint)
+    delivery.fetch(REF, progress.append, threading.Event())
+    delivery.close()
+    assert endpoint.ranges == ["bytes=0-"]
+    assert progress == sorted(progress)
+    assert progress[-1] == len(DATA)
+    assert store.finish(REF).read_bytes() == DATA
+
+
+def test_http_resumes_from_the_first_missing_chunk(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    _fill(store, [0, 1, 3])
+    endpoint = ArtifactEndpoint()
+    _http(store, endpoint).fetch(REF, lambda _done: None, threading.Event())
+    assert endpoint.ranges == [f"bytes={2 * CHUNK}-"]
+    assert store.missing_chunks(REF) == []
+    assert store.finish(REF).read_bytes() == DATA
+
+
+def test_http_takes_a_whole_file_from_a_server_that_ignores_range(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    _fill(store, [0, 1])
+    _http(store, ArtifactEndpoint(honour_range=False)).fetch(
+        REF, lambda _done: None, threading.Event()
+    )
+    assert store.finish(REF).read_bytes() == DATA
+
+
+def test_http_keeps_the_good_chunks_before_a_corrupted_one(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    tampered = bytearray(DATA)
+    tampered[3 * CHUNK + 10] ^= 0xFF
+    with pytest.raises(IntegrityError, match="chunk 3 from HTTP failed its hash"):
+        _http(store, ArtifactEndpoint(bytes(tampered))).fetch(
+            REF, lambda _done: None, threading.Event()
+        )
+    assert store.missing_chunks(REF) == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("transport", "message"),
+    [
+        (httpx.MockTransport(lambda r: httpx.Response(404)), "answered 404"),
+        (
+            httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused"))),
+            "artifact download failed: refused",
+        ),
+    ],
+    ids=["404", "refused"],
+)
+def test_http_errors_are_service_unavailable(
+    tmp_path: Path, transport: httpx.BaseTransport, message: str
+) -> None:
+    store = ModelStore(tmp_path)
+    delivery = HttpDelivery(store, cloud_url="http://cloud.test", token=TOKEN, transport=transport)
+    with pytest.raises(ServiceUnavailable, match=message):
+        delivery.fetch(REF, lambda _done: None, threading.Event())
+
+
+def test_http_stops_when_asked(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    stop = threading.Event()
+    stop.set()
+    _http(store, ArtifactEndpoint()).fetch(REF, lambda _done: None, stop)
+    assert len(store.missing_chunks(REF)) == len(REF.chunks)
+
+
+# -- MQTT ------------------------------------------------------------------------------
+
+
+class ChunkBroadcaster:
+    """Answers each artifact request with the chunks asked for, as the fleet service does;
+    it can corrupt the first copy of one chunk."""
+
+    def __init__(self, device_id: str, *, corrupt: int | None = None) -> None:
+        self.device_id = device_id
+        self.corrupt = corrupt
+        self.requests: list[list[int]] = []
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"cloud-{uuid.uuid4().hex[:8]}"
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+        client.subscribe(topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST), 1)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        request = decode(ArtifactRequest, message.payload)
+        self.requests.append(request.chunks)
+        for index in request.chunks:
+            chunk = DATA[index * CHUNK : (index + 1) * CHUNK]
+            if index == self.corrupt:
+                self.corrupt = None
+                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+            client.publish(topics.artifact_chunk(request.sha256, index), chunk, qos=1)
+
+    def start(self) -> None:
+        self.client.connect("127.0.0.1", 1883)
+        self.client.loop_start()
+        assert self.subscribed.wait(5)
+
+    def stop(self) -> None:
+        self.client.disconnect()  # first: it wakes the network loop, which then ends at once
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def link() -> Iterator[MqttLink]:
+    need(MOSQUITTO)
+    link = MqttLink("mqtt://127.0.0.1:1883", client_id=f"unit-{uuid.uuid4().hex[:8]}")
+    link.start()
+    assert link.wait_connected(10)
+    yield link
+    link.stop()
+
+
+def _device() -> str:
+    return f"unit-{uuid.uuid4().hex[:8]}"
+
+
+def test_mqtt_asks_for_the_missing_chunks_and_assembles_the_artifact(
+    tmp_path: Path, link: MqttLink
+) -> None:
+    device = _device()
+    store = ModelStore(tmp_path)
+    _fill(store, [1, 4])
+    cloud = ChunkBroadcaster(device)
+    cloud.start()
+    progress: list[int] = []
+    try:
+        delivery = MqttDelivery(link, store, device_id=device, wait_s=2.0)
+        delivery.fetch(REF, progress.append, threading.Event())
+    finally:
+        cloud.stop()
+    assert cloud.requests[0] == [0, 2, 3, 5]
+    assert progress[-1] == len(DATA)
+    assert store.finish(REF).read_bytes() == DATA
+
+
+def test_mqtt_asks_again_for_a_chunk_that_failed_its_hash(tmp_path: Path, link: MqttLink) -> None:
+    device = _device()
+    store = ModelStore(tmp_path)
+    cloud = ChunkBroadcaster(device, corrupt=2)
+    cloud.start()
+    try:
+        delivery = MqttDelivery(
+            link, store, device_id=device, wait_s=0.5, backoff=Backoff(base=0.01, cap=0.05)
+        )
+        delivery.fetch(REF, lambda _done: None, threading.Event())
+    finally:
+        cloud.stop()
+    assert delivery.rejected_chunks == 1
+    assert [2] in cloud.requests[1:]
+    assert store.finish(REF).read_bytes() == DATA
+
+
+def test_mqtt_gives_up_with_a_reason_when_nobody_answers(tmp_path: Path, link: MqttLink) -> None:
+    delivery = MqttDelivery(
+        link,
+        ModelStore(tmp_path),
+        device_id=_device(),
+        wait_s=0.05,
+        max_stalls=3,
+        backoff=Backoff(base=0.01, cap=0.02),
+    )
+    with pytest.raises(ServiceUnavailable, match="download stalled: 6 of 6 chunks missing"):
+        delivery.fetch(REF, lambda _done: None, threading.Event())
+
+
+def test_mqtt_returns_when_stopped(tmp_path: Path, link: MqttLink) -> None:
+    store = ModelStore(tmp_path)
+    delivery = MqttDelivery(link, store, device_id=_device(), wait_s=5.0)
+    stop = threading.Event()
+    fetching = threading.Thread(target=delivery.fetch, args=(REF, lambda _d: None, stop))
+    fetching.start()
+    wait_for(lambda: delivery._active, 5, "the fetch to subscribe")
+    stop.set()
+    fetching.join(5)
+    assert not fetching.is_alive()
+    assert len(store.missing_chunks(REF)) == len(REF.chunks)

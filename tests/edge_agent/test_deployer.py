@@ -1,0 +1,312 @@
+"""Deployer: each rev walks QUEUED → … → ACTIVE, and whatever raises on the way ends in
+FAILED with a reason (ROLLED_BACK when an older version keeps serving) — never a deployment
+left at an intermediate state — while the deployer thread goes on with the next rev."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.deployer import Deployer
+from edge_agent.model_store import Installed, ModelStore
+from edge_agent.runtime import Runtime
+from shared.errors import ServiceUnavailable
+from shared.messages import ArtifactRef, GoldenExample, Manifest, StatusEvent, TensorSpec
+from shared.signing import generate_key
+from tests.edge_agent.support import (
+    CHUNK,
+    DEVICE,
+    golden_for,
+    lookup_model,
+    manifest_for,
+    put_blob,
+    signed_document,
+    tiny_classifier,
+    wait_for,
+)
+
+ROW = [0.1, -0.2, 0.3, 0.4]
+
+
+class ChunkFetcher:
+    """Writes an artifact's chunks into the store as a delivery would; a test may make it
+    raise, or hold it (a download that lasts until the deployer stops)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.blobs: dict[str, bytes] = {}
+        self.error: Exception | None = None
+        self.hold = False
+        self.started = threading.Event()
+
+    def offer(self, data: bytes) -> None:
+        self.blobs[ArtifactRef.of(data, CHUNK).sha256] = data
+
+    def fetch(
+        self, ref: ArtifactRef, progress: Callable[[int], None], stop: threading.Event
+    ) -> None:
+        self.started.set()
+        if self.hold:
+            stop.wait(10)
+            return
+        if self.error is not None:
+            raise self.error
+        data = self.blobs[ref.sha256]
+        for index in self.store.missing_chunks(ref):
+            assert self.store.write_chunk(ref, index, data[index * CHUNK : (index + 1) * CHUNK])
+            progress(self.store.bytes_done(ref))
+
+
+@dataclass
+class Rig:
+    root: Path
+    store: ModelStore
+    runtime: Runtime
+    fetcher: ChunkFetcher
+    deployer: Deployer
+    events: list[StatusEvent] = field(default_factory=list)
+    applied: list[int] = field(default_factory=list)
+    key: object = field(default_factory=generate_key)
+
+    def send(self, rev: int, *manifests: Manifest) -> None:
+        self.deployer.on_desired("desired", signed_document(self.key, rev, *manifests))  # type: ignore[arg-type]
+
+    def deploy(self, rev: int, *manifests: Manifest) -> None:
+        self.send(rev, *manifests)
+        wait_for(self.deployer.idle, 20, f"rev {rev} to be handled")
+
+    def states(self, version: int) -> list[str]:
+        return [e.state.value for e in self.events if e.version == version]
+
+    def last(self, version: int, state: str) -> StatusEvent:
+        return [e for e in self.events if e.version == version and e.state.value == state][-1]
+
+
+def _rig(root: Path, key: object | None = None) -> Rig:
+    store = ModelStore(root / "store")
+    runtime = Runtime(threads=1)
+    fetcher = ChunkFetcher(store)
+    events: list[StatusEvent] = []
+    applied: list[int] = []
+    key = key or generate_key()
+    deployer = Deployer(
+        device_id=DEVICE,
+        public_key=key.public_key(),  # type: ignore[attr-defined]
+        store=store,
+        runtime=runtime,
+        fetcher=fetcher,
+        publish_status=events.append,
+        on_applied=lambda: applied.append(store.state.rev_applied),
+    )
+    deployer.start()
+    return Rig(root, store, runtime, fetcher, deployer, events, applied, key)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    running = _rig(tmp_path)
+    yield running
+    running.deployer.stop()
+
+
+def _version(rig: Rig, version: int, seed: int) -> Manifest:
+    """A tiny classifier the fetcher can deliver, with a golden example that it passes."""
+    data = tiny_classifier(seed=seed)
+    rig.fetcher.offer(data)
+    return manifest_for(data, version=version, golden=[golden_for(data, {"input": ROW})])
+
+
+def _serving(rig: Rig, version: int) -> None:
+    loaded = rig.runtime.get("m")
+    assert loaded.version == version
+    out = loaded.run({"input": np.asarray([ROW], dtype=np.float32)})
+    assert out["probabilities"].shape == (1, 3)
+
+
+def _v1(rig: Rig) -> None:
+    rig.deploy(1, _version(rig, 1, seed=1))
+    _serving(rig, 1)
+
+
+def test_a_model_walks_every_step_to_active(rig: Rig) -> None:
+    rig.deploy(1, _version(rig, 1, seed=1))
+    steps = rig.states(1)
+    assert steps[0] == "QUEUED"
+    assert steps[-4:] == ["VERIFYING", "STAGED", "HEALTHCHECK", "ACTIVE"]
+    assert "DOWNLOADING" in steps
+    assert rig.last(1, "ACTIVE").bytes_done == rig.last(1, "ACTIVE").bytes_total > 0
+    _serving(rig, 1)
+    assert rig.store.active("m").version == 1  # type: ignore[union-attr]
+    assert rig.store.state.rev_applied == 1
+    assert rig.applied == [1]
+
+
+@pytest.mark.parametrize(
+    ("golden", "reason"),
+    [
+        (
+            GoldenExample(inputs={"pixels": ROW}, outputs={}),
+            "HEALTHCHECK: golden input 0 names inputs ['pixels'], the manifest declares ['input']",
+        ),
+        (
+            GoldenExample(inputs={"input": ROW[:3]}, outputs={}),
+            "HEALTHCHECK: golden input 0: 3 values for 'input' do not fit shape [-1, 4]",
+        ),
+        (
+            GoldenExample(inputs={"input": ROW}, outputs={"logits": [0.0]}),
+            "HEALTHCHECK: golden input 0 names output 'logits', which the model lacks",
+        ),
+    ],
+    ids=["unknown-input", "wrong-count", "unknown-output"],
+)
+def test_a_golden_example_the_model_cannot_take_fails_and_rolls_back(
+    rig: Rig, golden: GoldenExample, reason: str
+) -> None:
+    """The KeyError/ValueError of a bad golden example used to escape the deployer and leave
+    the device at HEALTHCHECK forever; now it is a FAILED with a reason, the old version stays,
+    and the next rev deploys."""
+    _v1(rig)
+    data = tiny_classifier(seed=2)
+    rig.fetcher.offer(data)
+    rig.deploy(2, manifest_for(data, version=2, golden=[golden]))
+    assert rig.states(2)[-2:] == ["FAILED", "ROLLED_BACK"]
+    assert (rig.last(2, "FAILED").reason or "").startswith(reason)
+    assert rig.last(2, "ROLLED_BACK").reason == "kept m:1"
+    _serving(rig, 1)
+    rig.deploy(3, _version(rig, 3, seed=3))
+    assert rig.states(3)[-1] == "ACTIVE"
+    _serving(rig, 3)
+
+
+def test_an_engine_error_on_a_golden_input_fails_the_health_check(rig: Rig) -> None:
+    """A graph that loads but that onnxruntime refuses to run for the golden input."""
+    data = lookup_model()
+    rig.fetcher.offer(data)
+    golden = GoldenExample(inputs={"index": [12]}, outputs={})
+    manifest = manifest_for(
+        data,
+        inputs=[TensorSpec(name="index", datatype="INT64", shape=[-1])],
+        golden=[golden],
+    )
+    rig.deploy(1, manifest)
+    assert rig.states(1)[-1] == "FAILED"  # nothing older to keep: no ROLLED_BACK
+    reason = rig.last(1, "FAILED").reason or ""
+    assert reason.startswith("HEALTHCHECK: golden input 0: m:1 failed: ")
+    assert "Traceback" not in reason
+    assert rig.runtime.models() == {}
+
+
+def test_a_file_onnxruntime_cannot_load_fails(rig: Rig) -> None:
+    _v1(rig)
+    garbage = b"not an onnx graph " * 100
+    rig.fetcher.offer(garbage)
+    rig.deploy(2, manifest_for(garbage, version=2))
+    assert (rig.last(2, "FAILED").reason or "").startswith("HEALTHCHECK: model does not load")
+    assert rig.states(2)[-1] == "ROLLED_BACK"
+    _serving(rig, 1)
+
+
+def test_a_disk_error_fails_with_its_reason(rig: Rig) -> None:
+    """The blobs folder is not a folder any more: moving the download into place fails."""
+    _v1(rig)
+    shutil.rmtree(rig.store.blobs)
+    rig.store.blobs.write_bytes(b"")
+    rig.deploy(2, _version(rig, 2, seed=2))
+    assert (rig.last(2, "FAILED").reason or "").startswith("VERIFYING: disk: ")
+    assert rig.states(2)[-1] == "ROLLED_BACK"
+    _serving(rig, 1)
+
+
+def test_an_unforeseen_error_still_ends_in_failed(rig: Rig) -> None:
+    """Any exception (here the kind a set mutated under iteration raises) is reported."""
+    _v1(rig)
+    rig.fetcher.error = RuntimeError("Set changed size during iteration")
+    rig.deploy(2, _version(rig, 2, seed=2))
+    assert rig.states(2)[-2:] == ["FAILED", "ROLLED_BACK"]
+    assert rig.last(2, "FAILED").reason == (
+        "DOWNLOADING: RuntimeError: Set changed size during iteration"
+    )
+    rig.fetcher.error = None
+    rig.deploy(3, _version(rig, 3, seed=3))
+    _serving(rig, 3)
+
+
+def test_a_reason_longer_than_the_protocol_allows_is_cut_not_lost(rig: Rig) -> None:
+    rig.fetcher.error = ServiceUnavailable("stalled " * 1000)
+    rig.deploy(1, _version(rig, 1, seed=1))
+    failed = rig.last(1, "FAILED")
+    assert (failed.reason or "").startswith("DOWNLOADING: stalled stalled")
+    assert len(failed.reason or "") <= 2000
+
+
+def test_a_status_that_cannot_be_published_does_not_abort_the_deployment(tmp_path: Path) -> None:
+    rig = _rig(tmp_path)
+    published = rig.deployer.publish_status
+    calls = [0]
+
+    def flaky(event: StatusEvent) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ValueError("the link refused the message")
+        published(event)
+
+    rig.deployer.publish_status = flaky
+    try:
+        rig.deploy(1, _version(rig, 1, seed=1))
+        assert rig.states(1)[-1] == "ACTIVE"
+        _serving(rig, 1)
+    finally:
+        rig.deployer.stop()
+
+
+def test_a_stop_mid_download_leaves_the_rev_to_resume_on_the_next_start(tmp_path: Path) -> None:
+    """Stopping while a download runs must not mark the rev applied: the retained document,
+    delivered again on the next start, then resumes it instead of being skipped as done."""
+    first = _rig(tmp_path)
+    manifest = _version(first, 1, seed=1)
+    first.fetcher.hold = True
+    first.send(1, manifest)
+    assert first.fetcher.started.wait(10)
+    first.deployer.stop()
+    assert first.store.state.rev_applied == 0
+    assert first.applied == []
+
+    second = _rig(tmp_path, first.key)
+    second.fetcher.blobs = first.fetcher.blobs
+    try:
+        second.deploy(1, manifest)
+        assert second.states(1)[-1] == "ACTIVE"
+        _serving(second, 1)
+        assert second.store.state.rev_applied == 1
+    finally:
+        second.deployer.stop()
+
+
+def test_a_model_the_store_holds_but_the_runtime_does_not_serve_is_health_checked(
+    rig: Rig,
+) -> None:
+    """The store points at v1 (say it failed to load at start): the same bytes asked again
+    must be loaded and checked, not reported ACTIVE while nothing serves them."""
+    data = tiny_classifier(seed=1)
+    manifest = manifest_for(data, golden=[golden_for(data, {"input": ROW})])
+    put_blob(rig.store, data, manifest.artifact)
+    rig.store.activate(Installed(manifest))
+    rig.deploy(1, manifest)
+    assert rig.states(1)[-3:] == ["STAGED", "HEALTHCHECK", "ACTIVE"]
+    _serving(rig, 1)
+
+
+def test_the_same_bytes_as_a_new_version_only_relabel_what_serves(rig: Rig) -> None:
+    _v1(rig)
+    data = tiny_classifier(seed=1)
+    relabelled = manifest_for(data, version=2, golden=[golden_for(data, {"input": ROW})])
+    rig.deploy(2, relabelled)
+    assert rig.states(2) == ["ACTIVE"]
+    _serving(rig, 2)
+    assert rig.store.active("m").version == 2  # type: ignore[union-attr]
