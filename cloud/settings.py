@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,19 @@ class CloudSettings(BaseSettings):
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Who gives devices their broker login at enrollment: nobody ("none": the embedded broker
+    # has no authentication) or Mosquitto's dynamic-security plugin ("dynsec"), administered
+    # with the cloud's own login above (deploy/mosquitto/README.md).
+    broker_accounts: Literal["none", "dynsec"] = "none"
+    broker_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    # The broker started when no mqtt_url is set: "auto" is Mosquitto with per-device logins
+    # where the machine has it (and its dynamic-security plugin), else rumqttd, which has no
+    # authentication at all.
+    embedded_broker: Literal["auto", "mosquitto", "rumqttd"] = "auto"
+    # A signed desired state is valid this long; the fleet service looks this often for
+    # documents with less than a third of their lifetime left and re-signs them.
+    desired_lifetime_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    desired_renewal_interval_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> CloudSettings:
@@ -43,6 +57,16 @@ class CloudSettings(BaseSettings):
             )
         if len(self.admin_token) < 16:
             raise ValueError("EDGEFLEET_ADMIN_TOKEN must be at least 16 characters")
+        if self.broker_accounts == "dynsec" and not (self.mqtt_username and self.mqtt_password):
+            raise ValueError(
+                "EDGEFLEET_BROKER_ACCOUNTS=dynsec needs EDGEFLEET_MQTT_USERNAME and "
+                "EDGEFLEET_MQTT_PASSWORD: the cloud's broker login, admin of dynamic security"
+            )
+        if self.desired_renewal_interval_s >= self.desired_lifetime_s / 3:
+            raise ValueError(
+                "EDGEFLEET_DESIRED_RENEWAL_INTERVAL_S must be under a third of "
+                "EDGEFLEET_DESIRED_LIFETIME_S, or documents expire before they are renewed"
+            )
         return self
 
     @property

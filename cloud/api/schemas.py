@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud.api.bounds import VersionNumber
 from shared.messages import HealthCheckSpec, RoutingSpec, TensorSpec
 
 __all__ = [
@@ -51,7 +52,7 @@ class VersionCreate(Strict):
     """Metadata sent beside the ONNX file; the IO spec is read from the file itself."""
 
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    parent_version: int | None = Field(default=None, ge=1)
+    parent_version: VersionNumber | None = None
     metrics: dict[str, float] = Field(default_factory=dict, max_length=64)
     routing: RoutingSpec | None = None
     trainable: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(

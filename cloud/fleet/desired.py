@@ -1,15 +1,17 @@
-"""Desired state: what a device should run, as a signed, monotonic document."""
+"""Desired state: what a device should run, as a signed, monotonic document stored in SQL."""
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cloud.registry import repository
 from cloud.registry.tables import Device, ModelVersion
-from shared.errors import NotFound
+from shared.errors import Conflict, NotFound
 from shared.messages import (
     ArtifactRef,
     Deployment,
@@ -18,13 +20,20 @@ from shared.messages import (
     Manifest,
     RoutingSpec,
     TensorSpec,
+    decode,
 )
 from shared.signing import SignedEnvelope, sign
 
-__all__ = ["DOCUMENT_LIFETIME", "manifest_for", "set_deployment", "signed_desired_state"]
-
-# Long enough to ride out a week offline; the retained document is re-signed on change.
-DOCUMENT_LIFETIME = timedelta(days=30)
+__all__ = [
+    "devices_due_for_renewal",
+    "devices_with_documents",
+    "issue",
+    "manifest_for",
+    "renew",
+    "renewal_due",
+    "set_deployment",
+    "stored_state",
+]
 
 
 def manifest_for(row: ModelVersion) -> Manifest:
@@ -59,11 +68,9 @@ def set_deployment(
     device.desired = desired
 
 
-def signed_desired_state(
-    session: Session, *, device: Device, key: Ed25519PrivateKey, now: datetime | None = None
-) -> tuple[DesiredState, SignedEnvelope]:
-    """Bump the device's rev and sign its whole desired state (every model it should run)."""
-    now = now or datetime.now(UTC)
+def _build(
+    session: Session, *, device: Device, rev: int, now: datetime, lifetime: timedelta
+) -> DesiredState:
     deployments = []
     for model_name, entry in sorted((device.desired or {}).items()):
         row = session.get(ModelVersion, entry["version_id"])
@@ -72,23 +79,127 @@ def signed_desired_state(
         deployments.append(
             Deployment(rollout_id=entry.get("rollout_id"), manifest=manifest_for(row))
         )
-    device.desired_rev = (device.desired_rev or 0) + 1
-    state = DesiredState(
+    return DesiredState(
         device_id=device.id,
-        rev=device.desired_rev,
+        rev=rev,
         issued_at=now,
-        expires_at=now + DOCUMENT_LIFETIME,
+        expires_at=now + lifetime,
         deployments=deployments,
     )
+
+
+def _store(device: Device, state: DesiredState, envelope: SignedEnvelope) -> None:
+    # Renewal is due once a third of the lifetime is left.
+    device.desired_document = envelope.model_dump_json()
+    device.desired_expires_at = state.expires_at
+    device.desired_renew_at = state.issued_at + (state.expires_at - state.issued_at) * 2 / 3
+
+
+def _models(state: DesiredState) -> dict[str, int]:
+    return {d.manifest.model: d.manifest.version for d in state.deployments}
+
+
+def issue(
+    session: Session,
+    *,
+    device: Device,
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+    actor: str = "fleet",
+    now: datetime | None = None,
+) -> DesiredState:
+    """Bump the device's rev, sign its whole desired state (every model it should run) and
+    store the signed document on its row; the caller holds the row lock
+    (``repository.lock_device``) so concurrent changes get distinct, increasing revs."""
+    now = now or datetime.now(UTC)
+    device.desired_rev = (device.desired_rev or 0) + 1
+    state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
+    _store(device, state, sign(state, key))
+    session.flush()
+    repository.record_audit(
+        session,
+        actor=actor,
+        action="desired.sign",
+        subject=device.id,
+        detail={"rev": state.rev, "models": _models(state)},
+    )
+    return state
+
+
+def renew(
+    session: Session,
+    *,
+    device: Device,
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+    now: datetime | None = None,
+) -> DesiredState:
+    """Re-sign the device's current document with a fresh validity window, under the SAME rev.
+
+    Why the rev stays: the agent ignores a rev equal to the highest it queued and refuses a
+    lower one (``Deployer.on_desired``). A renewed document says nothing new, so a device
+    that already took this rev must not run its deployments again; bumping the rev would
+    make every device of the fleet re-run (and re-report) them once per renewal period, and
+    would silently retry a FAILED rev that an operator should retry on purpose (a new rev
+    through the API). A device that never took this rev (it was offline, or it was
+    re-installed) takes the renewed copy as it would have taken the original. Replaying an
+    older copy of the same rev gains an attacker nothing: the deployments are identical.
+
+    A row migrated from before documents were stored has none: its document is rebuilt
+    from ``devices.desired``, which was written in the same transaction as its last rev.
+    """
+    now = now or datetime.now(UTC)
+    current = stored_state(device)
+    if current is None:
+        if not device.desired_rev:
+            raise Conflict(f"device {device.id!r} has no desired state to renew")
+        state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
+    else:
+        state = current.model_copy(update={"issued_at": now, "expires_at": now + lifetime})
+    _store(device, state, sign(state, key))
     session.flush()
     repository.record_audit(
         session,
         actor="fleet",
-        action="desired.sign",
+        action="desired.renew",
         subject=device.id,
-        detail={
-            "rev": state.rev,
-            "models": {d.manifest.model: d.manifest.version for d in deployments},
-        },
+        detail={"rev": state.rev, "expires_at": state.expires_at.isoformat()},
     )
-    return state, sign(state, key)
+    return state
+
+
+def stored_state(device: Device) -> DesiredState | None:
+    """The document last signed for ``device`` (as stored, signature not re-checked)."""
+    if device.desired_document is None:
+        return None
+    envelope = SignedEnvelope.model_validate_json(device.desired_document)
+    return decode(DesiredState, base64.b64decode(envelope.payload))
+
+
+def renewal_due(device: Device, *, now: datetime) -> bool:
+    at = device.desired_renew_at
+    if at is None:
+        return False
+    # SQLite hands timestamps back without their zone; they were written in UTC.
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)) <= now
+
+
+def devices_with_documents(session: Session) -> list[str]:
+    """Every device that has a signed document to keep on the broker."""
+    return list(
+        session.scalars(
+            select(Device.id).where(Device.desired_document.is_not(None)).order_by(Device.id)
+        )
+    )
+
+
+def devices_due_for_renewal(session: Session, *, now: datetime, limit: int = 500) -> list[str]:
+    """Devices whose document has less than a third of its lifetime left, oldest first."""
+    return list(
+        session.scalars(
+            select(Device.id)
+            .where(Device.desired_renew_at <= now)
+            .order_by(Device.desired_renew_at)
+            .limit(limit)
+        )
+    )

@@ -11,11 +11,11 @@ from sqlalchemy import select
 
 from cloud.context import CloudContext
 from cloud.fleet.chunks import ChunkBroadcaster
-from cloud.fleet.desired import set_deployment, signed_desired_state
+from cloud.fleet.keeper import DesiredStateKeeper
 from cloud.registry import repository
 from cloud.registry.tables import Artifact, DeploymentEvent
 from shared import topics
-from shared.errors import NotFound, ServiceUnavailable
+from shared.errors import NotFound
 from shared.messages import (
     ArtifactRequest,
     DesiredState,
@@ -31,7 +31,6 @@ from shared.topics import DeviceTopic
 __all__ = ["FleetService"]
 
 _LOGGER = logging.getLogger(__name__)
-DESIRED_KEY = "edgefleet:desired"
 TELEMETRY_TTL_S = 3600
 
 
@@ -51,6 +50,9 @@ class FleetService:
             chunk_size_of=self._chunk_size,
         )
         self._chunk_sizes: dict[str, int] = {}
+        self.desired = DesiredStateKeeper(
+            context, lambda topic, doc: self.link.publish(topic, doc, retain=True)
+        )
         self.handlers: dict[DeviceTopic, Handler] = {
             DeviceTopic.STATUS: self._on_status,
             DeviceTopic.PRESENCE: self._on_presence,
@@ -63,11 +65,13 @@ class FleetService:
         for kind, handler in self.handlers.items():
             self.link.subscribe(topics.fleet_filter(kind), self._known_devices_only(handler), qos=1)
         self.chunks.start()
+        self.desired.start()
         self.link.start()
         if not self.link.wait_connected(timeout):
             _LOGGER.warning("fleet service not connected to the broker yet; retrying in background")
 
     def stop(self) -> None:
+        self.desired.stop()
         self.chunks.stop()
         self.link.stop()
 
@@ -88,29 +92,16 @@ class FleetService:
     def deploy(
         self, *, device_id: str, model: str, version: int, rollout_id: int | None = None
     ) -> DesiredState:
-        """Point ``device_id`` at ``model:version``, sign its desired state, publish it."""
-        with self.context.database.session() as s:
-            device = repository.get_device(s, device_id=device_id)
-            row = repository.get_version(s, model_name=model, version=version)
-            set_deployment(device=device, version=row, rollout_id=rollout_id)
-            state, envelope = signed_desired_state(s, device=device, key=self.context.signing_key)
-        payload = envelope.model_dump_json()
-        self.context.redis.hset(DESIRED_KEY, device_id, payload)
-        if not self.link.publish(
-            topics.device_topic(device_id, DeviceTopic.DESIRED), payload, retain=True
-        ):
-            raise ServiceUnavailable(
-                "the broker did not take the desired state; it is republished on reconnect"
-            )
-        return state
+        """Point ``device_id`` at ``model:version``: a new rev, signed and stored in SQL under
+        the device's row lock, then published (see ``DesiredStateKeeper``)."""
+        return self.desired.deploy(
+            device_id=device_id, model=model, version=version, rollout_id=rollout_id
+        )
 
     def _republish_desired(self) -> None:
-        """Retained documents die with a broker that keeps nothing: give them back."""
-        for device_id, payload in self.context.redis.hgetall(DESIRED_KEY).items():
-            device = device_id.decode() if isinstance(device_id, bytes) else str(device_id)
-            self.link.publish(
-                topics.device_topic(device, DeviceTopic.DESIRED), payload, retain=True
-            )
+        """Retained documents die with a broker that keeps nothing: give them back from SQL
+        (on the keeper's thread, not on the network thread that calls this)."""
+        self.desired.request_republish()
 
     # -- artifacts -----------------------------------------------------------------------
 

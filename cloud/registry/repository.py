@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError as SQLIntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,6 +30,7 @@ __all__ = [
     "list_devices",
     "list_models",
     "list_versions",
+    "lock_device",
     "put_artifact",
     "record_audit",
     "touch_device",
@@ -75,14 +77,21 @@ def list_models(session: Session) -> list[Model]:
 def put_artifact(
     session: Session, *, sha256: str, size: int, chunk_size: int, chunk_hashes: list[str]
 ) -> Artifact:
-    """Record an artifact; the same content registered twice is the same row."""
+    """Record an artifact; the same content registered twice, even at once, is the same row."""
     artifact = session.get(Artifact, sha256)
     if artifact is None:
-        artifact = Artifact(
-            sha256=sha256, size=size, chunk_size=chunk_size, chunk_hashes=chunk_hashes
+        # Two uploads of the same bytes may both get here: the second insert waits for the
+        # first's transaction and then does nothing, instead of failing on the primary key.
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(
+            insert(Artifact)
+            .values(sha256=sha256, size=size, chunk_size=chunk_size, chunk_hashes=chunk_hashes)
+            .on_conflict_do_nothing(index_elements=[Artifact.sha256])
         )
-        session.add(artifact)
-        session.flush()
+        artifact = session.get(Artifact, sha256)
+        if artifact is None:
+            raise Conflict(f"artifact {sha256} was removed while being registered")
     return artifact
 
 
@@ -188,6 +197,28 @@ def get_device(session: Session, *, device_id: str) -> Device:
     return device
 
 
+def lock_device(session: Session, *, device_id: str) -> Device:
+    """The device's row, locked until the unit of work ends, read fresh: changes to one
+    device (its desired state and rev) queue behind each other instead of overwriting.
+
+    PostgreSQL locks the row (``SELECT ... FOR UPDATE``). SQLite has no row locks and
+    pysqlite opens a transaction only at the first write, so a read-then-write would see
+    stale data: this unit of work takes the database's write lock up front instead
+    (``BEGIN IMMEDIATE``, waiting out ``busy_timeout``; a unit of work that already wrote
+    holds it already). Only sessions that call this pay for it; every other session keeps
+    pysqlite's usual deferred transactions.
+    """
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        driver = connection.connection.driver_connection
+        if driver is not None and not driver.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    device = session.get(Device, device_id, with_for_update=True, populate_existing=True)
+    if device is None:
+        raise NotFound(f"unknown device {device_id!r}")
+    return device
+
+
 def list_devices(session: Session, *, labels: dict[str, str] | None = None) -> list[Device]:
     """All devices, or those whose labels include every ``labels`` pair."""
     devices = list(session.scalars(select(Device).order_by(Device.id)))
@@ -218,3 +249,18 @@ def record_audit(
 
 def list_audit(session: Session, *, limit: int = 100) -> list[AuditEvent]:
     return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)))
+
+
+def delete_device(session: Session, *, device_id: str) -> None:
+    """Remove a device; its events and rollout targets go with it (ON DELETE CASCADE)."""
+    session.delete(get_device(session, device_id=device_id))
+    session.flush()
+
+
+def rotate_device_token(session: Session, *, device_id: str) -> tuple[Device, str]:
+    """Give a device a new token (returned once); the old one stops working."""
+    device = get_device(session, device_id=device_id)
+    token = DEVICE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    device.token_hash = hash_token(token)
+    session.flush()
+    return device, token

@@ -118,6 +118,11 @@ class Device(Base):
     desired_rev: Mapped[int] = mapped_column(Integer, default=0)
     # What the device should run: {model: {"version_id": id, "rollout_id": id | None}}.
     desired: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The signed desired-state envelope of rev ``desired_rev``, as published: the source of
+    # truth a broker or Redis that lost it is given back from; re-signed after renew_at.
+    desired_document: Mapped[str | None] = mapped_column(Text, nullable=True)
+    desired_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    desired_renew_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 

@@ -1,17 +1,21 @@
-"""Fleet operations: point a device at a model version; its events and live view."""
+"""Fleet operations: point a device at a model version, its desired state, events, live view."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud.api.bounds import INT32_MAX
 from cloud.api.deps import AdminAuth, ContextDep, SessionDep
+from cloud.fleet.desired import stored_state
 from cloud.fleet.service import FleetService
 from cloud.registry import repository
-from shared.errors import ServiceUnavailable
+from shared.errors import NotFound, ServiceUnavailable
+from shared.messages import DesiredState
 
 __all__ = ["router"]
 
@@ -21,7 +25,7 @@ router = APIRouter(prefix="/v1/devices", tags=["fleet"])
 class DeploymentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=INT32_MAX)
 
 
 class DeploymentAccepted(BaseModel):
@@ -29,6 +33,37 @@ class DeploymentAccepted(BaseModel):
     model: str
     version: int
     rev: int
+
+
+class DesiredDeployment(BaseModel):
+    model: str
+    version: int
+    rollout_id: int | None
+
+
+class DesiredPublic(BaseModel):
+    """A device's signed desired state, as an operator reads it."""
+
+    device_id: str
+    rev: int
+    issued_at: datetime
+    expires_at: datetime
+    deployments: list[DesiredDeployment]
+
+    @classmethod
+    def of(cls, state: DesiredState) -> DesiredPublic:
+        return cls(
+            device_id=state.device_id,
+            rev=state.rev,
+            issued_at=state.issued_at,
+            expires_at=state.expires_at,
+            deployments=[
+                DesiredDeployment(
+                    model=d.manifest.model, version=d.manifest.version, rollout_id=d.rollout_id
+                )
+                for d in state.deployments
+            ],
+        )
 
 
 def _fleet(request: Request) -> FleetService:
@@ -56,6 +91,28 @@ def deploy(
             detail={"model": model, "version": body.version, "rev": state.rev},
         )  # fmt: skip
     return DeploymentAccepted(device_id=device_id, model=model, version=body.version, rev=state.rev)
+
+
+@router.get("/{device_id}/desired", response_model=DesiredPublic)
+def desired(device_id: str, session: SessionDep, _actor: AdminAuth) -> DesiredPublic:
+    """The desired state last signed for the device (its rev, validity and models); it is
+    re-signed under the same rev before it expires."""
+    state = stored_state(repository.get_device(session, device_id=device_id))
+    if state is None:
+        raise NotFound(f"device {device_id!r} has no desired state yet")
+    return DesiredPublic.of(state)
+
+
+@router.post(
+    "/{device_id}/desired/retry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DesiredPublic,
+)
+def retry(device_id: str, request: Request, actor: AdminAuth) -> DesiredPublic:
+    """Sign the device's current models again under a new rev and publish it: a device
+    ignores a rev it already took, even one that FAILED, so this is how it tries again.
+    409 when the device has no desired state yet."""
+    return DesiredPublic.of(_fleet(request).desired.retry(device_id=device_id, actor=actor))
 
 
 @router.get("/{device_id}/events")
