@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from cloud.api.errors import install_error_handlers
-from cloud.api.limits import BodySizeLimit
+from cloud.api.errors import JsonErrorBodies, install_error_handlers
+from cloud.api.limits import BodySizeLimit, HeadSizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
 from cloud.api.routes import artifacts, audit, devices, health, models, pipeline
 from cloud.api.routes import fleet as fleet_routes
@@ -27,10 +27,13 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     install_error_handlers(app)
     for module in (health, models, pipeline, devices, fleet_routes, artifacts, audit):
         app.include_router(module.router)
+    # Innermost: what routes answer in another media type (Range errors) becomes JSON.
+    app.add_middleware(JsonErrorBodies, scrub=app.state.scrub_paths)
     app.add_middleware(
         BodySizeLimit,
         default=context.settings.max_request_bytes,
         uploads=context.settings.max_upload_bytes + 1024 * 1024,
     )
+    app.add_middleware(HeadSizeLimit)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

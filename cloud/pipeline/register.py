@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, event, select
+from sqlalchemy.orm import Session, SessionTransaction
 
 from cloud.artifacts.store import ArtifactStore
 from cloud.pipeline.inspect import inspect_onnx
@@ -42,50 +43,69 @@ def register_version(
         if parent_version is not None
         else None
     )
-    info = store.put_stream(blocks, max_bytes=max_bytes)
-    known = session.get(Artifact, info.sha256) is not None
-    try:
-        summary = inspect_onnx(store.path(info.sha256))
+    # Checked while private: a refused upload never touches the file under its hash, which a
+    # concurrent upload of the same bytes may be registering.
+    with store.stage(blocks, max_bytes=max_bytes) as staged:
+        summary = inspect_onnx(staged.path)
         missing = sorted(set(trainable or []) - summary.initializers)
         if missing:
             raise InvalidInput(f"trainable tensors not in the graph's initializers: {missing}")
-        artifact = repository.put_artifact(
-            session,
-            sha256=info.sha256,
-            size=info.size,
-            chunk_size=info.chunk_size,
-            chunk_hashes=info.chunk_hashes,
-        )
-        version = repository.add_version(
-            session,
-            model=model,
-            artifact=artifact,
-            precision=precision,
-            inputs=[s.model_dump() for s in summary.inputs],
-            outputs=[s.model_dump() for s in summary.outputs],
-            parent=parent,
-            metrics=metrics,
-            calibration=calibration,
-            routing=routing.model_dump(mode="json") if routing else None,
-            trainable=trainable,
-            healthcheck=(healthcheck or HealthCheckSpec()).model_dump(mode="json"),
-            source=source,
-            dataset=dataset,
-        )
-        repository.record_audit(
-            session,
-            actor=actor,
-            action="version.register",
-            subject=f"{model_name}:{version.version}",
-            detail={
-                "sha256": info.sha256,
-                "size": info.size,
-                "precision": precision,
-                **({"warnings": warnings} if warnings else {}),
-            },
-        )
-    except BaseException:
-        if not known:
-            store.delete(info.sha256)
-        raise
+        info = store.place(staged)
+    _release_when_done(session, store, info.sha256)
+    artifact = repository.put_artifact(
+        session,
+        sha256=info.sha256,
+        size=info.size,
+        chunk_size=info.chunk_size,
+        chunk_hashes=info.chunk_hashes,
+    )
+    version = repository.add_version(
+        session,
+        model=model,
+        artifact=artifact,
+        precision=precision,
+        inputs=[s.model_dump() for s in summary.inputs],
+        outputs=[s.model_dump() for s in summary.outputs],
+        parent=parent,
+        metrics=metrics,
+        calibration=calibration,
+        routing=routing.model_dump(mode="json") if routing else None,
+        trainable=trainable,
+        healthcheck=(healthcheck or HealthCheckSpec()).model_dump(mode="json"),
+        source=source,
+        dataset=dataset,
+    )
+    repository.record_audit(
+        session,
+        actor=actor,
+        action="version.register",
+        subject=f"{model_name}:{version.version}",
+        detail={
+            "sha256": info.sha256,
+            "size": info.size,
+            "precision": precision,
+            **({"warnings": warnings} if warnings else {}),
+        },
+    )
     return version
+
+
+def _release_when_done(session: Session, store: ArtifactStore, sha256: str) -> None:
+    """Unpin the placed file when this unit of work ends, committed or rolled back; the store
+    removes it only if no committed row names it by then (read on a connection of its own)."""
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    done = False
+
+    def in_use() -> bool:
+        with engine.connect() as connection:
+            found = connection.scalar(select(Artifact.sha256).where(Artifact.sha256 == sha256))
+        return found is not None
+
+    def on_end(_session: Session, transaction: SessionTransaction) -> None:
+        nonlocal done
+        if not done and transaction.parent is None:
+            done = True
+            store.release(sha256, in_use=in_use)
+
+    event.listen(session, "after_transaction_end", on_end)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
+from cloud.api.bounds import VersionNumber
 from cloud.api.deps import AdminAuth, ContextDep, SessionDep
 from cloud.api.forms import parse_json_field
 from cloud.api.schemas import ModelCreate, ModelPublic, VersionCreate, VersionPublic
@@ -80,7 +81,9 @@ def list_versions(name: str, session: SessionDep, _actor: AdminAuth) -> list[Ver
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionPublic)
-def get_version(name: str, version: int, session: SessionDep, _actor: AdminAuth) -> VersionPublic:
+def get_version(
+    name: str, version: VersionNumber, session: SessionDep, _actor: AdminAuth
+) -> VersionPublic:
     return version_public(repository.get_version(session, model_name=name, version=version))
 
 
