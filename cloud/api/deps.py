@@ -14,7 +14,13 @@ from cloud.registry import repository
 from cloud.registry.tables import Device
 from shared.errors import Unauthorized
 
-__all__ = ["AdminAuth", "ContextDep", "DeviceAuth", "DeviceOrAdmin", "SessionDep"]
+__all__ = [
+    "AdminAuth",
+    "ContextDep",
+    "DeviceAuth",
+    "DeviceOrAdmin",
+    "SessionDep",
+]
 
 
 def get_context(request: Request) -> CloudContext:
@@ -60,11 +66,15 @@ def require_device(request: Request, session: SessionDep) -> Device:
 DeviceAuth = Annotated[Device, Depends(require_device)]
 
 
-def require_device_or_admin(request: Request, context: ContextDep, session: SessionDep) -> str:
+def require_device_or_admin(
+    request: Request, context: ContextDep, session: SessionDep
+) -> Device | None:
+    """The calling device, or None for the admin."""
     token = _bearer(request)
     if secrets.compare_digest(token.encode(), context.settings.admin_token.encode()):
-        return "admin"
-    return f"device:{repository.authenticate_device(session, token=token).id}"
+        return None
+    return repository.authenticate_device(session, token=token)
 
 
-DeviceOrAdmin = Annotated[str, Depends(require_device_or_admin)]
+# A device, or None when the admin calls: routes scope what a device may see.
+DeviceOrAdmin = Annotated[Device | None, Depends(require_device_or_admin)]

@@ -25,6 +25,7 @@ from shared.messages import (
 from shared.signing import SignedEnvelope, sign
 
 __all__ = [
+    "desired_artifacts",
     "devices_due_for_renewal",
     "devices_with_documents",
     "issue",
@@ -201,5 +202,17 @@ def devices_due_for_renewal(session: Session, *, now: datetime, limit: int = 500
             .where(Device.desired_renew_at <= now)
             .order_by(Device.desired_renew_at)
             .limit(limit)
+        )
+    )
+
+
+def desired_artifacts(session: Session, *, device: Device) -> set[str]:
+    """The sha256 of every artifact in ``device``'s desired state: all it may download."""
+    version_ids = [entry["version_id"] for entry in (device.desired or {}).values()]
+    if not version_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(ModelVersion.artifact_sha256).where(ModelVersion.id.in_(version_ids))
         )
     )
