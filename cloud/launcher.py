@@ -13,14 +13,16 @@ from types import FrameType
 import uvicorn
 
 from cloud.api.app import create_app
+from cloud.api.server import JsonH11Protocol
 from cloud.context import CloudContext
+from cloud.embedded.mosquitto import BrokerLogin
 from cloud.embedded.processes import free_port
 from cloud.embedded.services import EmbeddedServices
 from cloud.fleet.service import FleetService
 from cloud.settings import CloudSettings
 from shared.errors import ServiceUnavailable
 
-__all__ = ["OnReady", "run_cloud", "stop_on_signals"]
+__all__ = ["OnReady", "on_embedded_broker", "run_cloud", "stop_on_signals"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +53,20 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def on_embedded_broker(settings: CloudSettings, login: BrokerLogin | None) -> CloudSettings:
+    """The settings the cloud runs with: on an embedded Mosquitto, its own login there, and
+    device logins provisioned through its dynamic security at enrollment."""
+    if login is None:
+        return settings
+    return settings.model_copy(
+        update={
+            "broker_accounts": "dynsec",
+            "mqtt_username": login.username,
+            "mqtt_password": login.password,
+        }
+    )
+
+
 def run_cloud(
     settings: CloudSettings,
     *,
@@ -74,9 +90,12 @@ def run_cloud(
             database_url=settings.resolved_database_url,
             mqtt_url=settings.mqtt_url,
             redis_url=settings.redis_url,
+            broker=settings.embedded_broker,
         ) as services:
             assert services.urls is not None
-            context = CloudContext.open(settings, services.urls)
+            context = CloudContext.open(
+                on_embedded_broker(settings, services.broker_login), services.urls
+            )
             try:
                 _serve(context, port, duration, on_ready, on_stop, stop)
             finally:
@@ -106,6 +125,7 @@ def _serve(
                 log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
                 access_log=False,
                 timeout_graceful_shutdown=5,
+                http=JsonH11Protocol,  # JSON errors and a bounded head, see cloud.api.server
             )
         )
         # Off the main thread, uvicorn installs no signal handlers: ours decide the order.

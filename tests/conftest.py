@@ -28,12 +28,14 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
-    """One embedded broker and Redis (real child processes) for the whole session."""
+    """One embedded broker and Redis (real child processes) for the whole session; rumqttd,
+    which has no logins, so tests may publish as any client."""
     with EmbeddedServices(
         data_dir=tmp_path_factory.mktemp("embedded"),
         database_url="sqlite://",
         mqtt_url=None,
         redis_url=None,
+        broker="rumqttd",
     ) as services:
         assert services.urls is not None
         yield services.urls

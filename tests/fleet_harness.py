@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -118,24 +119,49 @@ class Cloud:
         return wait_for(found, timeout, f"{device_id} to report {state} v{version}")  # type: ignore[no-any-return]
 
 
-def clear_retained(mqtt_url: str, device_ids: list[str]) -> None:
-    """The machine's Mosquitto keeps retained messages across runs: leave none behind."""
+def clear_retained(
+    mqtt_url: str,
+    device_ids: list[str],
+    *,
+    username: str | None = None,
+    password: str | None = None,
+) -> None:
+    """The machine's Mosquitto keeps retained messages across runs: leave none behind.
+
+    On a broker with logins, pass one that may write the devices' topics (the cloud's); a
+    broker that is gone, or that refuses the login, has nothing this could clear.
+    """
     host, port = mqtt_url.removeprefix("mqtt://").split(":")
+    accepted = threading.Event()
+    answered = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            accepted.set()
+        answered.set()
+
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"cleaner-{uuid.uuid4().hex[:6]}"
     )
+    if username is not None:
+        client.username_pw_set(username, password)
+    client.on_connect = on_connect
     try:
         client.connect(host, int(port))
     except OSError:
         return
     client.loop_start()
-    for device_id in device_ids:
-        for kind in (DeviceTopic.DESIRED, DeviceTopic.REPORTED, DeviceTopic.PRESENCE):
-            client.publish(
-                topics.device_topic(device_id, kind), b"", qos=1, retain=True
-            ).wait_for_publish(5)
-    client.loop_stop()
-    client.disconnect()
+    try:
+        if not (answered.wait(5) and accepted.is_set()):
+            return
+        for device_id in device_ids:
+            for kind in (DeviceTopic.DESIRED, DeviceTopic.REPORTED, DeviceTopic.PRESENCE):
+                client.publish(
+                    topics.device_topic(device_id, kind), b"", qos=1, retain=True
+                ).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 @contextmanager
@@ -150,6 +176,11 @@ def running_cloud(context: CloudContext) -> Iterator[Cloud]:
             finally:
                 for agent in cloud.agents:
                     agent.stop()
-                clear_retained(context.urls.mqtt_url, [a.device_id for a in cloud.agents])
+                clear_retained(
+                    context.urls.mqtt_url,
+                    [a.device_id for a in cloud.agents],
+                    username=context.settings.mqtt_username,
+                    password=context.settings.mqtt_password,
+                )
     finally:
         fleet.stop()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,19 @@ class LocalAgents:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start(self, stop: threading.Event) -> list[LocalAgent]:
+    def start(
+        self, stop: threading.Event, *, without_login: Collection[str] = ()
+    ) -> list[LocalAgent]:
         """Enroll every agent (`edge-agent enroll`, as on a device), start them all, and
-        return once each has written its ready file with its local API URL."""
+        return once each has written its ready file with its local API URL.
+
+        A device of an earlier run named in ``without_login`` (its broker has no login for
+        it: that run's broker had no authentication) is given a new token, and with it one.
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for agent, enroll in [(a, self._enroll(a)) for a in self.agents]:
+        relogin = set(without_login)
+        enrolling = [(a, self._enroll(a, a.device_id in relogin)) for a in self.agents]
+        for agent, enroll in enrolling:
             output, _ = enroll.communicate(timeout=60)
             if enroll.returncode != 0:
                 raise ServiceUnavailable(
@@ -115,11 +124,15 @@ class LocalAgents:
             agent.api_url = str(json.loads(ready_file.read_text())["api_url"])
         return self.agents
 
-    def _enroll(self, agent: LocalAgent) -> subprocess.Popen[str]:
+    def _enroll(self, agent: LocalAgent, relogin: bool) -> subprocess.Popen[str]:
         """Start `edge-agent enroll` with the device's token: a new device gets one from the
-        API; a device of an earlier run keeps its own and only learns the new addresses."""
+        API; a device of an earlier run keeps its own and only learns the new addresses,
+        unless it needs a broker login (re-enrolled: a new token, which is that login)."""
         config = agent.home / "agent.json"
-        if config.is_file():
+        if config.is_file() and relogin:
+            path = f"/v1/devices/{agent.device_id}/token"
+            token = str(_raise_for(self._admin.post(path))["token"])
+        elif config.is_file():
             token = str(json.loads(config.read_text())["token"])
         else:
             enrolled = _raise_for(

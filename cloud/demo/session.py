@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 import httpx
 
+from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
 from cloud.pipeline.reference.build import register_reference
+from cloud.registry import repository
 from shared.errors import ServiceUnavailable
 
 __all__ = ["DEMO_MODEL", "DemoSession"]
@@ -17,6 +19,24 @@ __all__ = ["DEMO_MODEL", "DemoSession"]
 DEMO_MODEL = "digits-edge"
 REFERENCE = ["digits-cloud", "digits-edge", "digits-edge-weak"]
 _ACTIVE_TIMEOUT_S = 30.0
+
+
+def _without_broker_login(context: CloudContext, device_ids: list[str]) -> set[str]:
+    """The enrolled devices among ``device_ids`` that the broker has no login for (enrolled
+    by a run whose broker had no authentication); none where the broker has no logins."""
+    settings = context.settings
+    username, password = settings.mqtt_username, settings.mqtt_password
+    if settings.broker_accounts != "dynsec" or username is None or password is None:
+        return set()
+    with context.database.session() as session:
+        enrolled = {d.id for d in repository.list_devices(session)}
+    with DynsecClient(
+        context.urls.mqtt_url,
+        username=username,
+        password=password,
+        timeout=settings.broker_timeout_s,
+    ) as dynsec:
+        return {d for d in device_ids if d in enrolled and dynsec.get_client(d) is None}
 
 
 class DemoSession:
@@ -64,8 +84,14 @@ class DemoSession:
             data_dir=data_dir,
             count=self.count,
         )
+        without_login = _without_broker_login(context, [a.device_id for a in self.fleet.agents])
         self.say(f"Local edge agents (`edge-agent run`, one device each, under {data_dir}/agents):")
-        for agent in self.fleet.start(stop):
+        for device_id in sorted(without_login):
+            self.say(
+                f"  {device_id} has no broker login (enrolled on a broker without logins): "
+                "re-enrolling"
+            )
+        for agent in self.fleet.start(stop, without_login=without_login):
             if agent.api_url:
                 self.say(f"  {agent.device_id}  local API {agent.api_url}  log {agent.log_path}")
         if stop.is_set():

@@ -9,16 +9,32 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 from urllib.parse import urlsplit
 
+from cloud.embedded.mosquitto import (
+    BROKER_MAX_PAYLOAD,
+    BrokerLogin,
+    MosquittoFiles,
+    find_mosquitto,
+)
 from cloud.embedded.processes import ChildProcess, free_port
+from shared.errors import ServiceUnavailable
 
-__all__ = ["BROKER_MAX_PAYLOAD", "EmbeddedServices", "ServiceUrls", "mqtt_address"]
+__all__ = [
+    "BROKER_MAX_PAYLOAD",
+    "BrokerChoice",
+    "EmbeddedBroker",
+    "EmbeddedServices",
+    "ServiceUrls",
+    "mqtt_address",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
-# Artifact chunks are at most 1 MiB plus headers; the broker's default (20 KiB) is too small.
-BROKER_MAX_PAYLOAD = 2 * 1024 * 1024
+# "auto": Mosquitto with per-device logins where the machine has it, else rumqttd (no logins).
+BrokerChoice = Literal["auto", "mosquitto", "rumqttd"]
+EmbeddedBroker = Literal["mosquitto", "rumqttd"]
 
 _BROKER_BOOTSTRAP = (
     "import json, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
@@ -40,10 +56,16 @@ class ServiceUrls:
     mqtt_url: str
     redis_url: str
     embedded: list[str] = field(default_factory=list)
+    # Which broker was started for "mqtt" ("mosquitto" or "rumqttd"); None when configured.
+    embedded_broker: EmbeddedBroker | None = None
 
 
 class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
-    """Resolves the service URLs, starting a child broker/Redis for each one left unset."""
+    """Resolves the service URLs, starting a child broker/Redis for each one left unset.
+
+    An embedded Mosquitto refuses anonymous clients: ``broker_login`` is then the cloud's
+    own login on it, which the cloud must use (and with which it provisions device logins).
+    """
 
     def __init__(
         self,
@@ -52,23 +74,27 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         database_url: str,
         mqtt_url: str | None,
         redis_url: str | None,
+        broker: BrokerChoice = "auto",
     ) -> None:
         self.data_dir = data_dir
         self.log_dir = data_dir / "logs"
         self._database_url = database_url
         self._mqtt_url = mqtt_url
         self._redis_url = redis_url
+        self._broker = broker
         self.children: dict[str, ChildProcess] = {}
         self.urls: ServiceUrls | None = None
+        self.broker_login: BrokerLogin | None = None
 
     def start(self) -> ServiceUrls:
         log_dir = self.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         embedded = []
+        broker: EmbeddedBroker | None = None
         try:
             mqtt_url = self._mqtt_url
             if mqtt_url is None:
-                mqtt_url = self._start_broker(log_dir)
+                broker, mqtt_url = self._start_broker(log_dir)
                 embedded.append("mqtt")
             redis_url = self._redis_url
             if redis_url is None:
@@ -77,10 +103,37 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         except BaseException:
             self.stop()
             raise
-        self.urls = ServiceUrls(self._database_url, mqtt_url, redis_url, embedded)
+        self.urls = ServiceUrls(self._database_url, mqtt_url, redis_url, embedded, broker)
         return self.urls
 
-    def _start_broker(self, log_dir: Path) -> str:
+    def _start_broker(self, log_dir: Path) -> tuple[EmbeddedBroker, str]:
+        """The broker asked for, or the best one here for "auto": (its name, its URL)."""
+        found = None if self._broker == "rumqttd" else find_mosquitto()
+        if found is not None:
+            binary, plugin = found
+            return "mosquitto", self._start_mosquitto(log_dir, binary, plugin)
+        if self._broker == "mosquitto":
+            raise ServiceUnavailable(
+                "the embedded broker is to be Mosquitto, but this machine lacks mosquitto or "
+                "its dynamic-security plugin (Debian: apt-get install mosquitto)"
+            )
+        return "rumqttd", self._start_rumqttd(log_dir)
+
+    def _start_mosquitto(self, log_dir: Path, binary: str, plugin: Path) -> str:
+        port = free_port()
+        files = MosquittoFiles(self.data_dir / "broker", plugin=plugin)
+        login = files.prepare(port)
+        child = ChildProcess([binary, "-c", str(files.conf_file)], log_path=log_dir / "broker.log")
+        child.start(host="127.0.0.1", port=port)
+        self.children["mqtt"] = child
+        self.broker_login = login
+        _LOGGER.info(
+            "embedded Mosquitto on 127.0.0.1:%s (pid %s), per-device logins in %s",
+            port, child.pid, files.dynsec_file,
+        )  # fmt: skip
+        return f"mqtt://127.0.0.1:{port}"
+
+    def _start_rumqttd(self, log_dir: Path) -> str:
         port = free_port()
         options = {
             "listen": "127.0.0.1",
@@ -94,7 +147,9 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
         )
         child.start(host="127.0.0.1", port=port)
         self.children["mqtt"] = child
-        _LOGGER.info("embedded MQTT broker on 127.0.0.1:%s (pid %s)", port, child.pid)
+        _LOGGER.info(
+            "embedded rumqttd on 127.0.0.1:%s (pid %s), without authentication", port, child.pid
+        )
         return f"mqtt://127.0.0.1:{port}"
 
     def _start_redis(self, log_dir: Path) -> str:

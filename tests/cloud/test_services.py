@@ -1,5 +1,5 @@
 """Configured services are used as they are; unset ones start embedded, as children in
-sessions of their own."""
+sessions of their own; the embedded broker is Mosquitto with per-device logins where it can be."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ import paho.mqtt.client as mqtt
 import pytest
 import redis
 
+from cloud.broker.provisioning import DynsecAccounts
+from cloud.embedded.mosquitto import QUEUE_LIMITS, BrokerLogin, MosquittoFiles
 from cloud.embedded.processes import ChildProcess
-from cloud.embedded.services import EmbeddedServices, ServiceUrls, mqtt_address
+from cloud.embedded.services import BrokerChoice, EmbeddedServices, ServiceUrls, mqtt_address
+from cloud.launcher import on_embedded_broker
+from cloud.settings import CloudSettings
 from shared.errors import ServiceUnavailable
+from tests.brokers import MqttProbe, mosquitto_with_plugin
 from tests.services import MOSQUITTO, REDIS, need
 
 
@@ -98,3 +103,160 @@ def _ignores_sigterm(pid: int) -> bool:
         if line.startswith("SigIgn:"):
             return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
     return False
+
+
+# -- the embedded Mosquitto ------------------------------------------------------------------
+
+SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "edgefleet.conf"
+# Directives of the shipped config that are about who connects and how, not about queues.
+_NOT_LIMITS = {
+    "listener", "certfile", "keyfile", "cafile", "require_certificate", "allow_anonymous",
+    "password_file", "acl_file", "plugin", "plugin_opt_config_file", "include_dir",
+}  # fmt: skip
+
+
+def _directives(path: Path) -> dict[str, str]:
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            found[key] = value.strip()
+    return found
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _services(data_dir: Path, broker: BrokerChoice = "auto") -> EmbeddedServices:
+    """An embedded broker only (the Redis URL is never used)."""
+    return EmbeddedServices(
+        data_dir=data_dir,
+        database_url="sqlite://",
+        mqtt_url=None,
+        redis_url="redis://unused",
+        broker=broker,
+    )
+
+
+def _embedded_mosquitto(data_dir: Path) -> EmbeddedServices:
+    mosquitto_with_plugin()
+    return _services(data_dir, "mosquitto")
+
+
+def test_the_embedded_mosquitto_keeps_the_shipped_queue_limits(tmp_path: Path) -> None:
+    """The demo's broker drops (or keeps) what production's does: every limit of
+    deploy/mosquitto/edgefleet.conf is in the config written for the embedded one."""
+    shipped = _directives(SHIPPED_CONF)
+    limits = {k: v for k, v in shipped.items() if k not in _NOT_LIMITS}
+    assert "max_queued_messages" in limits
+    assert limits == QUEUE_LIMITS
+    MosquittoFiles(tmp_path / "broker", plugin=Path("/plugin.so")).prepare(1883)
+    written = _directives(tmp_path / "broker" / "mosquitto.conf")
+    assert {k: written.get(k) for k in limits} == limits
+    assert written["allow_anonymous"] == "false"
+    assert written["listener"] == "1883 127.0.0.1"
+
+
+def test_the_broker_files_are_private_from_their_creation(tmp_path: Path) -> None:
+    """Even under umask 0 the folder is 0700 and both files 0600: the plugin's file holds
+    every device's password hash, the config where it lies."""
+    previous = os.umask(0)
+    try:
+        MosquittoFiles(tmp_path / "broker", plugin=Path("/plugin.so")).prepare(1883)
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "broker") == 0o700
+    assert _mode(tmp_path / "broker" / "mosquitto.conf") == 0o600
+    assert _mode(tmp_path / "broker" / "dynsec.json") == 0o600
+    assert sorted(p.name for p in (tmp_path / "broker").iterdir()) == [
+        "dynsec.json",
+        "mosquitto.conf",
+    ]
+
+
+def test_an_unreadable_login_file_is_refused_not_replaced(tmp_path: Path) -> None:
+    """The plugin's file holds the devices' logins: a damaged one stops the start with a
+    clear reason and stays as it was, rather than being replaced by an empty one."""
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    (folder / "dynsec.json").write_text("{not json")
+    with pytest.raises(ServiceUnavailable, match="holds the devices' broker logins"):
+        MosquittoFiles(folder, plugin=Path("/plugin.so")).prepare(1883)
+    assert (folder / "dynsec.json").read_text() == "{not json"
+
+
+def test_the_embedded_mosquitto_refuses_anonymous_clients_and_keeps_device_logins(
+    tmp_path: Path,
+) -> None:
+    """The embedded Mosquitto refuses a client without a login and gives the cloud one that
+    administers its logins. Started again on the same data dir, the cloud's password is a
+    new one (the old one is refused), and a device login made in the first run still works."""
+    with _embedded_mosquitto(tmp_path) as services:
+        assert services.urls is not None
+        assert services.broker_login is not None
+        assert services.urls.embedded_broker == "mosquitto"
+        url, first = services.urls.mqtt_url, services.broker_login
+        port = mqtt_address(url)[1]
+        anonymous = MqttProbe(port, None, None)
+        try:
+            assert not anonymous.connect()
+        finally:
+            anonymous.close()
+        DynsecAccounts(url, username=first.username, password=first.password).provision_device(
+            "cam-1", "token-cam-1"
+        )
+    with _embedded_mosquitto(tmp_path) as services:
+        assert services.urls is not None
+        assert services.broker_login is not None
+        second, port = services.broker_login, mqtt_address(services.urls.mqtt_url)[1]
+        assert second.username == first.username
+        assert second.password != first.password
+        old = MqttProbe(port, first.username, first.password)
+        device = MqttProbe(port, "cam-1", "token-cam-1", client_id="agent-cam-1")
+        try:
+            assert not old.connect()
+            assert device.connect()
+            assert device.subscribe("edgefleet/v1/dev/cam-1/#")
+        finally:
+            old.close()
+            device.close()
+        accounts = DynsecAccounts(
+            services.urls.mqtt_url, username=second.username, password=second.password
+        )
+        with accounts.connect() as dynsec:
+            assert dynsec.get_client("cam-1") is not None
+
+
+def test_auto_is_mosquitto_where_installed_and_rumqttd_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "auto" starts Mosquitto on a machine that has it with its plugin; without, rumqttd
+    (which has no logins); "mosquitto" without one is a clear error."""
+    mosquitto_with_plugin()
+    with _services(tmp_path / "a") as services:
+        assert services.urls is not None
+        assert services.urls.embedded_broker == "mosquitto"
+    monkeypatch.setattr("cloud.embedded.services.find_mosquitto", lambda: None)
+    with _services(tmp_path / "b") as services:
+        assert services.urls is not None
+        assert services.urls.embedded_broker == "rumqttd"
+        assert services.broker_login is None
+    with pytest.raises(ServiceUnavailable, match="lacks mosquitto"):
+        _services(tmp_path / "c", "mosquitto").start()
+
+
+def test_on_an_embedded_mosquitto_the_cloud_uses_its_login_there() -> None:
+    """The cloud's settings take the embedded broker's login and provision device logins
+    through its dynamic security; on rumqttd they stay as configured."""
+    settings = CloudSettings(dev_mode=True, data_dir=Path("demo"))
+    assert on_embedded_broker(settings, None) is settings
+    effective = on_embedded_broker(settings, BrokerLogin("edgefleet-cloud", "s3cret-password"))
+    assert effective.broker_accounts == "dynsec"
+    assert (effective.mqtt_username, effective.mqtt_password) == (
+        "edgefleet-cloud",
+        "s3cret-password",
+    )
+    assert effective.data_dir == settings.data_dir
+    assert settings.broker_accounts == "none"

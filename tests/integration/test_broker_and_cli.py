@@ -44,8 +44,9 @@ def test_agent_reconnects_after_a_broker_restart(tmp_path: Path) -> None:
     """Stop the broker under a running agent, start it again on the same port: the agent
     comes back by itself, says online again, and its Last Will had said offline meanwhile."""
     with EmbeddedServices(
-        data_dir=tmp_path / "b", database_url="sqlite://", mqtt_url=None, redis_url="redis://unused"
-    ) as services:
+        data_dir=tmp_path / "b", database_url="sqlite://", mqtt_url=None, redis_url="redis://unused",
+        broker="rumqttd",
+    ) as services:  # fmt: skip
         assert services.urls is not None
         url = services.urls.mqtt_url
         broker = services.children["mqtt"]

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import pytest
 
-from cloud.settings import CloudSettings
+from cloud.settings import DEV_ADMIN_TOKEN, CloudSettings
 from tests.conftest import seed_reference_cache
 
 EDGEFLEET = shutil.which("edgefleet") or str(Path(sys.executable).parent / "edgefleet")
@@ -39,6 +41,38 @@ class Demo:
         match = re.search(r"API\s+(http://127\.0\.0\.1:\d+)", self.text)
         assert match, self.text
         return match.group(1)
+
+    def broker_port(self) -> int:
+        match = re.search(r"MQTT\s+mqtt://127\.0\.0\.1:(\d+)", self.text)
+        assert match, self.text
+        return int(match.group(1))
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        """The device as the demo's API shows it (dev mode: the built-in admin token)."""
+        answer = httpx.get(
+            f"{self.api_url()}/v1/devices/{device_id}",
+            headers={"Authorization": f"Bearer {DEV_ADMIN_TOKEN}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    def seen_since(self, device_id: str, since: datetime, timeout: float = 20) -> None:
+        """Wait until the cloud heard from ``device_id`` over MQTT after ``since``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.device(device_id)["last_seen_at"]
+            at = datetime.fromisoformat(seen) if seen is not None else None
+            # SQLite gives the stored UTC time back without its zone.
+            if at is not None and (at if at.tzinfo else at.replace(tzinfo=UTC)) > since:
+                return
+            time.sleep(0.1)
+        pytest.fail(f"the cloud never heard from {device_id} after {since}:\n{self.text}")
+
+    def interrupt(self, timeout: float = 45) -> None:
+        """Ctrl-C as a terminal sends it (SIGINT to the group); wait for the demo to end."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        self.rest(timeout=timeout)
 
     def agent_urls(self) -> dict[str, str]:
         found = re.findall(r"(demo-agent-\d+)\s+local API (http://127\.0\.0\.1:\d+)", self.text)
@@ -66,24 +100,30 @@ class Demo:
         return out
 
 
-def _start(tmp_path: Path, reference: dict[str, bytes], *extra: str) -> Demo:
+def start_demo(
+    tmp_path: Path,
+    reference: dict[str, bytes],
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Demo:
+    """`edgefleet demo` on ``tmp_path/demo`` as a terminal runs it, with ``env`` added."""
     data_dir = tmp_path / "demo"
     # Prebuilt reference models: the demo still registers and quantizes them, only faster.
     seed_reference_cache(CloudSettings(data_dir=data_dir, dev_mode=True), reference)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     proc = subprocess.Popen(
         [EDGEFLEET, "demo", "--port", "0", "--data-dir", str(data_dir), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env | {"COLUMNS": "200"},
+        env=clean | (env or {}) | {"COLUMNS": "200"},
         # Its own process group, as a terminal gives a foreground job.
         start_new_session=True,
     )
     return Demo(proc)
 
 
-def _stop(demo: Demo) -> None:
+def stop_demo(demo: Demo) -> None:
     if demo.proc.poll() is None:
         os.killpg(demo.proc.pid, signal.SIGKILL)
         demo.proc.wait(10)
@@ -95,7 +135,7 @@ def test_ctrl_c_on_the_process_group_is_clean(
     """A terminal's Ctrl-C signals the whole foreground group. The demo is up with two agent
     processes serving the INT8 model; SIGINT to the group: exit 0, no traceback, no process
     of its tree left. Until now Redis died first and the cloud's handlers failed."""
-    demo = _start(tmp_path, reference_onnx, "--duration", "120", "--agents", "2")
+    demo = start_demo(tmp_path, reference_onnx, "--duration", "120", "--agents", "2")
     try:
         demo.wait_for(READY_LINE)
         assert httpx.get(f"{demo.api_url()}/readyz", timeout=10).status_code == 200
@@ -111,15 +151,14 @@ def test_ctrl_c_on_the_process_group_is_clean(
             assert answer.status_code == 200, answer.text
         tree = demo.tree()
         assert len(tree) >= 5  # the demo, the broker, Redis and two agents
-        os.killpg(demo.proc.pid, signal.SIGINT)
-        demo.rest(timeout=45)
+        demo.interrupt()
         assert demo.proc.returncode == 0, demo.text
         assert "Traceback" not in demo.text
         assert " ERROR " not in demo.text
         _, alive = psutil.wait_procs(tree, timeout=10)
         assert alive == [], demo.text
     finally:
-        _stop(demo)
+        stop_demo(demo)
 
 
 def test_the_demo_says_what_it_does_and_not_what_libraries_do(
@@ -128,7 +167,7 @@ def test_the_demo_says_what_it_does_and_not_what_libraries_do(
     """A newcomer reads where things are and what happens to the models, not INFO lines
     from httpx, alembic or onnxruntime's quantizer. The weak edge model keeps FP32 only (its
     INT8 child would be larger than its parent). The agent's log is under the data dir."""
-    demo = _start(tmp_path, reference_onnx, "--duration", "0.5", "--agents", "1")
+    demo = start_demo(tmp_path, reference_onnx, "--duration", "0.5", "--agents", "1")
     try:
         demo.rest(timeout=60)
         assert demo.proc.returncode == 0, demo.text
@@ -138,7 +177,7 @@ def test_the_demo_says_what_it_does_and_not_what_libraries_do(
         assert "Deploying digits-edge:2 (INT8)" in demo.text
         assert not THIRD_PARTY_INFO.search(demo.text), demo.text
     finally:
-        _stop(demo)
+        stop_demo(demo)
     home = tmp_path / "demo" / "agents" / "demo-agent-1"
     assert (home / "agent.json").is_file()  # written by `edge-agent enroll`
     assert not (home / "ready.json").exists()  # removed by the agent as it stopped
@@ -151,8 +190,9 @@ def test_children_die_when_the_demo_is_killed_hard_and_it_comes_back(
 ) -> None:
     """SIGKILL gives no chance to clean up: the kernel's parent-death signal stops the
     broker, Redis and the agent (an `edge-agent run` process). Started again on the same
-    data dir, the demo finds its device and its models again."""
-    demo = _start(tmp_path, reference_onnx, "--agents", "1")
+    data dir, the demo finds its device and its models again, and the agent, its token still
+    its broker login, is let in."""
+    demo = start_demo(tmp_path, reference_onnx, "--agents", "1")
     try:
         demo.wait_for("demo-agent-1  local API")
         children = demo.tree()[1:]
@@ -164,12 +204,18 @@ def test_children_die_when_the_demo_is_killed_hard_and_it_comes_back(
         _, alive = psutil.wait_procs(children, timeout=15)
         assert alive == []
     finally:
-        _stop(demo)
-    again = _start(tmp_path, reference_onnx, "--duration", "0.5", "--agents", "1")
+        stop_demo(demo)
+    restarted = datetime.now(UTC)
+    again = start_demo(tmp_path, reference_onnx, "--duration", "120", "--agents", "1")
     try:
-        again.rest(timeout=60)
-        assert again.proc.returncode == 0, again.text
+        again.wait_for(READY_LINE)
         assert "digits-edge: already registered" in again.text
         assert "demo-agent-1 serves it" in again.text
+        # What the registry says could be the first run's; this, the broker let in now (on
+        # Mosquitto: the device's login outlived the broker, kept under the data dir).
+        again.seen_since("demo-agent-1", restarted)
+        assert "re-enrolling" not in again.text
+        again.interrupt()
+        assert again.proc.returncode == 0, again.text
     finally:
-        _stop(again)
+        stop_demo(again)
