@@ -30,6 +30,24 @@ class AgentSettings(BaseSettings):
     data_dir: Path = DEFAULT_DATA_DIR
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8470, ge=0, le=65535)
+    api_workers: int = Field(
+        default=8, ge=1, le=256, description="threads answering local API requests"
+    )
+    api_max_connections: int = Field(
+        default=64, ge=1, le=10_000, description="open local API connections; more wait"
+    )
+    api_read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest a client may take to send a request head or body, and longest "
+        "an idle keep-alive connection is kept",
+    )
+    api_max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, le=1 << 30, description="largest request body"
+    )
+    api_max_batch_rows: int = Field(
+        default=1024, ge=1, description="most rows (first dimension) in one request's tensors"
+    )
     threads: int = Field(default=1, ge=1, le=64)
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     telemetry_buffer: int = Field(

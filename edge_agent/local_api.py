@@ -3,17 +3,18 @@ installs no web framework). Every answer carries source, confidence, version, la
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import socket
-import threading
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from shared.errors import EdgeFleetError
+from edge_agent.http_server import (
+    HttpServer,
+    Limits,
+    Request,
+    Response,
+    error_response,
+    json_response,
+)
+from shared.errors import EdgeFleetError, TensorError
 from shared.tensors import HEADER_LENGTH, InferResponse, decode_request, encode_response
 
 if TYPE_CHECKING:
@@ -22,79 +23,53 @@ if TYPE_CHECKING:
 __all__ = ["LocalApi"]
 
 _LOGGER = logging.getLogger(__name__)
-MAX_BODY = 64 * 1024 * 1024
+_INFER_SUFFIX = "/infer"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    # One buffered write per response and no Nagle: small keep-alive responses written
-    # piecewise otherwise wait ~40 ms on the client's delayed ACK.
-    wbufsize = 1 << 16
+def _header_length(request: Request) -> int | None:
+    raw = request.headers.get(HEADER_LENGTH.lower())
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(len(request.body))):
+        raise TensorError(f"{HEADER_LENGTH} must be a byte count within the body, got {raw[:40]!r}")
+    return int(raw)
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        _LOGGER.debug(format, *args)
+class _Routes:
+    def __init__(self, agent: Agent, max_rows: int) -> None:
+        self.agent = agent
+        self.max_rows = max_rows
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        headers = headers or {"Content-Type": "application/json"}
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload).encode())
-
-    def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
-
-    def _guarded(self, handle: Callable[[], None]) -> None:
-        """Whatever goes wrong inside, the client gets a JSON 500 (the details stay in the
-        log) instead of a reset connection, and the server goes on."""
+    def __call__(self, request: Request) -> Response:
         try:
-            handle()
-        except Exception:
-            _LOGGER.exception("local API: %s %s failed", self.command, self.path)
-            self.close_connection = True  # the response may be half written
-            with contextlib.suppress(OSError):  # the client may be gone already
-                self._error(500, "internal error")
+            if request.method in ("GET", "HEAD"):
+                return self._get(request.path)
+            if request.method == "POST":
+                return self._post(request)
+        except EdgeFleetError as exc:
+            return error_response(exc.status_code, exc.message)
+        response = error_response(405, f"method {request.method} not allowed")
+        response.headers["Allow"] = "GET, HEAD, POST"
+        return response
 
-    def do_GET(self) -> None:
-        self._guarded(self._get)
-
-    def do_POST(self) -> None:
-        self._guarded(self._post)
-
-    def _get(self) -> None:
-        agent = self.server.agent
-        path = self.path.split("?", 1)[0]
+    def _get(self, path: str) -> Response:
+        agent = self.agent
         if path in ("/healthz", "/v2/health/live"):
-            self._json(200, {"status": "ok"})
-        elif path == "/v2/health/ready":
+            return json_response(200, {"status": "ok"})
+        if path == "/v2/health/ready":
             ready = bool(agent.runtime.models())
-            self._json(200 if ready else 503, {"ready": ready})
-        elif path == "/metrics":
-            self._send(
+            return json_response(200 if ready else 503, {"ready": ready})
+        if path == "/metrics":
+            return Response(
                 200, agent.prometheus().encode(), {"Content-Type": "text/plain; version=0.0.4"}
             )
-        elif path.startswith("/v2/models/"):
+        if path.startswith("/v2/models/"):
             name = path.removeprefix("/v2/models/").removesuffix("/ready")
-            try:
-                loaded = agent.runtime.get(name)
-            except EdgeFleetError as exc:
-                self._error(exc.status_code, exc.message)
-                return
+            loaded = agent.runtime.get(name)
             if path.endswith("/ready"):
-                self._json(200, {"ready": True})
-                return
+                return json_response(200, {"ready": True})
             manifest = loaded.manifest
-            self._json(
+            return json_response(
                 200,
                 {
                     "name": name,
@@ -104,46 +79,31 @@ class _Handler(BaseHTTPRequestHandler):
                     "outputs": [s.model_dump(exclude={"schema_version"}) for s in manifest.outputs],
                 },
             )
-        else:
-            self._error(404, f"no route {path}")
+        return error_response(404, f"no route {path}")
 
-    def _post(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if not (path.startswith("/v2/models/") and path.endswith("/infer")):
-            self._error(404, f"no route {path}")
-            return
-        model = path.removeprefix("/v2/models/").removesuffix("/infer").split("/versions/")[0]
-        try:
-            length = int(self.headers.get("Content-Length", "-1"))
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY:
-            self._error(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length > MAX_BODY else 411,
-                "bad Content-Length",
-            )
-            return
-        body = self.rfile.read(length)
-        try:
-            header = self.headers.get(HEADER_LENGTH)
-            request = decode_request(body, int(header) if header else None)
-            answer = self.server.agent.infer(model, request.inputs)
-        except ValueError as exc:
-            self._error(400, f"bad {HEADER_LENGTH}: {exc}")
-            return
-        except EdgeFleetError as exc:
-            self._error(exc.status_code, exc.message)
-            return
-        wanted = [o.name for o in request.outputs] or list(answer.outputs)
+    def _post(self, request: Request) -> Response:
+        path = request.path
+        if not (path.startswith("/v2/models/") and path.endswith(_INFER_SUFFIX)):
+            return error_response(404, f"no route {path}")
+        model = path.removeprefix("/v2/models/").removesuffix(_INFER_SUFFIX)
+        model = model.split("/versions/")[0]
+        decoded = decode_request(request.body, _header_length(request), max_rows=self.max_rows)
+        for name, array in decoded.inputs.items():
+            if array.size == 0:
+                raise TensorError(
+                    f"empty batch: input {name!r} has shape {list(array.shape)}; "
+                    "send at least one row"
+                )
+        answer = self.agent.infer(model, decoded.inputs)
+        wanted = [o.name for o in decoded.outputs] or list(answer.outputs)
         unknown = [n for n in wanted if n not in answer.outputs]
         if unknown:
-            self._error(400, f"unknown outputs {unknown}")
-            return
-        binary = {o.name for o in request.outputs if o.binary} or request.binary_output
+            return error_response(400, f"unknown outputs {unknown}")
+        binary = {o.name for o in decoded.outputs if o.binary} or decoded.binary_output
         response = InferResponse(
             model_name=model,
             model_version=str(answer.version),
-            id=request.id,
+            id=decoded.id,
             outputs={n: answer.outputs[n] for n in wanted},
             parameters={
                 "source": answer.source,
@@ -154,30 +114,30 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
         payload, headers = encode_response(response, binary=binary)
-        self._send(200, payload, headers)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    agent: Agent
+        return Response(200, payload, headers)
 
 
 class LocalApi:
+    """The agent's HTTP API; its limits come from the agent's settings (``api_*``)."""
+
     def __init__(self, agent: Agent, host: str, port: int) -> None:
-        self._server = _Server((host, port), _Handler)
-        self._server.agent = agent
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="local-api", daemon=True
+        settings = agent.settings
+        limits = Limits(
+            workers=settings.api_workers,
+            max_connections=settings.api_max_connections,
+            max_request_bytes=settings.api_max_request_bytes,
+            read_timeout_s=settings.api_read_timeout_s,
         )
+        self._server = HttpServer(host, port, _Routes(agent, settings.api_max_batch_rows), limits)
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        host, port = self._server.address
+        return f"http://{host}:{port}"
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
+        _LOGGER.debug("local API on %s", self.url)
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

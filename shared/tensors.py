@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from shared.errors import TensorError
+from shared.errors import PayloadTooLarge, TensorError
 
 __all__ = [
     "HEADER_LENGTH",
@@ -103,13 +103,32 @@ def _split_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any],
         header = json.loads(header_bytes)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TensorError(f"malformed JSON: {exc}") from exc
+    except RecursionError:
+        raise TensorError("malformed JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise TensorError("the request body must be a JSON object")
     return header, memoryview(binary)
 
 
+def _is_int(value: Any) -> bool:
+    # JSON true/false arrive as Python bools, which are ints: not a size, not a dimension.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A KServe boolean parameter: JSON true or false only (the string "false" is not false)."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise TensorError(f"{where} {key} must be a JSON boolean (true or false), not {shown}")
+    return value
+
+
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not all(isinstance(d, int) and d >= 0 for d in raw):
+    if not isinstance(raw, list) or not all(_is_int(d) and d >= 0 for d in raw):
         raise TensorError(f"tensor {name!r}: shape must be a list of non-negative integers")
     return tuple(raw)
 
@@ -140,7 +159,7 @@ def _encode_bytes_tensor(array: Array) -> bytes:
 
 
 def _decode_tensor(
-    spec: Any, binary: memoryview, offset: int, *, max_elements: int
+    spec: Any, binary: memoryview, offset: int, *, max_elements: int, max_rows: int | None = None
 ) -> tuple[str, Array, int]:
     if not isinstance(spec, dict):
         raise TensorError("each tensor must be a JSON object")
@@ -152,6 +171,11 @@ def _decode_tensor(
         raise TensorError(f"tensor {name!r}: missing datatype")
     dtype = dtype_of(datatype)
     shape = _shape(spec.get("shape"), name)
+    # Checked on the declared shape, before anything is converted or allocated.
+    if max_rows is not None and shape and shape[0] > max_rows:
+        raise PayloadTooLarge(
+            f"tensor {name!r}: a batch of {shape[0]} rows exceeds the limit of {max_rows}"
+        )
     count = int(np.prod(shape, dtype=np.int64))
     if count > max_elements:
         raise TensorError(f"tensor {name!r}: {count} elements exceed the limit of {max_elements}")
@@ -160,7 +184,7 @@ def _decode_tensor(
         raise TensorError(f"tensor {name!r}: parameters must be an object")
     size = params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not _is_int(size) or size < 0 or offset + size > len(binary):
             raise TensorError(f"tensor {name!r}: binary_data_size {size!r} exceeds the body")
         raw = bytes(binary[offset : offset + size])
         offset += size
@@ -195,7 +219,11 @@ def _decode_tensor(
 
 
 def decode_request(
-    body: bytes, header_length: int | None = None, *, max_elements: int = 1 << 26
+    body: bytes,
+    header_length: int | None = None,
+    *,
+    max_elements: int = 1 << 26,
+    max_rows: int | None = None,
 ) -> InferRequest:
     header, binary = _split_body(body, header_length)
     raw_inputs = header.get("inputs")
@@ -204,7 +232,9 @@ def decode_request(
     inputs: dict[str, Array] = {}
     offset = 0
     for spec in raw_inputs:
-        name, array, offset = _decode_tensor(spec, binary, offset, max_elements=max_elements)
+        name, array, offset = _decode_tensor(
+            spec, binary, offset, max_elements=max_elements, max_rows=max_rows
+        )
         if name in inputs:
             raise TensorError(f"input {name!r} given twice")
         inputs[name] = array
@@ -213,7 +243,7 @@ def decode_request(
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise TensorError("'parameters' must be an object")
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = _flag(params, "binary_data_output", False, "parameters")
     outputs: list[RequestedOutput] = []
     for spec in header.get("outputs") or []:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -221,9 +251,8 @@ def decode_request(
         out_params = spec.get("parameters") or {}
         if not isinstance(out_params, dict):
             raise TensorError("output parameters must be an object")
-        outputs.append(
-            RequestedOutput(spec["name"], bool(out_params.get("binary_data", binary_default)))
-        )
+        as_binary = _flag(out_params, "binary_data", binary_default, f"output {spec['name']!r}")
+        outputs.append(RequestedOutput(spec["name"], as_binary))
     request_id = header.get("id")
     return InferRequest(
         inputs=inputs,

@@ -4,6 +4,7 @@ traceback — after which the next request is served."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +147,80 @@ def test_health_metadata_and_metrics(served: Served) -> None:
     assert 'edgefleet_agent_active_version{model="lookup"} 1' in metrics
     assert "edgefleet_agent_mqtt_connected 0" in metrics
     assert "edgefleet_agent_telemetry_buffered 0" in metrics
+
+
+def _raw(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection and read until the server closes it."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_head_answers_headers_only_and_other_methods_a_json_405(served: Served) -> None:
+    """HEAD is GET without the body; a method the API does not have is a JSON 405."""
+    head = httpx.head(f"{served.url}/v2/health/live")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(b'{"status": "ok"}'))
+    refused = httpx.delete(f"{served.url}/v2/models/m")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, HEAD, POST"
+    assert refused.json() == {"error": "method DELETE not allowed"}
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body(
+    served: Served,
+) -> None:
+    """curl sends Expect: 100-continue for larger bodies and waits for the interim answer."""
+    body = b'{"inputs": [{"name": "index", "datatype": "INT64", "shape": [1], "data": [3]}]}'
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v2/models/lookup/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+@pytest.mark.parametrize(
+    ("flag", "content_type"),
+    [(False, "application/json"), (True, "application/octet-stream")],
+)
+def test_binary_data_output_follows_the_json_boolean(
+    served: Served, flag: bool, content_type: str
+) -> None:
+    """JSON false asks for JSON tensors, JSON true for Triton's binary extension."""
+    body = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+        "parameters": {"binary_data_output": flag},
+    }
+    answer = httpx.post(f"{served.url}/v2/models/m/infer", json=body)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == content_type
+
+
+def test_a_bad_header_length_is_blamed_on_that_header(served: Served) -> None:
+    """A JSON header said to be longer than the whole body: the error names that header."""
+    body = b'{"inputs": []}'
+    answer = _raw(
+        served.url,
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Inference-Header-Content-Length: 99\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+    )
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(
+        b'{"error": "Inference-Header-Content-Length 99 outside a 14-byte body"}'
+    )
