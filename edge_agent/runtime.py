@@ -74,6 +74,9 @@ class LoadedModel:
                 raise TensorError(
                     f"input {name!r} has shape {list(array.shape)}, the model wants {spec.shape}"
                 )
+            if spec.shape and spec.shape[0] == -1 and array.shape[0] == 0:
+                # Nothing to answer, and routing scores of zero rows have no minimum.
+                raise TensorError(f"input {name!r} is an empty batch: send at least one row")
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise TensorError(f"input {name!r} has NaN or infinite values")
             checked[name] = array

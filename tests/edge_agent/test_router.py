@@ -15,6 +15,7 @@ import pytest
 
 from edge_agent.router import CircuitBreaker, CloudClient, Router
 from edge_agent.runtime import Runtime
+from shared.errors import TensorError
 from shared.messages import RoutingPolicy, RoutingSpec, TensorSpec
 from shared.tensors import HEADER_LENGTH, InferResponse, decode_request, encode_response
 from tests.edge_agent.support import identity_model, manifest_for
@@ -244,3 +245,12 @@ def test_the_breaker_half_opens_for_one_trial_and_closes_on_success() -> None:
     assert breaker.allow()
     breaker.failure()
     assert not breaker.open  # the count started again
+
+
+def test_an_empty_batch_is_a_clear_tensor_error_not_a_crash(
+    tmp_path: Path, client: CloudClient
+) -> None:
+    """The in-process API (no HTTP layer in front) refuses zero rows by name."""
+    router = _router(tmp_path, RoutingSpec(policy=RoutingPolicy.MAX_PROB, threshold=0.6), client)
+    with pytest.raises(TensorError, match="empty batch"):
+        router.infer("m", {"input": np.zeros((0, 3), dtype=np.float32)})
