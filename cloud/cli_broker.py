@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -32,12 +34,12 @@ def init(
     username: Annotated[
         str, typer.Option("--username", envvar="EDGEFLEET_MQTT_USERNAME", help="the cloud's login")
     ] = DEFAULT_CLOUD_USERNAME,
-    password: Annotated[
-        str | None,
+    password_file: Annotated[
+        Path | None,
         typer.Option(
-            "--password",
-            envvar="EDGEFLEET_MQTT_PASSWORD",
-            help="the cloud's password (generated and printed once when absent)",
+            "--password-file",
+            help="read the cloud's password from this file's first line ('-': standard input); "
+            "else EDGEFLEET_MQTT_PASSWORD, else one is generated and printed once",
         ),
     ] = None,
     force: Annotated[
@@ -48,7 +50,9 @@ def init(
 
     The cloud's login administers dynamic security and uses all of edgefleet/v1/#, its
     shared subscriptions and $SYS; the role every device shares reads artifacts and the budget.
+    The password is never an argument: a command line shows in `ps` and the shell's history.
     """
+    password = _given_password(password_file)
     generated = password is None
     secret = new_password() if password is None else password
     try:
@@ -69,3 +73,18 @@ def init(
         console.print(f"  EDGEFLEET_MQTT_PASSWORD={secret}   (shown once; keep it secret)")
     else:
         console.print("  EDGEFLEET_MQTT_PASSWORD=<the password you gave>")
+
+
+def _given_password(password_file: Path | None) -> str | None:
+    if password_file is None:
+        return os.environ.get("EDGEFLEET_MQTT_PASSWORD") or None
+    try:
+        text = sys.stdin.read() if str(password_file) == "-" else password_file.read_text()
+    except OSError as exc:
+        console.print(f"[red]cannot read the password file: {exc.strerror}[/red]")
+        raise typer.Exit(1) from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        console.print("[red]the password file's first line is empty[/red]")
+        raise typer.Exit(1)
+    return lines[0]

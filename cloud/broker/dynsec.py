@@ -233,7 +233,9 @@ class DynsecClient:
         with self._lock:
             pending = self._pending.get(correlation)
         if pending is None:
-            _LOGGER.warning("dynamic-security answer for no pending request (%s)", correlation)
+            # Every admin connection receives every answer (the plugin has one response
+            # topic): another connection's answer is expected, not a fault.
+            _LOGGER.debug("dynamic-security answer for no request of ours (%s)", correlation)
             return
         pending.responses = [r for r in responses if isinstance(r, dict)]
         pending.done.set()

@@ -6,11 +6,11 @@ import base64
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cloud.registry import repository
-from cloud.registry.tables import Device, ModelVersion
+from cloud.registry.tables import AuditEvent, DeploymentEvent, Device, ModelVersion
 from shared.errors import Conflict, NotFound
 from shared.messages import (
     ArtifactRef,
@@ -25,16 +25,27 @@ from shared.messages import (
 from shared.signing import SignedEnvelope, sign
 
 __all__ = [
+    "DEVICE_DELETED",
+    "MAX_REV",
+    "applied_rev",
     "desired_artifacts",
+    "devices_deleted_since",
     "devices_due_for_renewal",
     "devices_with_documents",
     "issue",
     "manifest_for",
+    "postpone_renewal",
     "renew",
     "renewal_due",
     "set_deployment",
     "stored_state",
 ]
+
+# The audit action of a device's deletion: also the keeper's record of which devices' retained
+# topics to clear (written in the deleting transaction, so it survives any crash after it).
+DEVICE_DELETED = "device.delete"
+# ``devices.desired_rev`` is an int4 on PostgreSQL.
+MAX_REV = 2**31 - 1
 
 
 def manifest_for(row: ModelVersion) -> Manifest:
@@ -100,6 +111,18 @@ def _models(state: DesiredState) -> dict[str, int]:
     return {d.manifest.model: d.manifest.version for d in state.deployments}
 
 
+def applied_rev(session: Session, device: Device) -> int:
+    """The highest rev the device itself says it took: its reported ``rev_applied`` and the
+    revs of its status events. A re-enrolled device (its row, and so ``desired_rev``, new)
+    may run an agent that applied rev 5 of its former row; it refuses anything lower."""
+    reported = (device.reported or {}).get("rev_applied")
+    from_report = reported if isinstance(reported, int) and not isinstance(reported, bool) else 0
+    from_events = session.scalar(
+        select(func.max(DeploymentEvent.rev)).where(DeploymentEvent.device_id == device.id)
+    )
+    return max(from_report, from_events or 0)
+
+
 def issue(
     session: Session,
     *,
@@ -109,11 +132,15 @@ def issue(
     actor: str = "fleet",
     now: datetime | None = None,
 ) -> DesiredState:
-    """Bump the device's rev, sign its whole desired state (every model it should run) and
-    store the signed document on its row; the caller holds the row lock
-    (``repository.lock_device``) so concurrent changes get distinct, increasing revs."""
+    """Give the device a new rev, above both the last one signed and any the device says it
+    applied, sign its whole desired state (every model it should run) and store the signed
+    document on its row; the caller holds the row lock (``repository.lock_device``) so
+    concurrent changes get distinct, increasing revs."""
     now = now or datetime.now(UTC)
-    device.desired_rev = (device.desired_rev or 0) + 1
+    floor = max(device.desired_rev or 0, applied_rev(session, device))
+    if floor >= MAX_REV:
+        raise Conflict(f"device {device.id!r} reports rev {floor}: no higher rev can be signed")
+    device.desired_rev = floor + 1
     state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
     _store(device, state, sign(state, key))
     session.flush()
@@ -185,11 +212,33 @@ def renewal_due(device: Device, *, now: datetime) -> bool:
     return (at if at.tzinfo else at.replace(tzinfo=UTC)) <= now
 
 
+def postpone_renewal(session: Session, *, device_id: str, until: datetime, now: datetime) -> None:
+    """Move a renewal that failed to ``until``, unless the row changed (and so was re-signed)
+    meanwhile: a row that fails every time must not stay first in line."""
+    session.execute(
+        update(Device)
+        .where(Device.id == device_id, Device.desired_renew_at <= now)
+        .values(desired_renew_at=until)
+    )
+
+
 def devices_with_documents(session: Session) -> list[str]:
     """Every device that has a signed document to keep on the broker."""
     return list(
         session.scalars(
             select(Device.id).where(Device.desired_document.is_not(None)).order_by(Device.id)
+        )
+    )
+
+
+def devices_deleted_since(session: Session, *, since: datetime) -> list[str]:
+    """Ids of devices deleted since ``since`` (some may be enrolled again by now)."""
+    return list(
+        session.scalars(
+            select(AuditEvent.subject)
+            .where(AuditEvent.action == DEVICE_DELETED, AuditEvent.at >= since)
+            .distinct()
+            .order_by(AuditEvent.subject)
         )
     )
 

@@ -6,13 +6,18 @@ import logging
 import threading
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from redis.exceptions import RedisError
 
 from cloud.context import CloudContext
 from cloud.fleet.desired import (
+    devices_deleted_since,
     devices_due_for_renewal,
     devices_with_documents,
     issue,
+    postpone_renewal,
     renew,
     renewal_due,
     set_deployment,
@@ -20,11 +25,11 @@ from cloud.fleet.desired import (
 from cloud.registry import repository
 from cloud.registry.tables import Device
 from shared import topics
-from shared.errors import Conflict, EdgeFleetError, ServiceUnavailable
+from shared.errors import Conflict, EdgeFleetError
 from shared.messages import DesiredState
 from shared.topics import DeviceTopic
 
-__all__ = ["DesiredStateKeeper", "Publish"]
+__all__ = ["LEGACY_REDIS_KEY", "DesiredStateKeeper", "Issued", "Publish"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,21 +38,41 @@ Publish = Callable[[str, str], bool]
 
 _LOCK_STRIPES = 64
 RENEWAL_BATCH = 500
+# A document the broker would not take is tried again this soon (or each round, if sooner).
+PENDING_RETRY_S = 5.0
+# Where documents lived before SQL kept them; nothing reads it any more.
+LEGACY_REDIS_KEY = "edgefleet:desired"
+# What a device that is gone leaves retained: the cloud's document and the agent's reports.
+_CLEARED_WHEN_DELETED = (DeviceTopic.DESIRED, DeviceTopic.REPORTED, DeviceTopic.PRESENCE)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A change committed to SQL; ``published`` is False when the broker did not take it yet
+    (it is sent again on the keeper's next round, and on every reconnect)."""
+
+    state: DesiredState
+    published: bool
 
 
 class DesiredStateKeeper:
     """SQL holds every device's signed document (the source of truth); the broker holds a
     retained copy. Changes are committed under the device's row lock, then published;
     documents are re-signed before they expire; a broker that (re)connects gets them all
-    back from SQL, whatever Redis or the broker lost."""
+    back from SQL, whatever Redis or the broker lost, and loses those of deleted devices."""
 
     def __init__(self, context: CloudContext, publish: Publish) -> None:
         self.context = context
         self._publish = publish
         self.lifetime = timedelta(seconds=context.settings.desired_lifetime_s)
         self.interval_s = context.settings.desired_renewal_interval_s
+        self.renewal_batch = RENEWAL_BATCH
+        self.pending_retry_s = min(self.interval_s, PENDING_RETRY_S)
         # Striped: bounded memory however many devices, and two devices rarely share one.
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        # Devices whose retained topics the broker did not take: tried again each round.
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
         self._republish = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -55,19 +80,42 @@ class DesiredStateKeeper:
 
     # -- changes -------------------------------------------------------------------------
 
-    def deploy(
-        self, *, device_id: str, model: str, version: int, rollout_id: int | None = None
-    ) -> DesiredState:
-        """Point ``device_id`` at ``model:version`` under a new rev, store it, publish it."""
+    def issue_deployment(
+        self,
+        *,
+        device_id: str,
+        model: str,
+        version: int,
+        rollout_id: int | None = None,
+        actor: str = "fleet",
+    ) -> Issued:
+        """Point ``device_id`` at ``model:version`` under a new rev: signed, stored and
+        audited (``actor``) in one transaction, then published."""
         with self.context.database.session() as s:
             device = repository.lock_device(s, device_id=device_id)
             row = repository.get_version(s, model_name=model, version=version)
             set_deployment(device=device, version=row, rollout_id=rollout_id)
-            state = issue(s, device=device, key=self.context.signing_key, lifetime=self.lifetime)
-        self._publish_or_raise(device_id)
-        return state
+            state = issue(
+                s, device=device, key=self.context.signing_key, lifetime=self.lifetime,
+                actor=actor,
+            )  # fmt: skip
+            repository.record_audit(
+                s, actor=actor, action="device.deploy", subject=device_id,
+                detail={"model": model, "version": version, "rev": state.rev,
+                        "rollout_id": rollout_id},
+            )  # fmt: skip
+        return Issued(state, self.publish(device_id))
 
-    def retry(self, *, device_id: str, actor: str) -> DesiredState:
+    def deploy(
+        self, *, device_id: str, model: str, version: int, rollout_id: int | None = None
+    ) -> DesiredState:
+        """:meth:`issue_deployment` for the fleet itself; a document the broker did not take
+        yet is committed all the same and follows on the next round."""
+        return self.issue_deployment(
+            device_id=device_id, model=model, version=version, rollout_id=rollout_id
+        ).state
+
+    def retry(self, *, device_id: str, actor: str) -> Issued:
         """Sign the device's current model set again under a new rev, so a device that
         FAILED the last rev (and ignores that rev from now on) tries it once more."""
         with self.context.database.session() as s:
@@ -75,19 +123,25 @@ class DesiredStateKeeper:
             if device.desired_document is None:
                 raise Conflict(f"device {device_id!r} has no desired state to retry")
             previous = device.desired_rev
-            state = issue(s, device=device, key=self.context.signing_key, lifetime=self.lifetime)
+            state = issue(
+                s, device=device, key=self.context.signing_key, lifetime=self.lifetime,
+                actor=actor,
+            )  # fmt: skip
             repository.record_audit(
                 s, actor=actor, action="desired.retry", subject=device_id,
                 detail={"rev": state.rev, "previous_rev": previous},
             )  # fmt: skip
-        self._publish_or_raise(device_id)
-        return state
+        return Issued(state, self.publish(device_id))
 
     def renew_due(self, now: datetime | None = None) -> int:
-        """Re-sign (same rev) and publish every document with a third of its lifetime left."""
+        """Re-sign (same rev) and publish every document with a third of its lifetime left.
+
+        A renewal that fails (a row naming a version since removed) is postponed by one
+        round, so it neither stays first in line nor keeps the loop from sleeping.
+        """
         now = now or datetime.now(UTC)
         with self.context.database.session() as s:
-            due = devices_due_for_renewal(s, now=now, limit=RENEWAL_BATCH)
+            due = devices_due_for_renewal(s, now=now, limit=self.renewal_batch)
         renewed = 0
         for device_id in due:
             if self._stop.is_set():
@@ -102,39 +156,62 @@ class DesiredStateKeeper:
                         now=now,
                     )  # fmt: skip
             except EdgeFleetError as exc:
-                _LOGGER.warning("desired state of %s not renewed: %s", device_id, exc.message)
+                _LOGGER.warning(
+                    "desired state of %s not renewed: %s; next try in %ss",
+                    device_id, exc.message, self.interval_s,
+                )  # fmt: skip
+                with self.context.database.session() as s:
+                    until = now + timedelta(seconds=self.interval_s)
+                    postpone_renewal(s, device_id=device_id, until=until, now=now)
                 continue
             _LOGGER.info("renewed desired state of %s rev %s", device_id, state.rev)
             self.publish(device_id)
             renewed += 1
-        if len(due) == RENEWAL_BATCH:
+        if len(due) == self.renewal_batch and renewed:
             self._wake.set()  # more are due: go on at once
         return renewed
 
     # -- publication ---------------------------------------------------------------------
 
     def publish(self, device_id: str) -> bool:
-        """Publish (retained) the newest document stored for ``device_id``.
+        """Make what the broker retains for ``device_id`` what SQL says: its newest document;
+        an empty desired topic when it has none; and, for a device SQL no longer has, empty
+        desired, reported and presence topics (a device enrolled again under that id must
+        not receive its predecessor's document). False when the broker did not take it:
+        the device is then tried again on each round until it does.
 
         Two changes can commit in one order and reach the broker in the other, leaving an
         older rev retained. So each publish happens under the device's lock and reads the
-        document afresh: every change commits before it takes the lock, hence the last
-        publish for a device reads (and sends) the newest rev, and one connection keeps
-        the order of what we hand it.
+        row afresh: every change commits before it takes the lock, hence the last publish
+        for a device reads (and sends) the newest state, and one connection keeps the order
+        of what we hand it.
         """
         with self._locks[zlib.crc32(device_id.encode()) % _LOCK_STRIPES]:
             with self.context.database.session() as s:
                 device = s.get(Device, device_id)
                 document = device.desired_document if device is not None else None
-            if document is None:
-                return True  # nothing signed yet, or the device was removed meanwhile
-            return self._publish(topics.device_topic(device_id, DeviceTopic.DESIRED), document)
+            kinds = _CLEARED_WHEN_DELETED if device is None else (DeviceTopic.DESIRED,)
+            handed = True
+            for kind in kinds:
+                payload = document if kind is DeviceTopic.DESIRED and document else ""
+                handed = self._publish(topics.device_topic(device_id, kind), payload) and handed
+        with self._pending_lock:
+            newly_pending = not handed and device_id not in self._pending
+            if handed:
+                self._pending.discard(device_id)
+            else:
+                self._pending.add(device_id)
+        if newly_pending:
+            # The loop may be asleep for a whole renewal interval: let it retry soon. Only
+            # for a device not pending yet, so a broker that keeps refusing cannot spin it.
+            self._wake.set()
+        return handed
 
-    def _publish_or_raise(self, device_id: str) -> None:
-        if not self.publish(device_id):
-            raise ServiceUnavailable(
-                "the broker did not take the desired state; it is republished on reconnect"
-            )
+    def clear(self, device_id: str) -> bool:
+        """After ``device_id`` was deleted (committed): empty its retained topics. The same
+        as :meth:`publish`, named for the caller; a clear the broker did not take is tried
+        again each round, and every reconnect clears recently deleted devices again."""
+        return self.publish(device_id)
 
     def request_republish(self) -> None:
         """Give every stored document back to the broker (called on each connect): a broker
@@ -142,29 +219,52 @@ class DesiredStateKeeper:
         self._republish.set()
         self._wake.set()
 
-    def republish_all(self) -> int:
-        """Publish every stored document; how many were handed to the broker."""
+    def republish_all(self, now: datetime | None = None) -> int:
+        """Publish every stored document, and clear the retained topics of every device
+        deleted within a document's lifetime (an older document has expired, and agents
+        refuse it); how many were handed to the broker."""
+        now = now or datetime.now(UTC)
         with self.context.database.session() as s:
             device_ids = devices_with_documents(s)
-        published = failed = 0
-        for device_id in device_ids:
+            deleted = devices_deleted_since(s, since=now - self.lifetime)
+        # A deleted id enrolled and deployed again is in both lists: publish it once.
+        ordered = list(dict.fromkeys([*device_ids, *deleted]))
+        published = 0
+        for device_id in ordered:
             if self._stop.is_set():
                 break
-            if self.publish(device_id):
-                published += 1
-            else:
-                failed += 1
-        if failed:
+            published += self.publish(device_id)
+        if published < len(ordered):
             _LOGGER.warning(
-                "%s of %s desired states not queued for the broker; trying again in %ss",
-                failed, len(device_ids), self.interval_s,
+                "%s of %s devices' retained topics not queued for the broker; trying again",
+                len(ordered) - published, len(ordered),
             )  # fmt: skip
-            self._republish.set()
         return published
+
+    def pending(self) -> set[str]:
+        """Devices whose retained topics the broker has not taken yet."""
+        with self._pending_lock:
+            return set(self._pending)
+
+    def publish_pending(self) -> int:
+        """Try again every device the broker did not take; how many it took now."""
+        with self._pending_lock:
+            due = sorted(self._pending)
+        return sum(self.publish(device_id) for device_id in due if not self._stop.is_set())
 
     # -- the upkeep loop -----------------------------------------------------------------
 
+    def upkeep(self, now: datetime | None = None) -> None:
+        """One round: give everything back after a (re)connect, retry what the broker did
+        not take, renew what is due."""
+        if self._republish.is_set():
+            self._republish.clear()
+            self.republish_all(now)
+        self.publish_pending()
+        self.renew_due(now)
+
     def start(self) -> None:
+        self._forget_legacy_copies()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="desired-keeper", daemon=True)
         self._thread.start()
@@ -176,15 +276,21 @@ class DesiredStateKeeper:
             self._thread.join(timeout)
             self._thread = None
 
+    def _forget_legacy_copies(self) -> None:
+        # Before SQL kept them, signed documents lived in one Redis hash; SQL has them all
+        # now (migration 0004 made every such row due for renewal).
+        try:
+            self.context.redis.delete(LEGACY_REDIS_KEY)
+        except RedisError as exc:
+            _LOGGER.warning("could not remove the old Redis copy %s: %s", LEGACY_REDIS_KEY, exc)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if self._republish.is_set():
-                    self._republish.clear()
-                    self.republish_all()
-                self.renew_due()
+                self.upkeep()
             except Exception:
                 # A database hiccup must not end renewal for good: log it, try next round.
                 _LOGGER.exception("desired-state upkeep failed; next try in %ss", self.interval_s)
-            self._wake.wait(self.interval_s)
+            wait = self.pending_retry_s if self.pending() else self.interval_s
+            self._wake.wait(wait)
             self._wake.clear()

@@ -20,6 +20,7 @@ __all__ = [
     "add_version",
     "authenticate_device",
     "create_model",
+    "delete_device",
     "enroll_device",
     "get_artifact",
     "get_device",
@@ -31,8 +32,11 @@ __all__ = [
     "list_models",
     "list_versions",
     "lock_device",
+    "new_device_token",
     "put_artifact",
     "record_audit",
+    "restore_device_token",
+    "rotate_device_token",
     "touch_device",
 ]
 
@@ -169,14 +173,24 @@ def list_versions(session: Session, *, model_name: str) -> list[ModelVersion]:
     )
 
 
+def new_device_token() -> str:
+    """A device token: shown once, its hash stored, and also the device's broker password."""
+    return DEVICE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 def enroll_device(
-    session: Session, *, device_id: str, name: str = "", labels: dict[str, str] | None = None
+    session: Session,
+    *,
+    device_id: str,
+    name: str = "",
+    labels: dict[str, str] | None = None,
+    token: str | None = None,
 ) -> tuple[Device, str]:
-    """Create a device and its token; only the token's hash is stored."""
+    """Create a device and its token (``token``, or a new one); only its hash is stored."""
     validate_device_id(device_id)
     if session.get(Device, device_id) is not None:
         raise Conflict(f"device {device_id!r} is already enrolled")
-    token = DEVICE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = token or new_device_token()
     device = Device(id=device_id, name=name, labels=labels or {}, token_hash=hash_token(token))
     session.add(device)
     _flush_or_conflict(session, f"device {device_id!r}")
@@ -197,11 +211,11 @@ def get_device(session: Session, *, device_id: str) -> Device:
     return device
 
 
-def lock_device(session: Session, *, device_id: str) -> Device:
+def lock_device(session: Session, *, device_id: str, to_delete: bool = False) -> Device:
     """The device's row, locked until the unit of work ends, read fresh: changes to one
     device (its desired state and rev) queue behind each other instead of overwriting.
 
-    PostgreSQL locks the row (``SELECT ... FOR UPDATE``). SQLite has no row locks and
+    PostgreSQL locks the row (``SELECT ... FOR NO KEY UPDATE``). SQLite has no row locks and
     pysqlite opens a transaction only at the first write, so a read-then-write would see
     stale data: this unit of work takes the database's write lock up front instead
     (``BEGIN IMMEDIATE``, waiting out ``busy_timeout``; a unit of work that already wrote
@@ -213,7 +227,11 @@ def lock_device(session: Session, *, device_id: str) -> Device:
         driver = connection.connection.driver_connection
         if driver is not None and not driver.in_transaction:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-    device = session.get(Device, device_id, with_for_update=True, populate_existing=True)
+    # FOR NO KEY UPDATE: rows that only reference the device (its status events' foreign
+    # key takes KEY SHARE) are still written meanwhile. Deleting it needs FOR UPDATE, taken
+    # up front (upgrading later could deadlock with such a writer).
+    lock: dict[str, bool] | bool = True if to_delete else {"key_share": True}
+    device = session.get(Device, device_id, with_for_update=lock, populate_existing=True)
     if device is None:
         raise NotFound(f"unknown device {device_id!r}")
     return device
@@ -252,15 +270,35 @@ def list_audit(session: Session, *, limit: int = 100) -> list[AuditEvent]:
 
 
 def delete_device(session: Session, *, device_id: str) -> None:
-    """Remove a device; its events and rollout targets go with it (ON DELETE CASCADE)."""
-    session.delete(get_device(session, device_id=device_id))
+    """Remove a device (read under its lock, so a concurrent change is waited for, and a
+    concurrent delete is a NotFound); its events and rollout targets go with it."""
+    session.delete(lock_device(session, device_id=device_id, to_delete=True))
     session.flush()
 
 
-def rotate_device_token(session: Session, *, device_id: str) -> tuple[Device, str]:
-    """Give a device a new token (returned once); the old one stops working."""
-    device = get_device(session, device_id=device_id)
-    token = DEVICE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+def rotate_device_token(
+    session: Session, *, device_id: str, token: str | None = None
+) -> tuple[Device, str]:
+    """Give a device a new token (``token``, or a new one; returned once); the old one
+    stops working."""
+    device = lock_device(session, device_id=device_id)
+    token = token or new_device_token()
     device.token_hash = hash_token(token)
     session.flush()
     return device, token
+
+
+def restore_device_token(
+    session: Session, *, device_id: str, token: str, previous_hash: str
+) -> bool:
+    """Undo a rotation to ``token`` (the broker never took it): the device's previous token
+    works again. False when the device is gone or holds another token by now."""
+    try:
+        device = lock_device(session, device_id=device_id)
+    except NotFound:
+        return False
+    if device.token_hash != hash_token(token):
+        return False
+    device.token_hash = previous_hash
+    session.flush()
+    return True

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from cloud.embedded.services import ServiceUrls
+from cloud.registry.tables import Device
 from tests.brokers import DynsecBroker, MqttProbe, dynsec_cloud_api, dynsec_mosquitto, settle
 from tests.cloud.api.helpers import snapshot
 from tests.conftest import RunningApi
@@ -36,6 +39,15 @@ def probes() -> Iterator[list[MqttProbe]]:
     yield opened
     for probe in opened:
         probe.close()
+
+
+def _registry(api: RunningApi) -> dict[str, Any]:
+    """What a refused change must leave as it was: every row but the audit's, and tokens."""
+    state = snapshot(api.context)
+    state["rows"].pop("audit_events")
+    with api.context.database.session() as s:
+        state["tokens"] = sorted(s.execute(select(Device.id, Device.token_hash)).tuples())
+    return state
 
 
 def _enroll(api: RunningApi, device_id: str) -> str:
@@ -163,10 +175,11 @@ def test_rotating_a_token_replaces_the_login(
 def test_a_broker_that_is_down_answers_503_and_changes_nothing(
     api: RunningApi, broker: DynsecBroker, probes: list[MqttProbe]
 ) -> None:
-    """Enroll, re-enroll and delete each need the broker; without it the registry stays."""
+    """Enroll, re-enroll and delete each need the broker; without it the registry stays
+    (the rotation, stored first, is undone, and the audit says so)."""
     token = _enroll(api, "cam-a")
     broker.stop()
-    before = snapshot(api.context)
+    before = _registry(api)
     with api.client() as c:
         for method, path, body in (
             ("POST", "/v1/devices", {"device_id": "cam-b"}),
@@ -177,7 +190,13 @@ def test_a_broker_that_is_down_answers_503_and_changes_nothing(
             assert r.status_code == 503, (path, r.text)
             assert "broker" in r.json()["error"]
         assert c.get("/v1/devices/cam-b").status_code == 404
-    assert snapshot(api.context) == before
+        audit = [(e["action"], e["subject"]) for e in c.get("/v1/audit").json()]
+    assert _registry(api) == before
+    assert audit[:3] == [
+        ("device.rotate_token.undone", "cam-a"),
+        ("device.rotate_token", "cam-a"),
+        ("device.enroll", "cam-a"),
+    ]
     with api.client(token) as device:
         assert device.get("/v1/device").status_code == 200
 

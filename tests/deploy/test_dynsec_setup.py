@@ -3,6 +3,8 @@ cloud login administers device logins and reads all of EdgeFleet, and nothing el
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import stat
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cloud.broker.provisioning import DynsecAccounts
+from cloud.broker.setup import hash_password
 from cloud.cli_broker import app
 from tests.brokers import ROOT, MqttProbe, dynsec_mosquitto
 
@@ -29,12 +32,16 @@ def test_init_writes_a_private_file_and_never_replaces_one_by_accident(tmp_path:
     assert first.exit_code == 0, first.output
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     written = target.read_bytes()
-    again = CliRunner().invoke(app, ["init", "--dynsec-file", str(target), "--password", "x" * 20])
+    again = CliRunner().invoke(
+        app, ["init", "--dynsec-file", str(target)], env={"EDGEFLEET_MQTT_PASSWORD": "x" * 20}
+    )
     assert again.exit_code == 1
     assert "refusing to replace" in again.output
     assert target.read_bytes() == written
     forced = CliRunner().invoke(
-        app, ["init", "--dynsec-file", str(target), "--password", "y" * 20, "--force"]
+        app,
+        ["init", "--dynsec-file", str(target), "--force"],
+        env={"EDGEFLEET_MQTT_PASSWORD": "y" * 20},
     )
     assert forced.exit_code == 0, forced.output
     assert "y" * 20 not in forced.output
@@ -81,3 +88,57 @@ def test_dynsec_conf_keeps_the_same_queue_limits_as_edgefleet_conf() -> None:
     assert dynsec["allow_anonymous"] == "false"
     assert "password_file" not in dynsec
     assert "acl_file" not in dynsec
+
+
+def _cloud_password_is(dynsec_file: Path, password: str) -> bool:
+    client = json.loads(dynsec_file.read_text())["clients"][0]
+    salt = base64.b64decode(client["salt"])
+    expected = hash_password(password, salt=salt, iterations=client["iterations"])
+    return bool(expected["password"] == client["password"])
+
+
+def test_the_password_is_never_a_command_line_argument(tmp_path: Path) -> None:
+    """A command line shows in `ps` and the shell's history: --password is refused; the
+    password comes from --password-file (a file or standard input), else the environment."""
+    target = tmp_path / "dynsec.json"
+    argument = CliRunner().invoke(
+        app, ["init", "--dynsec-file", str(target), "--password", "p" * 20]
+    )
+    assert argument.exit_code == 2
+    assert "--password" in argument.output
+    assert not target.exists()
+
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file-0123456789\nignored\n")
+    from_file = CliRunner().invoke(
+        app,
+        ["init", "--dynsec-file", str(target), "--password-file", str(secret)],
+        env={"EDGEFLEET_MQTT_PASSWORD": "from-the-environment"},
+    )
+    assert from_file.exit_code == 0, from_file.output
+    assert "from-a-file" not in from_file.output
+    assert _cloud_password_is(target, "from-a-file-0123456789")
+
+    from_stdin = CliRunner().invoke(
+        app,
+        ["init", "--dynsec-file", str(target), "--password-file", "-", "--force"],
+        input="from-stdin-0123456789\n",
+    )
+    assert from_stdin.exit_code == 0, from_stdin.output
+    assert _cloud_password_is(target, "from-stdin-0123456789")
+
+    from_env = CliRunner().invoke(
+        app,
+        ["init", "--dynsec-file", str(target), "--force"],
+        env={"EDGEFLEET_MQTT_PASSWORD": "from-the-environment"},
+    )
+    assert from_env.exit_code == 0, from_env.output
+    assert _cloud_password_is(target, "from-the-environment")
+
+    secret.write_text("\n")
+    empty = CliRunner().invoke(
+        app, ["init", "--dynsec-file", str(target), "--password-file", str(secret), "--force"]
+    )
+    assert empty.exit_code == 1
+    assert "empty" in empty.output
+    assert _cloud_password_is(target, "from-the-environment")

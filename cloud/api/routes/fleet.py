@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cloud.api.bounds import INT32_MAX
 from cloud.api.deps import AdminAuth, ContextDep, SessionDep
 from cloud.fleet.desired import stored_state
+from cloud.fleet.keeper import Issued
 from cloud.fleet.service import FleetService
 from cloud.registry import repository
 from shared.errors import NotFound, ServiceUnavailable
@@ -28,11 +29,19 @@ class DeploymentRequest(BaseModel):
     version: int = Field(ge=1, le=INT32_MAX)
 
 
+_NOT_PUBLISHED = (
+    "signed and stored, but the broker did not take it yet: the cloud sends it again shortly "
+    "and on every reconnect; do not repeat the request (it would sign another rev)"
+)
+
+
 class DeploymentAccepted(BaseModel):
     device_id: str
     model: str
     version: int
     rev: int
+    published: bool = Field(description="handed to the broker (else: sent again shortly)")
+    note: str | None = None
 
 
 class DesiredDeployment(BaseModel):
@@ -66,6 +75,22 @@ class DesiredPublic(BaseModel):
         )
 
 
+class DesiredIssued(DesiredPublic):
+    """A desired state just signed under a new rev, and whether the broker has it yet."""
+
+    published: bool
+    note: str | None = None
+
+    @classmethod
+    def issued(cls, issued: Issued) -> DesiredIssued:
+        public = DesiredPublic.of(issued.state).model_dump()
+        return cls(**public, published=issued.published, note=_note(issued))
+
+
+def _note(issued: Issued) -> str | None:
+    return None if issued.published else _NOT_PUBLISHED
+
+
 def _fleet(request: Request) -> FleetService:
     fleet: FleetService | None = getattr(request.app.state, "fleet", None)
     if fleet is None:
@@ -81,16 +106,21 @@ def _fleet(request: Request) -> FleetService:
 def deploy(
     device_id: str, model: str, body: DeploymentRequest, request: Request, actor: AdminAuth
 ) -> DeploymentAccepted:
-    """Sign a new desired state for the device (rev + 1) and publish it; the device reports
-    progress on its status topic (see `/events`)."""
-    fleet = _fleet(request)
-    state = fleet.deploy(device_id=device_id, model=model, version=body.version)
-    with fleet.context.database.session() as s:
-        repository.record_audit(
-            s, actor=actor, action="device.deploy", subject=device_id,
-            detail={"model": model, "version": body.version, "rev": state.rev},
-        )  # fmt: skip
-    return DeploymentAccepted(device_id=device_id, model=model, version=body.version, rev=state.rev)
+    """Sign a new desired state for the device (rev + 1), store it with the audit record and
+    publish it; the device reports progress on its status topic (see `/events`). Once
+    stored the answer is 202 even when the broker did not take it yet (``published``
+    false): it follows shortly, and repeating the request would sign another rev."""
+    issued = _fleet(request).desired.issue_deployment(
+        device_id=device_id, model=model, version=body.version, actor=actor
+    )
+    return DeploymentAccepted(
+        device_id=device_id,
+        model=model,
+        version=body.version,
+        rev=issued.state.rev,
+        published=issued.published,
+        note=_note(issued),
+    )
 
 
 @router.get("/{device_id}/desired", response_model=DesiredPublic)
@@ -106,13 +136,13 @@ def desired(device_id: str, session: SessionDep, _actor: AdminAuth) -> DesiredPu
 @router.post(
     "/{device_id}/desired/retry",
     status_code=status.HTTP_202_ACCEPTED,
-    response_model=DesiredPublic,
+    response_model=DesiredIssued,
 )
-def retry(device_id: str, request: Request, actor: AdminAuth) -> DesiredPublic:
+def retry(device_id: str, request: Request, actor: AdminAuth) -> DesiredIssued:
     """Sign the device's current models again under a new rev and publish it: a device
     ignores a rev it already took, even one that FAILED, so this is how it tries again.
     409 when the device has no desired state yet."""
-    return DesiredPublic.of(_fleet(request).desired.retry(device_id=device_id, actor=actor))
+    return DesiredIssued.issued(_fleet(request).desired.retry(device_id=device_id, actor=actor))
 
 
 @router.get("/{device_id}/events")

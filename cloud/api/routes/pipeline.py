@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from cloud.api.bounds import VersionNumber
 from cloud.api.deps import AdminAuth, ContextDep
 from cloud.api.forms import parse_json_field
 from cloud.api.routes.models import version_public
@@ -86,7 +87,7 @@ def _public(context: CloudContext, model: str, version: int) -> VersionPublic:
 )
 async def quantize(
     name: str,
-    version: int,
+    version: VersionNumber,
     context: ContextDep,
     actor: AdminAuth,
     options: Annotated[str | None, Form(description="JSON: QuantizeRequest")] = None,

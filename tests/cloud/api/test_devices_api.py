@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sqlite3
 
 import pytest
 
+from cloud.api.routes import devices as devices_routes
+from cloud.broker.provisioning import BrokerAccounts, broker_accounts
+from cloud.settings import CloudSettings
 from shared.signing import load_public_key
 from tests.cloud.api.helpers import snapshot, upload
 from tests.conftest import RunningApi
@@ -127,3 +131,58 @@ def test_readiness_says_which_dependency_is_down(api: RunningApi) -> None:
         api.context.redis = live
     assert r.status_code == 503
     assert r.json()["error"] == "not ready: redis down"
+
+
+class LockProbe:
+    """The broker accounts the routes use, checking on each call that SQLite's write lock is
+    free: a slow broker (several waits of broker_timeout_s) must not hold it, or every other
+    writer fails with "database is locked" once busy_timeout is out."""
+
+    def __init__(self, inner: BrokerAccounts, database_path: str) -> None:
+        self.inner = inner
+        self.path = database_path
+        self.calls: list[tuple[str, bool]] = []
+
+    def _write_lock_free(self) -> bool:
+        connection = sqlite3.connect(self.path, timeout=0)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            connection.close()
+
+    def provision_device(self, device_id: str, password: str) -> None:
+        self.calls.append(("provision", self._write_lock_free()))
+        self.inner.provision_device(device_id, password)
+
+    def remove_device(self, device_id: str) -> None:
+        self.calls.append(("remove", self._write_lock_free()))
+        self.inner.remove_device(device_id)
+
+
+def test_the_broker_is_asked_while_no_database_write_lock_is_held(
+    api: RunningApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enroll, rotate and delete on SQLite: while each waits on the broker, another writer
+    can write (the registry's row is written before or after, never across the wait)."""
+    path = api.context.database.engine.url.database
+    assert path is not None
+    probes: list[LockProbe] = []
+
+    def accounts(settings: CloudSettings, mqtt_url: str) -> BrokerAccounts:
+        probes.append(LockProbe(broker_accounts(settings, mqtt_url), path))
+        return probes[-1]
+
+    monkeypatch.setattr(devices_routes, "broker_accounts", accounts)
+    with api.client() as c:
+        assert c.post("/v1/devices", json={"device_id": "cam-1"}).status_code == 201
+        assert c.post("/v1/devices/cam-1/token").status_code == 200
+        assert c.delete("/v1/devices/cam-1").status_code == 204
+    assert [call for probe in probes for call in probe.calls] == [
+        ("provision", True),
+        ("provision", True),
+        ("remove", True),
+    ]

@@ -3,6 +3,7 @@ a bounded ServiceUnavailable, and logins enrollment did not make left alone."""
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,3 +128,18 @@ def test_a_broker_configured_from_plugin_conf_provisions_devices(tmp_path: Path)
             anonymous.close()
     finally:
         process.stop()
+
+
+def test_answers_meant_for_another_admin_connection_are_no_warning(
+    broker: DynsecBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin answers on one topic, so every admin connection receives every answer:
+    concurrent enrollments must not fill the log with warnings about each other's."""
+    caplog.set_level(logging.DEBUG, logger="cloud.broker.dynsec")
+    with _admin(broker) as first, _admin(broker) as second:
+        assert first.get_client("nobody") is None
+        # The second connection receives the first's answer before its own.
+        assert second.get_client("nobody") is None
+    records = [r for r in caplog.records if r.name == "cloud.broker.dynsec"]
+    assert any("no request of ours" in r.getMessage() for r in records)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []

@@ -123,6 +123,10 @@ class Watcher:
         with self._lock:
             return {t for t, _payload in self.received}
 
+    def put_retained(self, topic: str, payload: bytes) -> None:
+        """Publish a retained message, as an agent does with its reports and presence."""
+        self._client.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+
     def clear(self, topic: str) -> None:
         """Remove the retained message of ``topic`` (the machine's broker outlives tests)."""
         self._client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)

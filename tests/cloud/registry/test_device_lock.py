@@ -99,3 +99,29 @@ def test_migration_0004_makes_documents_signed_before_it_due_for_renewal(
         assert fresh.desired_renew_at is None
     finally:
         database.dispose()
+
+
+def test_a_locked_device_still_gets_its_status_events_on_postgresql(database: Database) -> None:
+    """The lock is FOR NO KEY UPDATE: a status event (its foreign key takes KEY SHARE on the
+    device) is stored while a change to that device is under way, instead of waiting for it.
+    SQLite's equivalent is the database's write lock, which every writer waits for."""
+    if database.engine.dialect.name != "postgresql":
+        pytest.skip("row locks are PostgreSQL's")
+    with database.session() as s:
+        repository.enroll_device(s, device_id="cam")
+    with database.session() as s:
+        repository.lock_device(s, device_id="cam")
+        with database.engine.connect() as other:
+            # A lock wait would end in an error here, not in a slow pass.
+            other.execute(text("SET lock_timeout = '2s'"))
+            other.execute(
+                text(
+                    "INSERT INTO deployment_events (device_id, rev, state, bytes_done,"
+                    " bytes_total, at, received_at) VALUES ('cam', 1, 'QUEUED', 0, 0, :at, :at)"
+                ),
+                {"at": datetime.now(UTC)},
+            )
+            other.commit()
+    with database.session() as s:
+        count = s.scalar(text("SELECT count(*) FROM deployment_events WHERE device_id = 'cam'"))
+    assert count == 1

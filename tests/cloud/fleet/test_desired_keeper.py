@@ -1,0 +1,174 @@
+"""The keeper when things go wrong: a broker that does not take a document, renewals that
+keep failing, and the old Redis copy of the documents."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cloud.context import CloudContext
+from cloud.embedded.services import ServiceUrls
+from cloud.fleet import keeper as keeper_module
+from cloud.fleet.desired import stored_state
+from cloud.fleet.keeper import LEGACY_REDIS_KEY, DesiredStateKeeper
+from cloud.registry import repository
+from shared.signing import verify_desired_state
+from tests.cloud.fleet.desired_support import (
+    add_models,
+    audit_of,
+    enroll,
+    flush_link,
+    open_context,
+    retained_desired,
+)
+from tests.fleet_harness import Cloud, running_cloud, wait_for
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Broker:
+    """A publish callable that refuses (as a full link queue does) until told to take."""
+
+    def __init__(self) -> None:
+        self.taking = threading.Event()
+        self.taken: list[tuple[str, str]] = []
+        self.refused = 0
+
+    def __call__(self, topic: str, payload: str) -> bool:
+        if not self.taking.is_set():
+            self.refused += 1
+            return False
+        self.taken.append((topic, payload))
+        return True
+
+
+@pytest.fixture
+def quick_context(tmp_path: Path, embedded: ServiceUrls) -> Iterator[CloudContext]:
+    """Documents that live 30 days, and a keeper that looks every 0.1 s."""
+    context = open_context(
+        tmp_path, database_url=f"sqlite:///{tmp_path / 'r.db'}", mqtt_url=embedded.mqtt_url,
+        redis_url=embedded.redis_url, desired_renewal_interval_s=0.1,
+    )  # fmt: skip
+    try:
+        add_models(context, ("alpha",))
+        yield context
+    finally:
+        context.close()
+
+
+def test_a_renewal_the_broker_did_not_take_is_published_on_a_later_round(
+    quick_context: CloudContext,
+) -> None:
+    """The renewed document is in SQL and its next renewal 20 days away: one the broker did
+    not take must be tried again, not left to the old copy, which expires first."""
+    context = quick_context
+    device_id = enroll(context)
+    broker = Broker()
+    keeper = DesiredStateKeeper(context, broker)
+    broker.taking.set()
+    first = keeper.deploy(device_id=device_id, model="alpha", version=1)
+    broker.taking.clear()
+    with context.database.session() as s:
+        repository.get_device(s, device_id=device_id).desired_renew_at = EPOCH
+    keeper.start()
+    try:
+        wait_for(lambda: audit_of(context, device_id, "desired.renew"), 10, "the renewal")
+        wait_for(lambda: broker.refused, 10, "the refused publish")
+        broker.taking.set()
+        wait_for(lambda: len(broker.taken) == 2, 10, "the renewed document published")
+    finally:
+        keeper.stop()
+    public_key = context.signing_key.public_key()
+    renewed = verify_desired_state(broker.taken[-1][1], public_key, device_id=device_id)
+    assert renewed.rev == first.rev
+    assert renewed.issued_at > first.issued_at
+    assert keeper.pending() == set()
+
+
+def test_a_deploy_the_broker_did_not_take_is_accepted_audited_and_sent_later(
+    context: CloudContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rev is committed, so the answer is 202 with published false (a 503 would invite
+    a retry that signs another rev); the audit record is in the same transaction; the keeper
+    hands the document to the broker once it takes messages again, under the same rev."""
+    add_models(context, ("alpha",))
+    with running_cloud(context) as cloud:
+        keeper = cloud.fleet.desired
+        keeper.pending_retry_s = 0.1
+        real = keeper._publish
+        refusing = threading.Event()
+        refusing.set()
+        monkeypatch.setattr(
+            keeper, "_publish", lambda t, p: False if refusing.is_set() else real(t, p)
+        )
+        device_id, _ = cloud.enroll()
+        with cloud.admin() as c:
+            r = c.put(f"/v1/devices/{device_id}/deployments/alpha", json={"version": 2})
+        assert r.status_code == 202, r.text
+        assert (r.json()["rev"], r.json()["published"]) == (1, False)
+        assert "do not repeat" in r.json()["note"]
+        assert audit_of(context, device_id, "device.deploy") == [
+            {"model": "alpha", "version": 2, "rev": 1, "rollout_id": None, "actor": "admin"}
+        ]
+        assert device_id in keeper.pending()
+
+        refusing.clear()
+        wait_for(lambda: not keeper.pending(), 10, "the document handed to the broker")
+        flush_link(cloud.fleet, context.urls.mqtt_url)
+        document = retained_desired(context.urls.mqtt_url, device_id)
+        _clear(cloud, device_id)
+    public_key = context.signing_key.public_key()
+    assert verify_desired_state(document, public_key, device_id=device_id).rev == 1
+    assert [e["rev"] for e in audit_of(context, device_id, "desired.sign")] == [1]
+
+
+def _clear(cloud: Cloud, device_id: str) -> None:
+    with cloud.admin() as c:
+        assert c.delete(f"/v1/devices/{device_id}").status_code == 204
+    flush_link(cloud.fleet, cloud.context.urls.mqtt_url)
+
+
+def test_renewals_that_keep_failing_are_postponed_and_do_not_block_the_others(
+    context: CloudContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three rows name a version that no longer exists (renewal fails every time) and are
+    due before a healthy one, with batches of two: each failure is postponed by a round, so
+    the healthy row is renewed on the next pass instead of never."""
+    monkeypatch.setattr(keeper_module, "RENEWAL_BATCH", 2)
+    add_models(context, ("alpha",))
+    broken = [enroll(context) for _ in range(3)]
+    healthy = enroll(context)
+    keeper = DesiredStateKeeper(context, lambda _t, _p: True)
+    keeper.deploy(device_id=healthy, model="alpha", version=1)
+    with context.database.session() as s:
+        for minute, device_id in enumerate(broken):
+            device = repository.get_device(s, device_id=device_id)
+            device.desired = {"alpha": {"version_id": 999_999, "rollout_id": None}}
+            device.desired_rev = 1
+            device.desired_renew_at = EPOCH + timedelta(minutes=minute)
+        repository.get_device(s, device_id=healthy).desired_renew_at = EPOCH + timedelta(hours=1)
+    now = datetime.now(UTC)
+
+    renewed = [keeper.renew_due(now=now) for _ in range(3)]
+
+    assert renewed == [0, 1, 0]
+    with context.database.session() as s:
+        state = stored_state(repository.get_device(s, device_id=healthy))
+        postponed = [repository.get_device(s, device_id=d).desired_renew_at for d in broken]
+    assert state is not None
+    assert state.issued_at == now
+    later = now + timedelta(seconds=keeper.interval_s)
+    assert [p.replace(tzinfo=UTC) if p and not p.tzinfo else p for p in postponed] == [later] * 3
+
+
+def test_the_keeper_removes_the_old_redis_copy_of_the_documents(context: CloudContext) -> None:
+    """Before SQL kept them, documents lived in one Redis hash that nothing reads now."""
+    context.redis.hset(LEGACY_REDIS_KEY, "cam-1", "old signed document")
+    keeper = DesiredStateKeeper(context, lambda _t, _p: True)
+    keeper.start()
+    keeper.stop()
+    assert not context.redis.exists(LEGACY_REDIS_KEY)
