@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
@@ -30,12 +29,16 @@ app.add_typer(models_app, name="model")
 app.add_typer(broker_app, name="broker")
 console = Console(soft_wrap=True)
 
-# Our packages log at INFO; everything else (httpx, alembic, onnxruntime's quantizer, which
-# logs on the root logger) only from WARNING unless --verbose.
+# Our packages log at INFO (DEBUG with --verbose); everything else (httpx, alembic,
+# onnxruntime's quantizer, which logs on the root logger) only from WARNING unless --verbose.
 OWN_LOGGERS = ("cloud", "shared", "edge_agent", "dashboard")
 VerboseOption = Annotated[
-    bool, typer.Option("--verbose", "-v", help="log everything, third-party libraries included")
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="our debug lines and third-party libraries' INFO lines too"
+    ),
 ]
+_LOGGER = logging.getLogger(__name__)
 
 
 class _OurHandler(logging.StreamHandler[TextIO]):
@@ -56,7 +59,7 @@ def configure_logging(verbose: bool = False) -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _settings(**overrides: object) -> CloudSettings:
@@ -112,19 +115,33 @@ def _run_until_stopped(
     duration: float | None,
     on_ready: OnReady = _serve_banner,
     on_stop: Callable[[], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> None:
+    """Run the cloud; whatever ends it, say so in one line, never with a traceback (that
+    goes to the log at DEBUG, shown with --verbose)."""
     _say(f"Starting EdgeFleet (data in {settings.data_dir.resolve()})")
     try:
-        # A second Ctrl-C interrupts the orderly stop; the children still die with us.
-        with contextlib.suppress(KeyboardInterrupt):
-            run_cloud(
-                settings,
-                duration=duration,
-                on_ready=on_ready,
-                on_stop=on_stop,
-            )
+        run_cloud(settings, duration=duration, on_ready=on_ready, on_stop=on_stop, on_tick=on_tick)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: each stop step still ran, but some were cut short.
+        _LOGGER.debug("interrupted", exc_info=True)
+        console.print(
+            "[yellow]EdgeFleet interrupted:[/yellow] stopped without waiting for every step "
+            f"to finish; see {(settings.data_dir / 'logs').resolve()}",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     except EdgeFleetError as exc:
+        _LOGGER.debug("stopped", exc_info=True)
         console.print(f"[red]EdgeFleet stopped:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        _LOGGER.debug("stopped by an unexpected error", exc_info=True)
+        console.print(
+            f"[red]EdgeFleet stopped by an unexpected error:[/red] {type(exc).__name__}: {exc} "
+            "(--verbose shows where)",
+            highlight=False,
+        )
         raise typer.Exit(1) from None
     _say("EdgeFleet stopped; every child process is gone.")
 
@@ -157,7 +174,9 @@ def demo(
     configure_logging(verbose)
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
     session = DemoSession(agents, say=_say, banner=_banner)
-    _run_until_stopped(settings, duration, on_ready=session.ready, on_stop=session.stop)
+    _run_until_stopped(
+        settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick
+    )
 
 
 def main() -> None:

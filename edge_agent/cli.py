@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -26,33 +27,86 @@ def _config_path(args: argparse.Namespace) -> Path:
     return Path(args.config) if args.config else Path(args.data_dir) / "agent.json"
 
 
+TOKEN_ENV = "EDGEFLEET_AGENT_TOKEN"  # noqa: S105 - the variable's name, not a token
+
+
+class _EnrollError(Exception):
+    """Enrollment cannot go on: the message says why; the exit status is ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The device token: ``--token``, ``--token-file`` (``-``: standard input) or the
+    environment. The last two keep it out of the command line, which every user may read."""
+    if args.token is not None:
+        token = str(args.token)
+    elif args.token_file is not None:
+        try:
+            if args.token_file == "-":  # noqa: S105 - standard input, not a token
+                token = sys.stdin.read()
+            else:
+                token = Path(args.token_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _EnrollError(f"cannot read the token: {exc}", 2) from exc
+    else:
+        token = os.environ.get(TOKEN_ENV, "")
+        if not token.strip():
+            raise _EnrollError(f"no device token: give --token-file PATH or set {TOKEN_ENV}", 2)
+    token = token.strip()
+    if not token:
+        raise _EnrollError("the device token is empty", 2)
+    return token
+
+
+def _device_self(cloud: str, token: str) -> dict[str, Any]:
+    try:
+        response = httpx.get(
+            f"{cloud}/v1/device", headers={"Authorization": f"Bearer {token}"}, timeout=15
+        )
+    except httpx.HTTPError as exc:
+        raise _EnrollError(f"cannot reach {cloud}: {exc}", 2) from exc
+    if response.status_code != 200:
+        raise _EnrollError(f"enrollment refused ({response.status_code}): {response.text}")
+    try:
+        body = response.json()
+        return {
+            "device_id": str(body["device"]["id"]),
+            "mqtt_url": str(body["mqtt_url"]),
+            "public_key": str(body["public_key"]),
+            "key_id": str(body["key_id"]),
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _EnrollError(f"{cloud} gave no device identity: {response.text[:200]}") from exc
+
+
 def enroll(args: argparse.Namespace) -> int:
     """Fetch the device's identity with its token; pin the cloud's public key."""
     cloud = args.cloud.rstrip("/")
-    try:
-        response = httpx.get(
-            f"{cloud}/v1/device", headers={"Authorization": f"Bearer {args.token}"}, timeout=15
-        )
-    except httpx.HTTPError as exc:
-        print(f"cannot reach {cloud}: {exc}", file=sys.stderr)
-        return 2
-    if response.status_code != 200:
-        print(f"enrollment refused ({response.status_code}): {response.text}", file=sys.stderr)
-        return 1
-    body = response.json()
-    config = {
-        "device_id": body["device"]["id"],
-        "token": args.token,
-        "cloud_url": cloud,
-        "mqtt_url": args.mqtt or body["mqtt_url"],
-        "public_key": body["public_key"],
-        "data_dir": str(Path(args.data_dir).resolve()),
-    }
     path = _config_path(args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(config, indent=2).encode())
-    os.chmod(path, 0o600)
-    print(f"enrolled {config['device_id']}; key {body['key_id']} pinned; config in {path}")
+    try:
+        token = _token(args)
+        device = _device_self(cloud, token)
+        config = {
+            "device_id": device["device_id"],
+            "token": token,
+            "cloud_url": cloud,
+            "mqtt_url": args.mqtt or device["mqtt_url"],
+            "public_key": device["public_key"],
+            "data_dir": str(Path(args.data_dir).resolve()),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # It holds the token: private from its creation on.
+            atomic_write(path, json.dumps(config, indent=2).encode(), mode=0o600)
+        except OSError as exc:
+            raise _EnrollError(f"cannot write {path}: {exc}") from exc
+    except _EnrollError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.code
+    print(f"enrolled {config['device_id']}; key {device['key_id']} pinned; config in {path}")
     return 0
 
 
@@ -65,25 +119,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     agent = Agent(settings)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop_signal = _stop_signal_pipe()
     agent.start()
     api_url = agent.api.url if agent.api is not None else None
-    if api_url is not None:
-        print(f"edge-agent {settings.device_id}: local API {api_url}", flush=True)
+    serving = f"local API {api_url}" if api_url is not None else "local API off"
+    print(f"edge-agent {settings.device_id}: {serving}", flush=True)
     ready_file = Path(args.ready_file) if args.ready_file else None
     if ready_file is not None:
         # Whoever started us (the demo, a supervisor) learns the port we were given.
         ready = {"device_id": settings.device_id, "api_url": api_url, "pid": os.getpid()}
         atomic_write(ready_file, json.dumps(ready).encode())
     try:
-        stop.wait()
+        os.read(stop_signal, 1)  # until SIGINT or SIGTERM, even one that came during start
         agent.stop()
     finally:
         if ready_file is not None:
             ready_file.unlink(missing_ok=True)
     return 0
+
+
+def _stop_signal_pipe() -> int:
+    """A pipe that SIGINT and SIGTERM write to; returns the end to read.
+
+    Python's own signal handling writes the signal's number to the wakeup fd as the signal
+    arrives, without a lock. A handler that set a threading.Event instead could deadlock:
+    it runs on the main thread, which may hold that Event's lock in ``wait()`` just then
+    (seen: an agent that ignored every SIGTERM, forever)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _noted_in_the_pipe)
+    return read_end
+
+
+def _noted_in_the_pipe(_sig: int, _frame: FrameType | None) -> None:
+    """The wakeup fd has the signal; replacing SIG_DFL is what puts it there."""
 
 
 def status(args: argparse.Namespace) -> int:
@@ -112,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_enroll = sub.add_parser("enroll", help="enroll with a device token from the cloud")
     p_enroll.add_argument("--cloud", required=True, help="cloud API URL")
-    p_enroll.add_argument("--token", required=True, help="the device token from enrollment")
+    token = p_enroll.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token", help="the device token from enrollment (visible to every user in `ps`)"
+    )
+    token.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"read the device token from PATH ('-': standard input); default: ${TOKEN_ENV}",
+    )
     p_enroll.add_argument("--mqtt", help="broker URL, if not the one the cloud announces")
     p_enroll.set_defaults(fn=enroll)
     p_run = sub.add_parser("run", help="run the agent")

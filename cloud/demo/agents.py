@@ -10,19 +10,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from cloud.embedded.processes import ChildProcess
+from cloud.embedded.processes import ChildProcess, describe_exit, run_all
 from shared.errors import EdgeFleetError, ServiceUnavailable
 
 __all__ = ["LocalAgent", "LocalAgents", "agent_command"]
 
 _LOGGER = logging.getLogger(__name__)
+_ENROLL_TIMEOUT_S = 60.0
 _READY_TIMEOUT_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 
@@ -42,11 +43,15 @@ class LocalAgent:
     home: Path
     log_path: Path
     child: ChildProcess
-    api_url: str = ""
+    api_url: str | None = None
 
     @property
     def ready_file(self) -> Path:
         return self.home / "ready.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "agent.json"
 
 
 def _raise_for(response: httpx.Response) -> Any:
@@ -62,20 +67,39 @@ def _raise_for(response: httpx.Response) -> Any:
     )
 
 
+def _reap(enroll: subprocess.Popen[str]) -> None:
+    if enroll.poll() is None:
+        enroll.kill()
+    enroll.wait()
+    if enroll.stdout is not None:
+        enroll.stdout.close()
+
+
 class LocalAgents:
     """N agents, each a device of its own: its data dir, its config file, its process."""
 
     def __init__(
-        self, *, command: list[str], api_url: str, admin_token: str, data_dir: Path, count: int
+        self,
+        *,
+        command: list[str],
+        api_url: str,
+        admin_token: str,
+        data_dir: Path,
+        count: int,
+        say: Callable[[str], None] = _LOGGER.info,
+        enroll_timeout: float = _ENROLL_TIMEOUT_S,
     ) -> None:
         self.command = command
         self.api_url = api_url
         self.root = data_dir / "agents"
         self.log_dir = data_dir / "logs"
+        self.say = say
+        self.enroll_timeout = enroll_timeout
         self.agents = [self._agent(f"demo-agent-{i}") for i in range(1, count + 1)]
         self._admin = httpx.Client(
             base_url=api_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
         )
+        self._seen_dead: set[str] = set()
 
     def _agent(self, device_id: str) -> LocalAgent:
         home = self.root / device_id
@@ -95,20 +119,15 @@ class LocalAgents:
         self, stop: threading.Event, *, without_login: Collection[str] = ()
     ) -> list[LocalAgent]:
         """Enroll every agent (`edge-agent enroll`, as on a device), start them all, and
-        return once each has written its ready file with its local API URL.
+        return once each has written its ready file with its local API URL (or at once
+        when ``stop`` is set).
 
         A device of an earlier run named in ``without_login`` (its broker has no login for
         it: that run's broker had no authentication) is given a new token, and with it one.
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        relogin = set(without_login)
-        enrolling = [(a, self._enroll(a, a.device_id in relogin)) for a in self.agents]
-        for agent, enroll in enrolling:
-            output, _ = enroll.communicate(timeout=60)
-            if enroll.returncode != 0:
-                raise ServiceUnavailable(
-                    f"edge-agent enroll for {agent.device_id} failed: {output.strip()}"
-                )
+        if not self._enroll_all(stop, set(without_login)):
+            return []
         for agent in self.agents:
             agent.ready_file.unlink(missing_ok=True)
             agent.child.spawn()
@@ -120,40 +139,131 @@ class LocalAgents:
                 what=f"{agent.device_id} (log {agent.log_path})",
             )
             if stop.is_set():
-                break
-            agent.api_url = str(json.loads(ready_file.read_text())["api_url"])
+                return []
+            api_url = json.loads(ready_file.read_text()).get("api_url")
+            agent.api_url = str(api_url) if api_url else None
         return self.agents
 
-    def _enroll(self, agent: LocalAgent, relogin: bool) -> subprocess.Popen[str]:
-        """Start `edge-agent enroll` with the device's token: a new device gets one from the
-        API; a device of an earlier run keeps its own and only learns the new addresses,
-        unless it needs a broker login (re-enrolled: a new token, which is that login)."""
-        config = agent.home / "agent.json"
-        if config.is_file() and relogin:
-            path = f"/v1/devices/{agent.device_id}/token"
-            token = str(_raise_for(self._admin.post(path))["token"])
-        elif config.is_file():
-            token = str(json.loads(config.read_text())["token"])
-        else:
-            enrolled = _raise_for(
-                self._admin.post(
-                    "/v1/devices", json={"device_id": agent.device_id, "labels": {"fleet": "demo"}}
+    def _enroll_all(self, stop: threading.Event, relogin: set[str]) -> bool:
+        """`edge-agent enroll` for every agent, side by side; False when stopped first.
+        Whatever happens, no enroll process outlives this call."""
+        running: list[tuple[LocalAgent, subprocess.Popen[str]]] = []
+        try:
+            for agent in self.agents:
+                if stop.is_set():
+                    return False
+                token = self._token(agent, agent.device_id in relogin)
+                running.append((agent, self._enroll(agent, token)))
+            return self._wait_enrolled(running, stop)
+        finally:
+            for _, enroll in running:
+                _reap(enroll)
+
+    def _wait_enrolled(
+        self, running: list[tuple[LocalAgent, subprocess.Popen[str]]], stop: threading.Event
+    ) -> bool:
+        deadline = time.monotonic() + self.enroll_timeout
+        waiting = list(running)
+        while waiting:
+            for agent, enroll in list(waiting):
+                code = enroll.poll()
+                if code is None:
+                    continue
+                waiting.remove((agent, enroll))
+                if code != 0:
+                    assert enroll.stdout is not None
+                    said = " ".join(enroll.stdout.read().split()) or "no message"
+                    raise ServiceUnavailable(
+                        f"`edge-agent enroll` for {agent.device_id} failed "
+                        f"({describe_exit(code)}): {said}"
+                    )
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(agent.device_id for agent, _ in waiting)
+                raise ServiceUnavailable(
+                    f"`edge-agent enroll` for {names} did not finish within "
+                    f"{self.enroll_timeout:g}s"
                 )
-            )
-            token = str(enrolled["token"])
+            if waiting and stop.wait(0.05):
+                return False
+        return True
+
+    def _enroll(self, agent: LocalAgent, token: str) -> subprocess.Popen[str]:
+        """Start `edge-agent enroll`, the token on its standard input: not in its argv
+        or environment, where others on the machine could read it."""
         argv = [
-            *self.command, "--data-dir", str(agent.home), "enroll",
-            "--cloud", self.api_url, "--token", token,
+            *self.command, "--log-level", "WARNING", "--data-dir", str(agent.home), "enroll",
+            "--cloud", self.api_url, "--token-file", "-",
         ]  # fmt: skip
-        return subprocess.Popen(
+        enroll = subprocess.Popen(
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=agent.child.env,
             start_new_session=True,
         )
+        assert enroll.stdin is not None
+        try:
+            enroll.stdin.write(token + "\n")
+            enroll.stdin.close()
+        except OSError:
+            pass  # it exited already: its status and output say why
+        return enroll
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def _token(self, agent: LocalAgent, relogin: bool) -> str:
+        """The token to enroll with. A device of an earlier run keeps its own, unless it
+        needs a broker login or the registry and its folder no longer agree: then it gets a
+        new one (or, gone from the registry, is enrolled again), and the demo says so."""
+        saved = self._saved_token(agent)
+        if saved is None:
+            return self._create(agent)
+        if relogin:
+            return self._rotate(agent)
+        answer = httpx.get(
+            f"{self.api_url}/v1/device", headers={"Authorization": f"Bearer {saved}"}, timeout=30
+        )
+        if answer.status_code != 401:
+            _raise_for(answer)
+            return saved
+        known = self._admin.get(f"/v1/devices/{agent.device_id}")
+        if known.status_code == 404:
+            self.say(
+                f"  {agent.device_id} is not in the registry any more (was it reset?): "
+                "enrolled again as a new device, its old models cleared"
+            )
+            shutil.rmtree(agent.home)
+            return self._create(agent)
+        _raise_for(known)
+        self.say(f"  {agent.device_id}: the registry refuses its saved token: a new token")
+        return self._rotate(agent)
+
+    def _saved_token(self, agent: LocalAgent) -> str | None:
+        config = agent.config_file
+        if not config.exists():
+            return None
+        try:
+            token = json.loads(config.read_text())["token"]
+            if not isinstance(token, str) or not token:
+                raise TypeError("no token")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.say(f"  {agent.device_id}: {config} is unreadable ({exc}): enrolling it again")
+            return None
+        return token
+
+    def _create(self, agent: LocalAgent) -> str:
+        answer = self._admin.post(
+            "/v1/devices", json={"device_id": agent.device_id, "labels": {"fleet": "demo"}}
+        )
+        if answer.status_code == 409:
+            self.say(f"  {agent.device_id} is enrolled, but its agent.json is gone: a new token")
+            return self._rotate(agent)
+        return str(_raise_for(answer)["token"])
+
+    def _rotate(self, agent: LocalAgent) -> str:
+        return str(_raise_for(self._admin.post(f"/v1/devices/{agent.device_id}/token"))["token"])
 
     # -- the model -------------------------------------------------------------------------
 
@@ -162,29 +272,47 @@ class LocalAgents:
         int8 = [int(v["version"]) for v in versions if v["precision"] == "int8"]
         return int8[-1] if int8 else None
 
-    def deploy(self, model: str, version: int) -> None:
+    def deploy(self, model: str, version: int) -> dict[str, int]:
+        """Each agent's new desired rev carrying ``model:version``."""
+        revs = {}
         for agent in self.agents:
-            _raise_for(
+            accepted = _raise_for(
                 self._admin.put(
                     f"/v1/devices/{agent.device_id}/deployments/{model}", json={"version": version}
                 )
             )
+            revs[agent.device_id] = int(accepted["rev"])
+        return revs
 
     def wait_active(
-        self, model: str, version: int, stop: threading.Event, timeout: float
+        self, model: str, version: int, revs: dict[str, int], stop: threading.Event, timeout: float
     ) -> list[LocalAgent]:
-        """The agents that report ``model:version`` active within ``timeout`` seconds."""
+        """The agents that report, within ``timeout`` seconds, ``model:version`` active
+        with their rev in ``revs`` applied: a report sent since that rev was signed, not
+        what the registry kept from an earlier run."""
         waiting = {a.device_id: a for a in self.agents}
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline and not stop.is_set():
             for device_id in list(waiting):
-                device = _raise_for(self._admin.get(f"/v1/devices/{device_id}"))
-                if (device.get("reported") or {}).get("active", {}).get(model) == version:
+                reported = _raise_for(self._admin.get(f"/v1/devices/{device_id}"))["reported"]
+                reported = reported or {}
+                fresh = int(reported.get("rev_applied", 0)) >= revs[device_id]
+                if fresh and reported.get("active", {}).get(model) == version:
                     del waiting[device_id]
             stop.wait(0.2)
         return [a for a in self.agents if a.device_id not in waiting]
 
-    # -- stop ------------------------------------------------------------------------------
+    # -- watch and stop --------------------------------------------------------------------
+
+    def newly_dead(self) -> list[tuple[LocalAgent, int]]:
+        """Agents that exited since the last call, with their exit status."""
+        dead = []
+        for agent in self.agents:
+            code = agent.child.exit_code()
+            if code is not None and agent.device_id not in self._seen_dead:
+                self._seen_dead.add(agent.device_id)
+                dead.append((agent, code))
+        return dead
 
     def pids(self) -> list[int]:
         return [a.child.pid for a in self.agents if a.child.pid is not None]
@@ -193,9 +321,13 @@ class LocalAgents:
         """SIGTERM to every agent at once, then wait for each (SIGKILL after a while)."""
         for agent in self.agents:
             agent.child.terminate()
-        for agent in self.agents:
-            try:
-                agent.child.stop(_STOP_TIMEOUT_S)
-            except (OSError, subprocess.SubprocessError):
-                _LOGGER.exception("stopping %s", agent.device_id)
-        self._admin.close()
+        run_all(
+            [
+                *((f"stopping {a.device_id}", self._stopper(a)) for a in self.agents),
+                ("closing the API client", self._admin.close),
+            ]
+        )
+
+    @staticmethod
+    def _stopper(agent: LocalAgent) -> Callable[[], None]:
+        return lambda: agent.child.stop(_STOP_TIMEOUT_S)

@@ -10,6 +10,7 @@ import httpx
 from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.embedded.processes import describe_exit
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
 from shared.errors import ServiceUnavailable
@@ -53,23 +54,44 @@ class DemoSession:
         self.say = say
         self.banner = banner
         self.fleet: LocalAgents | None = None
+        self._watching = False
 
     def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         self.banner(context, api_url)
-        cache = context.settings.data_dir.resolve() / "reference"
-        self.say(f"Reference models (built on first start, cached in {cache}):")
-        added = register_reference(
-            context, names=REFERENCE, actor="demo", progress=lambda msg: self.say(f"  {msg}")
-        )
-        if added:
-            self.say("  registered " + ", ".join(f"{m}:{v}" for m, v in added))
-        if self.count and not stop.is_set():
-            try:
+        try:
+            self._reference(context, stop)
+            if self.count and not stop.is_set():
                 self._agents(context, api_url, stop)
-            except httpx.HTTPError as exc:
-                raise ServiceUnavailable(f"the demo could not reach its own API: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"the demo could not reach its own API: {exc}") from exc
+        except OSError as exc:
+            raise ServiceUnavailable(f"the demo could not use its files: {exc}") from exc
         if not stop.is_set():
             self.say("Ctrl-C stops everything.")
+
+    def _reference(self, context: CloudContext, stop: threading.Event) -> None:
+        cache = context.settings.data_dir.resolve() / "reference"
+        self.say(f"Reference models (built on first start, cached in {cache}):")
+        finished: set[str] = set()
+
+        def progress(message: str) -> None:
+            # Each edge model brings the cloud model it is calibrated against along: once
+            # that one is done, its "already registered" would only repeat it.
+            name, _, step = message.partition(": ")
+            if step == "already registered" and name in finished:
+                return
+            if step in ("done", "already registered"):
+                finished.add(name)
+            self.say(f"  {message}")
+
+        added: list[tuple[str, int]] = []
+        # One model at a time, so that a Ctrl-C is heard between two (a build takes a while).
+        for name in REFERENCE:
+            if stop.is_set():
+                return
+            added += register_reference(context, names=[name], actor="demo", progress=progress)
+        if added:
+            self.say("  registered " + ", ".join(f"{m}:{v}" for m, v in added))
 
     def _agents(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         command = agent_command()
@@ -83,6 +105,7 @@ class DemoSession:
             admin_token=context.settings.admin_token,
             data_dir=data_dir,
             count=self.count,
+            say=self.say,
         )
         without_login = _without_broker_login(context, [a.device_id for a in self.fleet.agents])
         self.say(f"Local edge agents (`edge-agent run`, one device each, under {data_dir}/agents):")
@@ -92,30 +115,44 @@ class DemoSession:
                 "re-enrolling"
             )
         for agent in self.fleet.start(stop, without_login=without_login):
-            if agent.api_url:
-                self.say(f"  {agent.device_id}  local API {agent.api_url}  log {agent.log_path}")
+            api = f"local API {agent.api_url}" if agent.api_url else "local API off"
+            self.say(f"  {agent.device_id}  {api}  log {agent.log_path}")
         if stop.is_set():
             return
+        self._watching = True
         version = self.fleet.latest_int8(DEMO_MODEL)
         if version is None:
             self.say(f"  {DEMO_MODEL} has no INT8 version: nothing deployed")
             return
         self.say(f"Deploying {DEMO_MODEL}:{version} (INT8) to the agents over MQTT:")
-        self.fleet.deploy(DEMO_MODEL, version)
-        active = self.fleet.wait_active(DEMO_MODEL, version, stop, _ACTIVE_TIMEOUT_S)
+        revs = self.fleet.deploy(DEMO_MODEL, version)
+        active = self.fleet.wait_active(DEMO_MODEL, version, revs, stop, _ACTIVE_TIMEOUT_S)
         for agent in self.fleet.agents:
-            if agent in active:
+            if agent in active and agent.api_url:
                 self.say(
                     f"  {agent.device_id} serves it: POST {agent.api_url}/v2/models/"
                     f"{DEMO_MODEL}/infer (KServe v2)"
                 )
+            elif agent in active:
+                self.say(f"  {agent.device_id} serves it (its local API is off)")
             elif not stop.is_set():
                 self.say(
                     f"  {agent.device_id}: not active after {_ACTIVE_TIMEOUT_S:g}s; see "
                     f"GET {api_url}/v1/devices/{agent.device_id}/events and {agent.log_path}"
                 )
 
+    def tick(self) -> None:
+        """Called about every second: an agent that died is a warning, not the end."""
+        if self.fleet is None or not self._watching:
+            return
+        for agent, code in self.fleet.newly_dead():
+            self.say(
+                f"warning: {agent.device_id} exited ({describe_exit(code)}); "
+                f"see {agent.log_path}. The rest of the demo goes on."
+            )
+
     def stop(self) -> None:
         if self.fleet is not None:
+            self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")
             self.fleet.stop()

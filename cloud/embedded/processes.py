@@ -1,22 +1,49 @@
-"""Child processes in their own session that die with their parent, and free local ports."""
+"""Child processes in their own session that die with their parent, stop steps that all run
+even when one is interrupted, and free local ports."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import logging
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from shared.errors import ServiceUnavailable
 
-__all__ = ["ChildProcess", "free_port", "port_open", "wait_for_port"]
+__all__ = [
+    "ChildProcess",
+    "describe_exit",
+    "free_port",
+    "port_open",
+    "run_all",
+    "wait_for_port",
+]
+
+_LOGGER = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
+
+
+def _load_prctl() -> Callable[..., Any] | None:
+    try:
+        prctl: Callable[..., Any] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Loaded here, in the parent: between fork and exec the child may hold a lock another thread
+# of ours held at the fork, so it must not dlopen (or import, or allocate much) there.
+_PRCTL = _load_prctl()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,17 +72,48 @@ def wait_for_port(
         if port_open(host, port):
             return
         time.sleep(0.05)
-    raise ServiceUnavailable(f"nothing listened on {host}:{port} within {timeout}s")
+    raise ServiceUnavailable(f"nothing listened on {host}:{port} within {timeout:g}s")
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to the child when the thread that started it dies,
-    # even by SIGKILL; start children from a thread that lives as long as they should.
+def _die_with_parent(parent_pid: int) -> None:
+    # Runs in the child between fork and exec: prctl only. Linux then sends SIGTERM to the
+    # child when the thread that started it dies, even by SIGKILL; a parent that died before
+    # the prctl took effect is seen as a new parent pid, and the child leaves at once.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def describe_exit(code: int) -> str:
+    """An exit status as a person reads it: "code 3", "killed by SIGKILL"."""
+    if code >= 0:
+        return f"code {code}"
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
+def run_all(steps: Iterable[tuple[str, Callable[[], None]]]) -> None:
+    """Run every step, in order, even when one fails or a Ctrl-C interrupts it; then raise
+    KeyboardInterrupt if any step was interrupted, else the first error, if any."""
+    interrupted: KeyboardInterrupt | None = None
+    failed: Exception | None = None
+    for name, step in steps:
+        try:
+            step()
+        except KeyboardInterrupt as exc:
+            _LOGGER.warning("interrupted while %s", name)
+            interrupted = interrupted or exc
+        except Exception as exc:
+            _LOGGER.error("%s failed: %s", name, exc)
+            _LOGGER.debug("%s failed", name, exc_info=True)
+            failed = failed or exc
+    if interrupted is not None:
+        raise interrupted
+    if failed is not None:
+        raise failed
 
 
 class ChildProcess:
@@ -63,7 +121,8 @@ class ChildProcess:
 
     It runs in a session of its own, so a terminal's Ctrl-C (SIGINT to the whole
     foreground process group) reaches only us: we stop children in our own order, after
-    what still uses them.
+    what still uses them. Only ``stop()`` reaps it: until then its pid cannot be reused,
+    so signalling its process group stays safe even after it exited.
     """
 
     def __init__(
@@ -89,7 +148,7 @@ class ChildProcess:
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
         finally:
             if not isinstance(log, int):
@@ -109,8 +168,8 @@ class ChildProcess:
         """Poll ``ready`` until it holds; fail if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.process is None or self.process.poll() is not None:
-                code = self.process.returncode if self.process else None
+            code = self.exit_code() if self.process is not None else "never started"
+            if code is not None:
                 raise ServiceUnavailable(f"{what}: the process exited ({code}) during start")
             if ready():
                 return
@@ -124,30 +183,53 @@ class ChildProcess:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.exit_code() is None
+
+    def exit_code(self) -> int | None:
+        """The exit status once the process has ended (-N: killed by signal N), without
+        reaping it; None while it runs (or once ``stop()`` forgot it)."""
+        process = self.process
+        if process is None:
+            return None
+        if process.returncode is not None:
+            return process.returncode
+        try:
+            info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return process.poll()
+        if info is None:
+            return None
+        if info.si_code == os.CLD_EXITED:
+            return info.si_status
+        return -info.si_status
 
     def terminate(self) -> None:
         """Ask the process (and anything it started in its session) to stop; do not wait."""
         self._signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL."""
+        """SIGTERM, wait up to ``timeout``, then SIGKILL to whatever is left of its process
+        group, and reap it. Interrupted (a second Ctrl-C), it still kills and reaps."""
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            self.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                process.wait(timeout)
-        self.process = None
+        try:
+            if self.exit_code() is None:
+                self.terminate()
+                deadline = time.monotonic() + timeout
+                while self.exit_code() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            # Also what the leader left behind in its group; the leader, not yet reaped,
+            # keeps the group's id from being reused.
+            self._signal(signal.SIGKILL)
+            process.wait()  # SIGKILL cannot be ignored: this returns
+            self.process = None
 
     def _signal(self, sig: signal.Signals) -> None:
         process = self.process
-        if process is None or process.poll() is not None:
-            return
+        if process is None or process.returncode is not None:
+            return  # reaped: its pid may belong to someone else now
         # The child leads its own process group (new session): signal the group.
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from cloud.embedded.mosquitto import (
     MosquittoFiles,
     find_mosquitto,
 )
-from cloud.embedded.processes import ChildProcess, free_port
+from cloud.embedded.processes import ChildProcess, describe_exit, free_port, run_all
 from shared.errors import ServiceUnavailable
 
 __all__ = [
@@ -177,12 +178,37 @@ class EmbeddedServices(AbstractContextManager["EmbeddedServices"]):
     def pids(self) -> list[int]:
         return [c.pid for c in self.children.values() if c.pid is not None]
 
+    def died(self) -> str | None:
+        """Which child exited, how, and where its log is, said for a person; None while
+        every child runs. Nothing is reaped: ``stop`` still signals what it left behind."""
+        for name, child in self.children.items():
+            code = child.exit_code()
+            if code is not None:
+                what = (
+                    f"broker ({self.urls.embedded_broker})"
+                    if name == "mqtt" and self.urls
+                    else name
+                )
+                log = child.log_path.resolve() if child.log_path else "no log"
+                return f"the embedded {what} exited ({describe_exit(code)}); see {log}"
+        return None
+
     def stop(self) -> None:
-        """Stop the children, last started first; call it once nothing uses them any more."""
-        for name, child in reversed(list(self.children.items())):
+        """Stop the children, last started first; call it once nothing uses them any more.
+        Each is stopped even when stopping another failed or was interrupted."""
+        children = reversed(list(self.children.items()))
+        self.children = {}
+        run_all(
+            (f"stopping embedded {name}", self._stopper(name, child)) for name, child in children
+        )
+
+    @staticmethod
+    def _stopper(name: str, child: ChildProcess) -> Callable[[], None]:
+        def stop() -> None:
             _LOGGER.info("stopping embedded %s", name)
             child.stop()
-        self.children.clear()
+
+        return stop
 
     def __enter__(self) -> EmbeddedServices:
         self.start()

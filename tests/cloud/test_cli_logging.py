@@ -1,5 +1,5 @@
 """`edgefleet` logs our own packages at INFO and third-party libraries from WARNING;
-`--verbose` shows everything."""
+`--verbose` adds third-party INFO lines and our own DEBUG lines."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def test_by_default_only_our_loggers_say_info() -> None:
         assert _logger(name).isEnabledFor(logging.WARNING), name
     for name in ("cloud.launcher", "cloud.pipeline.service", "shared.mqtt_link"):
         assert logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -48,5 +49,9 @@ def test_verbose_shows_third_party_info_and_configuring_twice_keeps_one_handler(
     configure_logging(verbose=True)
     for name in THIRD_PARTY:
         assert _logger(name).isEnabledFor(logging.INFO), name
+    # --verbose used to leave our own loggers at INFO: their debug lines (tracebacks of the
+    # errors the CLI sums up in one line among them) never showed.
+    for name in ("cloud.launcher", "cloud.demo.agents", "shared.mqtt_link"):
+        assert logging.getLogger(name).isEnabledFor(logging.DEBUG), name
     ours = [h for h in logging.getLogger().handlers if type(h).__module__ == "cloud.cli"]
     assert len(ours) == 1

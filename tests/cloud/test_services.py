@@ -3,16 +3,21 @@ sessions of their own; the embedded broker is Mosquitto with per-device logins w
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 import redis
 
 from cloud.broker.provisioning import DynsecAccounts
+from cloud.embedded import processes
 from cloud.embedded.mosquitto import QUEUE_LIMITS, BrokerLogin, MosquittoFiles
 from cloud.embedded.processes import ChildProcess
 from cloud.embedded.services import BrokerChoice, EmbeddedServices, ServiceUrls, mqtt_address
@@ -70,13 +75,14 @@ def test_a_child_runs_in_its_own_session() -> None:
     not in it, so it is stopped by us, after what uses it, not by the terminal."""
     child = ChildProcess([sys.executable, "-c", "import time; time.sleep(60)"])
     child.spawn()
+    process = child.process
+    assert process is not None
     try:
-        assert child.pid is not None
-        assert os.getsid(child.pid) == child.pid
-        assert os.getpgid(child.pid) != os.getpgid(0)
+        assert os.getsid(process.pid) == process.pid
+        assert os.getpgid(process.pid) != os.getpgid(0)
     finally:
         child.stop()
-    assert not child.running
+    assert process.returncode == -signal.SIGTERM
 
 
 def test_stop_kills_a_child_that_ignores_sigterm() -> None:
@@ -87,8 +93,84 @@ def test_stop_kills_a_child_that_ignores_sigterm() -> None:
     assert child.process is not None
     process = child.process
     child.wait_until(lambda: _ignores_sigterm(process.pid), timeout=10, what="stubborn child")
-    child.stop(timeout=0.5)
+    child.stop(timeout=0.5)  # the grace SIGTERM gets; after SIGKILL, stop waits as long as needed
     assert process.returncode == -signal.SIGKILL
+
+
+def test_stop_kills_what_the_child_left_in_its_group_after_it_exited(tmp_path: Path) -> None:
+    """A leader that exits leaves its group behind (a shell's background job here): stop()
+    still signals the whole group, and nothing of it is left."""
+    pid_file = tmp_path / "orphan.pid"
+    child = ChildProcess(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exit 0"])
+    child.spawn()
+    _until_exited(child)
+    orphan = psutil.Process(int(pid_file.read_text()))
+    assert child.exit_code() == 0
+    assert orphan.is_running()
+    child.stop()
+    assert psutil.wait_procs([orphan], timeout=10)[1] == []
+
+
+def test_a_child_that_cannot_be_stopped_does_not_keep_the_others_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping Redis fails (or a second Ctrl-C interrupts it): the broker is stopped all
+    the same, and what went wrong is raised once both were dealt with."""
+    for trouble in (OSError("stop failed"), KeyboardInterrupt()):
+        services = _services(tmp_path)
+        broker = ChildProcess([sys.executable, "-c", "import time; time.sleep(60)"])
+        redis_child = ChildProcess([sys.executable, "-c", "import time; time.sleep(60)"])
+        broker.spawn()
+        redis_child.spawn()
+        services.children = {"mqtt": broker, "redis": redis_child}
+        processes = [psutil.Process(c.pid) for c in (broker, redis_child) if c.pid is not None]
+
+        def failing_stop(timeout: float = 5.0, error: BaseException = trouble) -> None:
+            raise error
+
+        monkeypatch.setattr(redis_child, "stop", failing_stop)
+        with pytest.raises(type(trouble)):
+            services.stop()
+        assert broker.process is None
+        assert not processes[0].is_running()
+        monkeypatch.undo()
+        redis_child.stop()
+        assert psutil.wait_procs(processes, timeout=10)[1] == []
+
+
+def test_a_dead_child_is_named_with_its_log_and_left_for_stop_to_reap(tmp_path: Path) -> None:
+    services = _services(tmp_path)
+    child = ChildProcess(
+        [sys.executable, "-c", "raise SystemExit(7)"], log_path=tmp_path / "redis.log"
+    )
+    services.children = {"redis": child}
+    assert services.died() is None
+    child.spawn()
+    _until_exited(child)
+    said = services.died()
+    assert said == f"the embedded redis exited (code 7); see {tmp_path / 'redis.log'}"
+    assert child.process is not None
+    assert child.process.returncode is None  # not reaped
+    services.stop()
+    assert services.children == {}
+
+
+def test_a_child_whose_parent_is_gone_before_it_runs_exits_at_once() -> None:
+    """Between fork and exec the child only calls prctl (libc was loaded by the parent), then
+    leaves if its parent is already another process: it would outlive the one that died."""
+    assert processes._PRCTL is not None
+    alive = subprocess.run(
+        [sys.executable, "-c", "print('ran')"],
+        preexec_fn=functools.partial(processes._die_with_parent, os.getpid()),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (alive.returncode, alive.stdout) == (0, "ran\n")
+    orphaned = subprocess.run(
+        [sys.executable, "-c", "print('ran')"],
+        preexec_fn=functools.partial(processes._die_with_parent, os.getpid() + 1),
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert (orphaned.returncode, orphaned.stdout) == (1, "")
 
 
 def test_waiting_for_a_child_that_exits_is_a_clear_error() -> None:
@@ -96,6 +178,12 @@ def test_waiting_for_a_child_that_exits_is_a_clear_error() -> None:
     child.spawn()
     with pytest.raises(ServiceUnavailable, match=r"exited \(3\)"):
         child.wait_until(lambda: False, timeout=10, what="short-lived")
+
+
+def _until_exited(child: ChildProcess) -> None:
+    deadline = time.monotonic() + 10
+    while child.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _ignores_sigterm(pid: int) -> bool:

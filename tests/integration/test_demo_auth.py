@@ -102,7 +102,7 @@ def test_a_fresh_demo_gives_each_device_its_own_broker_login(
 
         demo.interrupt()
         assert demo.proc.returncode == 0, demo.text
-        assert "Traceback" not in demo.text
+        demo.assert_no_traceback()
     finally:
         stop_demo(demo)
 

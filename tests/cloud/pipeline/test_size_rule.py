@@ -15,8 +15,10 @@ from shared.errors import GateFailed
 from tests.cloud.api.helpers import snapshot
 from tests.conftest import RunningApi, seed_reference_cache
 
-# Today the weak edge model's INT8 child is 1.29x its parent.
-SIZE_REFUSAL = r"digits-edge-weak:1 is 1\.\d\dx the size of its FP32 parent \(\d+ vs \d+ bytes\)"
+# The ratio itself (about 1.3 today) depends on onnxruntime's quantizer: not pinned, only
+# how it is said (the test asserts separately that it is above 1).
+RATIO = r"\d+\.\d\dx"
+SIZE_REFUSAL = rf"digits-edge-weak:1 is {RATIO} the size of its FP32 parent \(\d+ vs \d+ bytes\)"
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def weak_edge(context: CloudContext, reference_onnx: dict[str, bytes]) -> CloudC
     )
     assert added == [("digits-cloud", 1), ("digits-edge-weak", 1)]
     assert any(
-        re.search(r"digits-edge-weak: no INT8 version \(it would be 1\.\d\dx", s) for s in steps
+        re.search(rf"digits-edge-weak: no INT8 version \(it would be {RATIO}", s) for s in steps
     )
     return context
 
@@ -70,7 +72,7 @@ def test_allow_larger_registers_it_with_the_warning_in_metrics_and_audit(
         row = repository.get_version(s, model_name="digits-edge-weak", version=2)
         assert (row.precision, row.metrics["size_ratio"] > 1) == ("int8", True)
         [warning] = row.metrics["warnings"]
-        assert re.search(r"INT8 is 1\.\d\dx the size of its FP32 parent", warning)
+        assert re.search(rf"INT8 is {RATIO} the size of its FP32 parent", warning)
         audit = next(e for e in repository.list_audit(s) if e.subject == "digits-edge-weak:2")
         assert (audit.actor, audit.detail["warnings"]) == ("operator", [warning])
 
@@ -106,4 +108,4 @@ def test_over_rest_the_refusal_is_a_422_and_the_flag_is_explicit(
             data={"options": '{"cloud_model": "digits-cloud:1", "allow_larger": true}'},
         )
         assert allowed.status_code == 201, allowed.text
-        assert allowed.json()["metrics"]["warnings"][0].startswith("INT8 is 1.")
+        assert re.match(rf"INT8 is {RATIO} ", allowed.json()["metrics"]["warnings"][0])
