@@ -29,6 +29,15 @@ class CloudSettings(BaseSettings):
     # The cloud's own broker login (production ACLs give it edgefleet/v1/#).
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    # The fleet service's MQTT client id: the same at every start, so the broker keeps its
+    # persistent session (what devices said while it was down). One per replica, e.g.
+    # edgefleet-cloud-0; unset: edgefleet-cloud-<random>, made once and kept in the data dir.
+    mqtt_client_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Several replicas (each with its own client id) split device topics through
+    # $share/edgefleet-cloud/…. Off by default: Mosquitto 2.0 gives a share of the messages to
+    # offline members too, so a replica removed for good must have its session removed (or
+    # expire). Never used with the embedded broker (rumqttd cannot restore such a session).
+    mqtt_shared_subscription: bool = False
     # The broker address devices are told at enrollment (production: the public one).
     device_mqtt_url: str | None = None
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)

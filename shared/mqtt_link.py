@@ -5,16 +5,26 @@ connecting, ``online`` is published (retained) only after the broker accepted us
 subscription is renewed on every connect, the reconnect loop is ours (exponential backoff
 with full jitter, so a fleet coming back after an outage does not stampede the broker),
 and a handler that raises is logged and never kills the network loop.
+
+Only the network thread writes to the socket: paho's manual ``loop()`` would otherwise write
+from whichever thread publishes or acknowledges, and two threads interleaving a partly sent
+chunk corrupt the stream. A receiver that stores what it gets (the fleet service) opts into
+a persistent session and manual acknowledgements: it acks a message once it is safe, and
+whatever it had not acked when it went away is delivered again when it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
+import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -22,17 +32,81 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.retry import Backoff
 
-__all__ = ["Handler", "LinkStats", "MqttLink", "topic_matches"]
+__all__ = [
+    "Acker",
+    "Handler",
+    "Inbound",
+    "InboundHandler",
+    "LinkStats",
+    "MqttLink",
+    "ack_all",
+    "topic_matches",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 
 
+class Acker(Protocol):
+    """Who acknowledges an :class:`Inbound` (the link that received it)."""
+
+    def ack_many(self, items: Sequence[Inbound]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message whose acknowledgement is the receiver's to send, once it is safe."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    received_at: float  # time.monotonic() on arrival
+    acker: Acker = field(repr=False)
+    mid: int = 0
+    generation: int = 0  # the connection it came on
+
+    def ack(self) -> None:
+        """Tell the broker it may forget this message (a no-op for QoS 0)."""
+        self.acker.ack_many((self,))
+
+
+def ack_all(items: Iterable[Inbound]) -> None:
+    """Acknowledge many messages at once: their link writes the PUBACKs in one go."""
+    groups: dict[int, tuple[Acker, list[Inbound]]] = {}
+    for item in items:
+        groups.setdefault(id(item.acker), (item.acker, []))[1].append(item)
+    for acker, group in groups.values():
+        acker.ack_many(group)
+
+
+InboundHandler = Callable[[Inbound], None]
+_PUBACK = struct.Struct("!BBH")  # fixed header (PUBACK, remaining length 2), packet id
+
+
 def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching (``$share/group/`` ignored), compiled once per filter: paho's
+    ``topic_matches_sub`` builds a matcher on every call, microseconds on each message."""
+    return _compiled(pattern).fullmatch(topic) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
     if pattern.startswith("$share/"):
         pattern = pattern.split("/", 2)[2]
-    return bool(mqtt.topic_matches_sub(pattern, topic))
+    levels = pattern.split("/")
+    parts = []
+    for index, level in enumerate(levels):
+        if level == "#" and index == len(levels) - 1:
+            # "a/#" matches "a" too; a lone "#" matches everything (but see $ below).
+            parts.append("(?:/.*)?" if index else ".*")
+            continue
+        sep = "/" if index else ""
+        parts.append(sep + ("[^/]*" if level == "+" else re.escape(level)))
+    regex = "".join(parts)
+    if levels[0] in ("+", "#"):
+        regex = r"(?!\$)" + regex  # a leading wildcard never matches $SYS topics (MQTT 4.7.2)
+    return re.compile(regex, re.DOTALL)
 
 
 @dataclass
@@ -41,6 +115,11 @@ class LinkStats:
     refused: int = 0
     disconnects: int = 0
     handler_errors: int = 0
+    acks: int = 0
+    # Acks for a message received on an earlier connection are not sent: the broker
+    # delivers the message again on the new one, and that copy is acked instead.
+    stale_acks: int = 0
+    session_present: bool = False
     reconnect_delays: list[float] = field(default_factory=list)
 
 
@@ -66,7 +145,12 @@ class MqttLink:
         backoff: Backoff | None = None,
         keepalive: int = 30,
         on_connected: Callable[[], None] | None = None,
+        clean_session: bool = True,
+        manual_ack: bool = False,
     ) -> None:
+        """``clean_session=False`` with a stable ``client_id`` keeps the session (subscriptions
+        and unacknowledged QoS 1 messages) on the broker while we are away; ``manual_ack``
+        lets :meth:`subscribe_inbound` handlers ack once they have stored a message."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "tcp"):
             raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
@@ -78,19 +162,35 @@ class MqttLink:
         self.keepalive = keepalive
         self.on_connected = on_connected
         self.stats = LinkStats()
+        self.manual_ack = manual_ack
         self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._inbound: dict[str, tuple[InboundHandler, int]] = {}
         self._lock = threading.RLock()
+        # topic -> its handlers, filled on first sight (the network thread, under _lock) and
+        # emptied on every subscription change: no filter is matched twice for one topic.
+        self._routes: dict[str, tuple[list[Handler], list[InboundHandler]]] = {}
+        # Bumped whenever a connection ends or begins (under _ack_lock): which acks are stale.
+        self._generation = 0
+        self._ack_lock = threading.Lock()
         self._connected = threading.Event()
+        # SUBACKs still awaited for the subscriptions renewed at the last connect.
+        self._pending_subacks: set[int] = set()
+        self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            clean_session=True,
+            clean_session=clean_session,
             reconnect_on_failure=False,
+            manual_ack=manual_ack,
         )
+        # With a write hook registered, paho queues what other threads send and wakes our
+        # loop (its socket pair) instead of writing from their thread.
+        self._client.on_socket_register_write = _writes_stay_on_the_network_thread
         self._client.max_queued_messages_set(10_000)
         self._client.max_inflight_messages_set(100)
+        self._username, self._password = username, password
         if username is not None:
             self._client.username_pw_set(username, password)
         if will is not None:
@@ -99,6 +199,7 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
 
     # -- the interface -----------------------------------------------------------------
 
@@ -109,6 +210,11 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Connected, and the broker acknowledged every subscription: from now on it routes
+        what is published to us (or, in a kept session, holds it for us)."""
+        return self._connected.wait(timeout) and self._subscribed.wait(timeout)
+
     def start(self) -> None:
         self._thread = threading.Thread(
             target=self._run, name=f"mqtt-{self.client_id}", daemon=True
@@ -118,21 +224,41 @@ class MqttLink:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         with self._lock:
             self._handlers[topic_filter] = (handler, qos)
+            self._routes = {}
+        if self.connected:
+            self._client.subscribe(topic_filter, qos)
+
+    def subscribe_inbound(self, topic_filter: str, handler: InboundHandler, qos: int = 1) -> None:
+        """Like :meth:`subscribe`, but the handler gets an :class:`Inbound` and acks it itself
+        (needs ``manual_ack=True``); until it does, the broker keeps the message for us."""
+        if not self.manual_ack:
+            raise ValueError("subscribe_inbound needs an MqttLink made with manual_ack=True")
+        with self._lock:
+            self._inbound[topic_filter] = (handler, qos)
+            self._routes = {}
         if self.connected:
             self._client.subscribe(topic_filter, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._handlers.pop(topic_filter, None)
+            self._inbound.pop(topic_filter, None)
+            self._routes = {}
         if self.connected:
             self._client.unsubscribe(topic_filter)
 
     def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> bool:
-        """Queue a message; False if it could not even be queued (then the caller decides)."""
+        """True if the message is on its way: sent, or (QoS >= 1 while disconnected) kept by
+        paho, which sends it again after the next CONNACK. False if it was dropped: QoS 0
+        while disconnected, or paho's queue is full. The caller decides what False means."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        return info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            return True
+        # paho 2.2 keeps a QoS >= 1 message it could not send in its outgoing store and
+        # resends it on reconnect (Client._messages_reconnect_reset_out); QoS 0 is gone.
+        return info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say ``stopped`` (retained) and leave cleanly; the Last Will then does not fire."""
@@ -146,11 +272,37 @@ class MqttLink:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def forget_session(self, timeout: float = 5.0) -> bool:
+        """After :meth:`stop`: connect once with a clean session, so the broker drops ours
+        (its subscriptions and what it queued for us). For a client id that will not return."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
+        if self._username is not None:
+            client.username_pw_set(self._username, self._password)
+        accepted = threading.Event()
+
+        def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if not reason.is_failure:
+                accepted.set()
+
+        client.on_connect = on_connect
+        try:
+            client.connect(self.host, self.port, keepalive=self.keepalive)
+        except (OSError, ValueError):
+            return False
+        deadline = time.monotonic() + timeout
+        while not accepted.is_set() and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        client.disconnect()
+        client.loop(timeout=0.1)
+        return accepted.is_set()
+
     # -- the loop ----------------------------------------------------------------------
 
     def _run(self) -> None:
         attempt = 0
         while not self._stopping.is_set():
+            self._next_generation()
             try:
                 self._client.connect(self.host, self.port, keepalive=self.keepalive)
             except (OSError, ValueError) as exc:
@@ -185,7 +337,7 @@ class MqttLink:
 
     # -- paho callbacks (network thread) -------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             # Never mark a refused connection as up (a Frigate bug worth not copying).
             self.stats.refused += 1
@@ -193,10 +345,16 @@ class MqttLink:
             client.disconnect()
             return
         self.stats.connects += 1
+        self.stats.session_present = bool(flags.session_present)
         with self._lock:
             subscriptions = [(f, qos) for f, (_h, qos) in self._handlers.items()]
-        for topic_filter, qos in subscriptions:
-            client.subscribe(topic_filter, qos)
+            subscriptions += [(f, qos) for f, (_h, qos) in self._inbound.items()]
+        with self._lock:
+            self._subscribed.clear()
+            mids = (client.subscribe(f, qos)[1] for f, qos in subscriptions)
+            self._pending_subacks = {mid for mid in mids if mid is not None}
+            if not self._pending_subacks:
+                self._subscribed.set()
         if self.will is not None:
             client.publish(self.will.topic, self.will.online, qos=1, retain=True)
         self._connected.set()
@@ -208,18 +366,96 @@ class MqttLink:
             self.stats.disconnects += 1
             _LOGGER.info("%s: disconnected (%s)", self.client_id, reason)
         self._connected.clear()
+        self._next_generation()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        with self._lock:
+            self._pending_subacks.discard(mid)
+            if not self._pending_subacks:
+                self._subscribed.set()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            handlers = [
-                h for f, (h, _q) in self._handlers.items() if topic_matches(f, message.topic)
-            ]
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = ""  # matches no filter: logged below, and acked in manual mode
+        # Only this thread changes the generation: read without a lock, it is exact.
+        generation = self._generation
+        route = self._routes.get(topic)
+        if route is None:
+            route = self._route(topic)
+        handlers, inbound = route
         for handler in handlers:
-            self._safely(handler, message.topic, message.payload)
+            self._safely(handler, topic, message.payload)
+        if not self.manual_ack:
+            return  # paho acked it
+        payload = message.payload
+        item = Inbound(
+            topic, bytes(payload), message.qos, time.monotonic(), self, message.mid, generation
+        )
+        if not inbound:
+            # Nobody stores it (a plain handler, or a subscription left in our persistent
+            # session by an older version): ack now, or it would hold an inflight slot.
+            if not handlers:
+                _LOGGER.debug("%s: no handler for %r; acked", self.client_id, topic)
+            self.ack_many((item,))
+            return
+        for receiver in inbound:
+            if not self._safely(receiver, item):
+                # A handler that raised will not ack it; a slot held forever would stall us.
+                self.ack_many((item,))
 
-    def _safely(self, fn: Callable[..., None], *args: Any) -> None:
+    def _route(self, topic: str) -> tuple[list[Handler], list[InboundHandler]]:
+        with self._lock:
+            route = (
+                [h for f, (h, _q) in self._handlers.items() if topic_matches(f, topic)],
+                [h for f, (h, _q) in self._inbound.items() if topic_matches(f, topic)],
+            )
+            if len(self._routes) >= 50_000:
+                self._routes = {}
+            self._routes[topic] = route
+        return route
+
+    def ack_many(self, items: Sequence[Inbound]) -> None:
+        """Acknowledge received messages (manual-ack mode). Those from an earlier connection
+        are not: the broker delivers them again on this one, and those copies are acked."""
+        if not self.manual_ack:
+            return
+        with self._ack_lock:
+            current = self._generation
+            mids = []
+            for item in items:
+                if item.qos == 0:
+                    continue
+                if item.generation != current:
+                    self.stats.stale_acks += 1
+                elif item.qos == 1:
+                    mids.append(item.mid)
+                else:
+                    self._client.ack(item.mid, item.qos)
+            self.stats.acks += len(mids)
+            queue = getattr(self._client, "_packet_queue", None)
+            if queue is None or len(mids) < 2:
+                for mid in mids:
+                    self._client.ack(mid, 1)
+            else:
+                # One write (and one wake of the loop) for the lot: paho would send each
+                # 4-byte PUBACK alone, a system call per message at thousands a second.
+                queue(mqtt.PUBACK, b"".join(_PUBACK.pack(0x40, 2, m) for m in mids), 0, 1)
+
+    def _next_generation(self) -> None:
+        with self._ack_lock:
+            self._generation += 1
+
+    def _safely(self, fn: Callable[..., None], *args: Any) -> bool:
         try:
             fn(*args)
         except Exception:
             self.stats.handler_errors += 1
             _LOGGER.exception("%s: handler failed; the loop goes on", self.client_id)
+            return False
+        return True
+
+
+def _writes_stay_on_the_network_thread(_client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    """paho's write hook: nothing to do, our loop's select() wakes on paho's socket pair."""

@@ -22,7 +22,8 @@ __all__ = [
 ]
 
 PREFIX = "edgefleet/v1/"
-SHARED_GROUP = "$share/cloud/"
+# Cloud replicas in one group split device topics (DESIGN.md §3, the cloud's session).
+SHARED_GROUP = "$share/edgefleet-cloud/"
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -71,7 +72,8 @@ def device_topic(device_id: str, kind: DeviceTopic) -> str:
 def fleet_filter(kind: DeviceTopic, *, shared: bool = False) -> str:
     """The subscription filter for one kind of topic from every device.
 
-    ``shared=True`` gives the `$share/cloud/…` form so cloud replicas split the ingest.
+    ``shared=True`` gives the `$share/edgefleet-cloud/…` form so cloud replicas split the
+    ingest.
     """
     topic = f"{PREFIX}dev/+/{kind.value}"
     return f"{SHARED_GROUP}{topic}" if shared else topic

@@ -23,7 +23,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     )
     app.state.context = context
     app.state.fleet = fleet
-    app.state.metrics = ApiMetrics(context)
+    app.state.metrics = ApiMetrics(context, fleet)
     install_error_handlers(app)
     for module in (health, models, pipeline, devices, fleet_routes, artifacts, audit):
         app.include_router(module.router)

@@ -1,18 +1,23 @@
-"""Prometheus metrics of the API process, on a registry of its own (one per app)."""
+"""Prometheus metrics of the API process, on a registry of its own (one per app): requests,
+registry rows, and the fleet service's ingest backlog, drops and the broker's own counters."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloud.context import CloudContext
 from cloud.registry.tables import Device, Model, ModelVersion
+
+if TYPE_CHECKING:
+    from cloud.fleet.service import FleetService
 
 __all__ = ["ApiMetrics", "MetricsMiddleware"]
 
@@ -42,8 +47,75 @@ class _RegistryCollector(Collector):
         yield gauge
 
 
+class _FleetCollector(Collector):
+    """The fleet service's own view, read at scrape time: a backlog or drops are visible."""
+
+    def __init__(self, fleet: FleetService) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        ingest = self.fleet.ingest.snapshot()
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_queue_depth", "Device messages waiting to be stored", ingest.depth
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_queue_capacity", "Size of the ingest queue", ingest.capacity
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_ingest_oldest_message_age_seconds",
+            "Age of the oldest device message received and not yet stored",
+            ingest.oldest_age_s,
+        )
+        stored = CounterMetricFamily(
+            "edgefleet_ingest_stored", "Device messages stored (and acked)", labels=["kind"]
+        )
+        for kind, count in sorted(ingest.stored.items()):
+            stored.add_metric([kind], count)
+        yield stored
+        dropped = CounterMetricFamily(
+            "edgefleet_ingest_dropped",
+            "Device messages that can never be stored, acked and dropped",
+            labels=["reason"],
+        )
+        for reason, count in sorted(ingest.dropped.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+        for name, help_text, value in (
+            ("received", "Device messages received", ingest.received),
+            ("batches", "Batches written", ingest.batches),
+            ("retries", "Batch writes retried after a database error", ingest.retries),
+            ("redis_errors", "Batches whose live view update failed", ingest.redis_errors),
+            ("blocked", "Times the network thread waited for room in the queue", ingest.blocked),
+            ("backlog_warnings", "Backlog warnings logged", self.fleet.ingest.backlog.warnings),
+        ):
+            yield CounterMetricFamily(f"edgefleet_ingest_{name}", help_text, value)
+        yield GaugeMetricFamily(
+            "edgefleet_mqtt_connected", "The fleet service's broker session is up",
+            int(self.fleet.link.connected),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "edgefleet_chunk_broadcast_errors",
+            "Errors the chunk broadcaster logged and went past",
+            self.fleet.chunks.errors,
+        )
+        broker = self.fleet.broker
+        yield CounterMetricFamily(
+            "edgefleet_broker_drops_seen",
+            "Messages the broker dropped while the fleet service watched ($SYS)",
+            broker.dropped_seen,
+        )
+        values = GaugeMetricFamily(
+            "edgefleet_broker_sys",
+            "The broker's $SYS counters as last published (dropped: since the broker started)",
+            labels=["stat"],
+        )
+        for stat, value in sorted(broker.values.items()):
+            values.add_metric([stat], value)
+        yield values
+
+
 class ApiMetrics:
-    def __init__(self, context: CloudContext) -> None:
+    def __init__(self, context: CloudContext, fleet: FleetService | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "edgefleet_http_requests_total",
@@ -58,6 +130,8 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.registry.register(_RegistryCollector(context))
+        if fleet is not None:
+            self.registry.register(_FleetCollector(fleet))
 
 
 class MetricsMiddleware:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from cloud.broker.setup import (
     plugin_conf,
 )
 from shared.errors import ServiceUnavailable
+from shared.fsutil import atomic_write
 
 __all__ = [
     "BROKER_MAX_PAYLOAD",
@@ -36,9 +36,10 @@ BROKER_MAX_PAYLOAD = 2 * 1024 * 1024
 # The queue limits of deploy/mosquitto/edgefleet.conf, so the demo's broker drops (or keeps)
 # what production's does; tests/cloud/test_services.py keeps the two equal.
 QUEUE_LIMITS: dict[str, str] = {
-    "max_queued_messages": "5000",
+    "max_queued_messages": "500000",
     "max_queued_bytes": "268435456",
-    "max_inflight_messages": "100",
+    "max_inflight_messages": "2000",
+    "max_inflight_bytes": "8388608",
     "max_packet_size": str(BROKER_MAX_PAYLOAD),
     "persistent_client_expiration": "7d",
 }
@@ -68,17 +69,7 @@ def find_mosquitto() -> tuple[str, Path] | None:
 
 def write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically with a file that is mode 0600 from its creation on."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode(), mode=0o600)
 
 
 def mosquitto_conf(*, port: int, plugin: Path, dynsec_file: Path) -> str:

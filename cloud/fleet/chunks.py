@@ -46,6 +46,7 @@ class ChunkBroadcaster:
         self.requests = 0
         self.chunks_published = 0
         self.bytes_published = 0
+        self.errors = 0
         self._tokens = 0.0
         self._refilled = time.monotonic()
 
@@ -88,18 +89,25 @@ class ChunkBroadcaster:
             with self._lock:
                 batch, self._pending = self._pending, defaultdict(set)
             for sha256, indices in batch.items():
-                chunk_size = self.chunk_size_of(sha256)
-                if chunk_size is None:
-                    continue
-                for index in sorted(indices):
-                    try:
-                        data = self.store.read_chunk(sha256, index, chunk_size=chunk_size)
-                    except NotFound:
-                        _LOGGER.warning(
-                            "request for chunk %s of %s beyond its end", index, sha256[:12]
-                        )
-                        continue
-                    self._take(len(data))
-                    if self.publish(topics.artifact_chunk(sha256, index), data):
-                        self.chunks_published += 1
-                        self.bytes_published += len(data)
+                try:
+                    self._answer(sha256, indices)
+                except Exception:
+                    # A disk or database error must not end the broadcast for the whole
+                    # fleet: the loop goes on, and devices ask again for what they lack.
+                    self.errors += 1
+                    _LOGGER.exception("chunk broadcast of %s failed; going on", sha256[:12])
+
+    def _answer(self, sha256: str, indices: set[int]) -> None:
+        chunk_size = self.chunk_size_of(sha256)
+        if chunk_size is None:
+            return
+        for index in sorted(indices):
+            try:
+                data = self.store.read_chunk(sha256, index, chunk_size=chunk_size)
+            except NotFound:
+                _LOGGER.warning("request for chunk %s of %s beyond its end", index, sha256[:12])
+                continue
+            self._take(len(data))
+            if self.publish(topics.artifact_chunk(sha256, index), data):
+                self.chunks_published += 1
+                self.bytes_published += len(data)

@@ -1,48 +1,82 @@
 """FleetService: publishes desired state, serves artifact chunks, ingests what devices say
-(presence, reported state, deployment status, telemetry) into SQL history and Redis."""
+(presence, reported state, deployment status, telemetry) into SQL history and Redis, over
+one persistent MQTT session (DESIGN.md §3, the cloud's session)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 
 from cloud.context import CloudContext
 from cloud.fleet.chunks import ChunkBroadcaster
+from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
-from cloud.registry import repository
+from cloud.fleet.watch import BROKER_STATS, BrokerWatch
 from cloud.registry.tables import Artifact, DeploymentEvent
+from cloud.settings import CloudSettings
 from shared import topics
-from shared.errors import NotFound
-from shared.messages import (
-    ArtifactRequest,
-    DesiredState,
-    Presence,
-    ReportedState,
-    StatusEvent,
-    Telemetry,
-    decode,
-)
-from shared.mqtt_link import Handler, MqttLink
+from shared.errors import EdgeFleetError
+from shared.messages import ArtifactRequest, DesiredState, StatusEvent, decode
+from shared.mqtt_link import MqttLink
+from shared.retry import Backoff
 from shared.topics import DeviceTopic
 
-__all__ = ["FleetService"]
+__all__ = ["FleetService", "fleet_client_id"]
 
 _LOGGER = logging.getLogger(__name__)
-TELEMETRY_TTL_S = 3600
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def fleet_client_id(settings: CloudSettings) -> str:
+    """The same id at every start, so the broker keeps our session while we are away: the
+    configured one (one per replica), else one made once and kept in the data dir."""
+    if settings.mqtt_client_id:
+        return settings.mqtt_client_id
+    path = settings.data_dir / "mqtt-client-id"
+    try:
+        kept = path.read_text().strip()
+        if _CLIENT_ID.fullmatch(kept):
+            return kept
+    except FileNotFoundError:
+        pass
+    made = f"edgefleet-cloud-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(made + "\n")
+    return made
 
 
 class FleetService:
     def __init__(self, context: CloudContext) -> None:
         self.context = context
+        # Replicas split the ingest through a shared subscription when asked to; never on the
+        # embedded broker (rumqttd 0.20 panics when a persistent session holding one returns).
+        self.shared = (
+            context.settings.mqtt_shared_subscription and "mqtt" not in context.urls.embedded
+        )
+        # A persistent session: QoS 1 reports sent while we are down wait for us on the broker,
+        # and one is acked only once stored (the ingest acks after its commit).
         self.link = MqttLink(
             context.urls.mqtt_url,
-            client_id=f"edgefleet-cloud-{uuid.uuid4().hex[:8]}",
+            client_id=fleet_client_id(context.settings),
             username=context.settings.mqtt_username,
             password=context.settings.mqtt_password,
             on_connected=self._republish_desired,
+            clean_session=False,
+            manual_ack=True,
+        )
+        self.ingest = Ingest(context)
+        # The broker's $SYS counters, on a connection of their own: some brokers (rumqttd)
+        # close a connection that subscribes to $SYS, and it must not be the ingest's.
+        self.broker = BrokerWatch()
+        self.broker_link = MqttLink(
+            context.urls.mqtt_url,
+            client_id=f"{self.link.client_id}-sys",
+            username=context.settings.mqtt_username,
+            password=context.settings.mqtt_password,
+            backoff=Backoff(base=10.0, cap=600.0),
         )
         self.chunks = ChunkBroadcaster(
             context.artifacts,
@@ -53,39 +87,39 @@ class FleetService:
         self.desired = DesiredStateKeeper(
             context, lambda topic, doc: self.link.publish(topic, doc, retain=True)
         )
-        self.handlers: dict[DeviceTopic, Handler] = {
-            DeviceTopic.STATUS: self._on_status,
-            DeviceTopic.PRESENCE: self._on_presence,
-            DeviceTopic.REPORTED: self._on_reported,
-            DeviceTopic.TELEMETRY: self._on_telemetry,
-            DeviceTopic.ARTIFACT_REQUEST: self._on_artifact_request,
-        }
 
     def start(self, *, timeout: float = 10.0) -> None:
-        for kind, handler in self.handlers.items():
-            self.link.subscribe(topics.fleet_filter(kind), self._known_devices_only(handler), qos=1)
+        for kind in KINDS:
+            self.link.subscribe_inbound(
+                topics.fleet_filter(kind, shared=self.shared), self.ingest.submit, qos=1
+            )
+        self.link.subscribe(
+            topics.fleet_filter(DeviceTopic.ARTIFACT_REQUEST, shared=self.shared),
+            self._on_artifact_request,
+            qos=1,
+        )
+        for stat in BROKER_STATS:  # Mosquitto's $SYS counters; other brokers stay silent
+            self.broker_link.subscribe(stat, self.broker.on_stat, qos=0)
+        self.ingest.start()
         self.chunks.start()
         self.desired.start()
         self.link.start()
+        self.broker_link.start()
         if not self.link.wait_connected(timeout):
             _LOGGER.warning("fleet service not connected to the broker yet; retrying in background")
 
-    def stop(self) -> None:
+    def stop(self, *, forget_session: bool = False) -> None:
+        """Stop; the broker keeps our session (and queues device reports) for the next start,
+        unless ``forget_session`` (a cloud that will not come back under this client id)."""
         self.desired.stop()
         self.chunks.stop()
+        # Store and ack what is queued while the link is still up; what arrives meanwhile
+        # stays unacknowledged in our session for the next start.
+        self.ingest.stop()
         self.link.stop()
-
-    @staticmethod
-    def _known_devices_only(handler: Handler) -> Handler:
-        """A message from a device the registry does not know is a warning, not a trace."""
-
-        def guarded(topic: str, payload: bytes) -> None:
-            try:
-                handler(topic, payload)
-            except NotFound as exc:
-                _LOGGER.warning("ignored %s: %s", topic, exc.message)
-
-        return guarded
+        self.broker_link.stop(timeout=2.0)
+        if forget_session:
+            self.link.forget_session()
 
     # -- desired state -------------------------------------------------------------------
 
@@ -116,63 +150,13 @@ class FleetService:
         return size
 
     def _on_artifact_request(self, topic: str, payload: bytes) -> None:
-        topics.parse(topic)
-        self.chunks.request(decode(ArtifactRequest, payload))
+        try:
+            topics.parse(topic)
+            self.chunks.request(decode(ArtifactRequest, payload))
+        except EdgeFleetError as exc:  # malformed, or an artifact we do not have
+            _LOGGER.warning("ignored %s: %s", topic, exc.message)
 
-    # -- ingest --------------------------------------------------------------------------
-
-    def _device(self, topic: str) -> str:
-        device_id = topics.parse(topic).device_id
-        assert device_id is not None
-        return device_id
-
-    def _on_status(self, topic: str, payload: bytes) -> None:
-        device_id = self._device(topic)
-        event = decode(StatusEvent, payload)
-        with self.context.database.session() as s:
-            repository.touch_device(s, device_id=device_id)
-            s.add(
-                DeploymentEvent(
-                    device_id=device_id, rev=event.rev, rollout_id=event.rollout_id,
-                    model=event.model, version=event.version, state=event.state.value,
-                    reason=event.reason, bytes_done=event.bytes_done,
-                    bytes_total=event.bytes_total, at=event.at,
-                )
-            )  # fmt: skip
-        self.context.redis.hset(
-            f"edgefleet:device:{device_id}", "last_status", event.model_dump_json()
-        )
-
-    def _on_presence(self, topic: str, payload: bytes) -> None:
-        device_id = self._device(topic)
-        if not payload:
-            return
-        presence = decode(Presence, payload)
-        with self.context.database.session() as s:
-            repository.touch_device(s, device_id=device_id, presence=presence.state.value)
-        self.context.redis.hset(
-            f"edgefleet:device:{device_id}",
-            mapping={"presence": presence.state.value, "seen": datetime.now(UTC).isoformat()},
-        )
-
-    def _on_reported(self, topic: str, payload: bytes) -> None:
-        device_id = self._device(topic)
-        if not payload:
-            return
-        reported = decode(ReportedState, payload)
-        with self.context.database.session() as s:
-            device = repository.touch_device(s, device_id=device_id)
-            device.reported = reported.model_dump(mode="json")
-        self.context.redis.hset(
-            f"edgefleet:device:{device_id}", "reported", reported.model_dump_json()
-        )
-
-    def _on_telemetry(self, topic: str, payload: bytes) -> None:
-        device_id = self._device(topic)
-        telemetry = decode(Telemetry, payload)
-        key = f"edgefleet:telemetry:{device_id}"
-        self.context.redis.set(key, telemetry.model_dump_json(), ex=TELEMETRY_TTL_S)
-        self.context.redis.hincrby("edgefleet:telemetry:messages", device_id, 1)
+    # -- history -----------------------------------------------------------------------
 
     def events(self, device_id: str, limit: int = 100) -> list[dict[str, object]]:
         with self.context.database.session() as s:

@@ -144,6 +144,9 @@ class DeploymentEvent(Base):
     bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
     at: Mapped[datetime] = mapped_column(Timestamp)
     received_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    # blake2b-128 of (device id, payload bytes): a QoS 1 message the broker delivers again
+    # (its ack was lost with a connection) is stored once. NULL for rows from before 0005.
+    dedup_key: Mapped[str | None] = mapped_column(String(32), nullable=True, unique=True)
 
 
 class Rollout(Base):

@@ -29,7 +29,7 @@ def test_artifact_chunk_round_trips() -> None:
 def test_fleet_filters_cover_all_devices_and_can_be_shared() -> None:
     assert topics.fleet_filter(DeviceTopic.STATUS) == "edgefleet/v1/dev/+/status"
     assert topics.fleet_filter(DeviceTopic.STATUS, shared=True) == (
-        "$share/cloud/edgefleet/v1/dev/+/status"
+        "$share/edgefleet-cloud/edgefleet/v1/dev/+/status"
     )
 
 

@@ -1,0 +1,389 @@
+"""Ingest of what devices say (status, presence, reported state, telemetry), off the MQTT
+network thread: a bounded queue, one worker, one transaction per batch, and each QoS 1
+message acknowledged only once its batch is committed (DESIGN.md §3, the cloud's session)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+from sqlalchemy import Insert, Table, bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+
+from cloud.context import CloudContext
+from cloud.fleet.watch import BacklogWatch, Throttle
+from cloud.registry.tables import DeploymentEvent, Device
+from shared import topics
+from shared.errors import ProtocolError
+from shared.messages import Presence, ReportedState, StatusEvent, Telemetry, decode
+from shared.mqtt_link import Inbound, ack_all
+from shared.retry import Backoff
+from shared.topics import DeviceTopic
+
+__all__ = ["KINDS", "TELEMETRY_TTL_S", "Ingest", "IngestSnapshot"]
+
+_LOGGER = logging.getLogger(__name__)
+
+KINDS: dict[DeviceTopic, type[BaseModel]] = {
+    DeviceTopic.STATUS: StatusEvent,
+    DeviceTopic.PRESENCE: Presence,
+    DeviceTopic.REPORTED: ReportedState,
+    DeviceTopic.TELEMETRY: Telemetry,
+}
+TELEMETRY_TTL_S = 3600
+# A batch's live view in one Redis command: redis-py spends ~10 µs of Python on every command
+# of a pipeline, and a batch has one or two per device. ARGV[1] is the telemetry TTL, then
+# operations: h key field value (HSET) | t key value (SET with the TTL) | c device n (HINCRBY
+# of the telemetry counter, KEYS[1]).
+_LIVE_VIEW = """
+local i = 2
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'h' then
+    redis.call('HSET', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 't' then
+    redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', ARGV[1])
+    i = i + 3
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i + 1], ARGV[i + 2])
+    i = i + 3
+  end
+end
+return 0
+"""
+_TELEMETRY_COUNTS = "edgefleet:telemetry:messages"
+_EVENTS: Table = DeploymentEvent.__table__  # type: ignore[assignment]
+_DEVICES: Table = Device.__table__  # type: ignore[assignment]
+
+
+@dataclass(slots=True)
+class _Entry:
+    item: Inbound
+    kind: DeviceTopic
+    device_id: str
+    message: Any  # the decoded KINDS[kind]; None for an empty (retained-clear) payload
+
+
+@dataclass(frozen=True, slots=True)
+class IngestSnapshot:
+    """Counters and backlog at one instant (for /metrics and the log)."""
+
+    depth: int
+    capacity: int
+    oldest_age_s: float
+    received: int
+    stored: dict[str, int]
+    dropped: dict[str, int]
+    batches: int
+    retries: int
+    redis_errors: int
+    blocked: int
+
+
+class Ingest:
+    """Queue + worker. :meth:`submit` runs on the network thread and blocks while the queue
+    is full: unacknowledged messages then hold the broker's inflight window (backpressure),
+    and the broker queues the rest for our session. Nothing is dropped for lack of room."""
+
+    def __init__(
+        self,
+        context: CloudContext,
+        *,
+        capacity: int = 20_000,
+        max_batch: int = 2_000,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.context = context
+        self.capacity = capacity
+        self.max_batch = max_batch
+        self.backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self.backlog = BacklogWatch(capacity)
+        self.stored: dict[str, int] = defaultdict(int)
+        self.dropped: dict[str, int] = defaultdict(int)
+        self.received = self.batches = self.retries = self.redis_errors = self.blocked = 0
+        self._queue: queue.Queue[Inbound] = queue.Queue(capacity)
+        self._known: set[str] = set()
+        self._insert_events = _event_insert(context.database.engine.dialect.name)
+        self._live_view = context.redis.register_script(_LIVE_VIEW)
+        self._busy_since: float | None = None
+        self._closing = threading.Event()
+        self._abort = threading.Event()
+        self._throttle = Throttle()
+        self._thread = threading.Thread(target=self._run, name="fleet-ingest", daemon=True)
+
+    # -- the interface -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Store (and ack) what is queued, then stop; what cannot be stored in ``timeout``
+        stays unacknowledged, and the broker delivers it again to our next session."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            self._abort.set()
+            self._thread.join(5)
+
+    def submit(self, item: Inbound) -> None:
+        if self._closing.is_set():
+            return  # not acked: the broker keeps it for our next session
+        self.received += 1
+        try:
+            self._queue.put_nowait(item)
+            return
+        except queue.Full:
+            self.blocked += 1
+        started = time.monotonic()
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                waited = time.monotonic() - started
+                if waited > 5 and self._throttle.allow("blocked") is not None:
+                    _LOGGER.warning(
+                        "ingest queue full for %.0f s: the broker holds new messages", waited
+                    )
+
+    def oldest_age_s(self) -> float:
+        now = time.monotonic()
+        with self._queue.mutex:
+            head = self._queue.queue[0].received_at if self._queue.queue else None
+        busy = self._busy_since
+        starts = [t for t in (head, busy) if t is not None]
+        return now - min(starts) if starts else 0.0
+
+    def snapshot(self) -> IngestSnapshot:
+        return IngestSnapshot(
+            depth=self._queue.qsize(), capacity=self.capacity, oldest_age_s=self.oldest_age_s(),
+            received=self.received, stored=dict(self.stored), dropped=dict(self.dropped),
+            batches=self.batches, retries=self.retries, redis_errors=self.redis_errors,
+            blocked=self.blocked,
+        )  # fmt: skip
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                self.backlog.check(0, self.oldest_age_s())
+                if self._closing.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._busy_since = first.received_at
+            try:
+                self._process(batch)
+            except Exception:
+                # A bug, not the data or the database: drop the batch, keep ingesting.
+                _LOGGER.exception("ingest failed on a batch of %d; dropped", len(batch))
+                for item in batch:
+                    self._drop(item, "error", None)
+            finally:
+                self._busy_since = None
+            self.backlog.check(self._queue.qsize(), self.oldest_age_s())
+            if self._abort.is_set():
+                return
+
+    def _process(self, batch: list[Inbound]) -> None:
+        entries = [entry for item in batch if (entry := self._parse(item)) is not None]
+        if entries:
+            self._store(entries)
+        self.batches += 1
+
+    def _parse(self, item: Inbound) -> _Entry | None:
+        try:
+            parsed = topics.parse(item.topic)
+            kind, device_id = parsed.kind, parsed.device_id
+            if kind not in KINDS or kind is None or device_id is None:
+                raise ProtocolError(f"not a topic the cloud ingests: {item.topic!r}")
+            cls = KINDS[kind]
+            if not item.payload and cls in (StatusEvent, Telemetry):
+                raise ProtocolError("empty payload")
+            message = decode(cls, item.payload) if item.payload else None
+        except ProtocolError as exc:
+            self._drop(item, "malformed", f"{item.topic}: {exc.message}")
+            return None
+        return _Entry(item, kind, device_id, message)
+
+    def _known_only(self, entries: list[_Entry]) -> list[_Entry]:
+        """Messages from devices the registry does not know are dropped (one query per miss)."""
+        missing = {e.device_id for e in entries} - self._known
+        if missing:
+            with self.context.database.session() as s:
+                self._known.update(s.scalars(select(Device.id).where(Device.id.in_(missing))))
+        kept = []
+        for entry in entries:
+            if entry.device_id in self._known:
+                kept.append(entry)
+            else:
+                self._drop(entry.item, "unknown_device", f"{entry.item.topic}: not enrolled")
+        return kept
+
+    def _store(self, entries: list[_Entry]) -> None:
+        """Commit, update the live view, ack. A database that is down is waited for (the
+        batch stays unacknowledged); a message the database refuses is found and dropped."""
+        attempt, suspect = 0, False
+        while True:
+            try:
+                entries = self._known_only(entries)
+                if entries:
+                    self._commit(entries)
+                break
+            except (IntegrityError, DataError) as exc:
+                # A device deleted since we cached it (the retry re-reads the registry), or
+                # a message the schema refuses: then store one by one to find it.
+                self._known.clear()
+                if not suspect:
+                    suspect = True
+                    continue
+                if len(entries) > 1:
+                    for entry in entries:
+                        if not self._abort.is_set():
+                            self._store([entry])
+                    return
+                self._drop(entries[0].item, "unstorable", f"{entries[0].item.topic}: {exc.orig}")
+                return
+            except SQLAlchemyError as exc:
+                self.retries += 1
+                delay = self.backoff.delay(attempt)
+                attempt += 1
+                if (held := self._throttle.allow("db")) is not None:
+                    _LOGGER.warning(
+                        "ingest: database error (%s); batch of %d kept unacknowledged, retry "
+                        "in %.1f s%s", type(exc).__name__, len(entries), delay, _held(held),
+                    )  # fmt: skip
+                if self._abort.wait(delay):
+                    return
+        if not entries:
+            return
+        self._publish_live(entries)
+        ack_all(entry.item for entry in entries)
+        for entry in entries:
+            self.stored[entry.kind.value] += 1
+
+    def _commit(self, entries: list[_Entry]) -> None:
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
+        touched: set[str] = set()
+        presence: dict[str, str] = {}
+        reported: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            message, device_id = entry.message, entry.device_id
+            if entry.kind is DeviceTopic.STATUS:
+                rows.append(_event_row(device_id, message, entry.item.payload, now))
+            elif entry.kind is DeviceTopic.PRESENCE and message is not None:
+                presence[device_id] = message.state.value
+            elif entry.kind is DeviceTopic.REPORTED and message is not None:
+                reported[device_id] = message.model_dump(mode="json")
+            else:
+                continue
+            touched.add(device_id)
+        if not touched:
+            return  # telemetry (Redis only) and cleared retained topics
+        by_state: dict[str, list[str]] = defaultdict(list)
+        for device_id, state in sorted(presence.items()):
+            by_state[state].append(device_id)
+        with self.context.database.session() as s:
+            # Rows in id order, so replicas sharing the ingest lock them in the same order.
+            s.execute(
+                update(_DEVICES).where(_DEVICES.c.id.in_(sorted(touched))).values(last_seen_at=now)
+            )
+            for state, device_ids in by_state.items():
+                s.execute(
+                    update(_DEVICES).where(_DEVICES.c.id.in_(device_ids)).values(presence=state)
+                )
+            if reported:
+                s.execute(
+                    update(_DEVICES)
+                    .where(_DEVICES.c.id == bindparam("b_id"))
+                    .values(reported=bindparam("b_reported")),
+                    [{"b_id": d, "b_reported": r} for d, r in sorted(reported.items())],
+                )
+            if rows:
+                s.execute(self._insert_events, rows)
+
+    def _publish_live(self, entries: list[_Entry]) -> None:
+        """The live view in Redis: the last of each kind per device, in one round trip."""
+        last: dict[tuple[str, DeviceTopic], _Entry] = {}
+        telemetry: dict[str, int] = defaultdict(int)
+        for entry in entries:
+            if entry.message is not None:
+                last[(entry.device_id, entry.kind)] = entry
+            if entry.kind is DeviceTopic.TELEMETRY:
+                telemetry[entry.device_id] += 1
+        seen = datetime.now(UTC).isoformat()
+        args: list[str | int] = [TELEMETRY_TTL_S]
+        for (device_id, kind), entry in last.items():
+            key = f"edgefleet:device:{device_id}"
+            if kind is DeviceTopic.STATUS:
+                args += ("h", key, "last_status", entry.message.model_dump_json())
+            elif kind is DeviceTopic.PRESENCE:
+                args += ("h", key, "presence", entry.message.state.value)
+                args += ("h", key, "seen", seen)
+            elif kind is DeviceTopic.REPORTED:
+                args += ("h", key, "reported", entry.message.model_dump_json())
+            else:
+                json = entry.message.model_dump_json()
+                args += ("t", f"edgefleet:telemetry:{device_id}", json)
+        for device_id, count in telemetry.items():
+            args += ("c", device_id, count)
+        try:
+            self._live_view(keys=[_TELEMETRY_COUNTS], args=args)
+        except redis.RedisError as exc:
+            # SQL holds the history; the live view catches up with the next message.
+            self.redis_errors += 1
+            if (held := self._throttle.allow("redis")) is not None:
+                _LOGGER.warning("ingest: live view not updated: %s%s", exc, _held(held))
+
+    def _drop(self, item: Inbound, reason: str, detail: str | None) -> None:
+        """A message that can never be stored is acked (or it would come back forever)."""
+        item.ack()
+        self.dropped[reason] += 1
+        if detail is not None and (held := self._throttle.allow(reason)) is not None:
+            _LOGGER.warning("ingest dropped a message (%s): %s%s", reason, detail, _held(held))
+
+
+def _held(count: int) -> str:
+    return f" ({count} more like it not logged)" if count else ""
+
+
+def _event_row(device_id: str, event: StatusEvent, payload: bytes, now: datetime) -> dict[str, Any]:
+    return {
+        "device_id": device_id, "rev": event.rev, "rollout_id": event.rollout_id,
+        "model": event.model, "version": event.version, "state": event.state.value,
+        "reason": event.reason, "bytes_done": event.bytes_done,
+        "bytes_total": event.bytes_total, "at": event.at, "received_at": now,
+        # The same bytes from the same device are the same event: a QoS 1 message
+        # delivered again (its ack was lost) is stored once.
+        "dedup_key": hashlib.blake2b(
+            device_id.encode() + b"\0" + payload, digest_size=16
+        ).hexdigest(),
+    }  # fmt: skip
+
+
+def _event_insert(dialect: str) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(_EVENTS).on_conflict_do_nothing(index_elements=["dedup_key"])
+    if dialect == "sqlite":
+        return sqlite.insert(_EVENTS).on_conflict_do_nothing(index_elements=["dedup_key"])
+    return insert(_EVENTS)

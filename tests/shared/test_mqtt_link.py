@@ -1,0 +1,148 @@
+"""MqttLink on a real Mosquitto: what publish reports, and manual acks on a kept session."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from shared.mqtt_link import Inbound, MqttLink, ack_all, topic_matches
+from shared.retry import Backoff
+from tests.fleet_harness import wait_for
+from tests.mosquitto import mosquitto
+
+TOPIC = "edgefleet/v1/test/link"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[str]:
+    with mosquitto(tmp_path / "broker") as port:
+        yield f"mqtt://127.0.0.1:{port}"
+
+
+def _link(url: str, client_id: str | None = None, **options: object) -> MqttLink:
+    return MqttLink(
+        url,
+        client_id=client_id or f"link-{uuid.uuid4().hex[:8]}",
+        backoff=Backoff(base=0.05, cap=0.2),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+class Listener:
+    """A plain paho client that records the payloads published on ``TOPIC``."""
+
+    def __init__(self, url: str) -> None:
+        self.got: list[bytes] = []
+        subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="listener")
+        self.client.on_message = lambda _c, _u, m: self.got.append(m.payload)
+        self.client.on_subscribe = lambda *_a: subscribed.set()
+        self.client.connect("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        self.client.loop_start()
+        self.client.subscribe(TOPIC, qos=1)
+        assert subscribed.wait(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_publish_while_disconnected_says_whether_the_message_survives(broker: str) -> None:
+    """QoS 0 while disconnected is dropped (False); QoS 1 is kept by paho and sent after the
+    CONNACK (True, and it arrives); a full outgoing queue is False."""
+    listener = Listener(broker)
+    link = _link(broker)
+    try:
+        assert link.publish(TOPIC, b"qos0", qos=0) is False
+        assert link.publish(TOPIC, b"qos1", qos=1) is True
+        link.start()
+        wait_for(lambda: b"qos1" in listener.got, 10, "the kept QoS 1 message")
+        assert b"qos0" not in listener.got
+    finally:
+        link.stop()
+        listener.close()
+    offline = _link("mqtt://127.0.0.1:9")  # never started: everything stays queued
+    results = [offline.publish(TOPIC, b"x", qos=1) for _ in range(10_001)]
+    assert results[:10_000] == [True] * 10_000
+    assert results[10_000] is False
+
+
+def test_an_unacked_message_comes_back_to_the_kept_session(broker: str) -> None:
+    """With a persistent session and manual acks, what the receiver acked (two at once: one
+    write of two PUBACKs) is gone for good, and what it did not ack is delivered again when
+    it reconnects under the same id."""
+    client_id = f"keeper-{uuid.uuid4().hex[:6]}"
+    received: list[Inbound] = []
+    first = _link(broker, client_id, clean_session=False, manual_ack=True)
+    first.subscribe_inbound(TOPIC, received.append)
+    first.start()
+    assert first.wait_subscribed(10)
+    sender = _link(broker)
+    sender.start()
+    assert sender.wait_connected(10)
+    for payload in (b"acked-1", b"left", b"acked-2"):
+        sender.publish(TOPIC, payload, qos=1)
+    wait_for(lambda: len(received) == 3, 10, "the three messages")
+    ack_all(m for m in received if m.payload.startswith(b"acked"))
+    wait_for(lambda: first.stats.acks == 2, 5, "the acks to leave")
+    first.stop()
+    stale = next(m for m in received if m.payload == b"left")
+
+    again: list[Inbound] = []
+    second = _link(broker, client_id, clean_session=False, manual_ack=True)
+    second.subscribe_inbound(TOPIC, again.append)
+    second.start()
+    try:
+        wait_for(lambda: again, 10, "the redelivered message")
+        assert [m.payload for m in again] == [b"left"]
+        assert second.stats.session_present
+        stale.ack()  # from the first connection: not sent on this one
+        assert first.stats.stale_acks == 1
+    finally:
+        second.stop()
+        sender.stop()
+        assert second.forget_session()
+
+
+def test_a_receiver_that_raises_does_not_hold_the_message_forever(broker: str) -> None:
+    """An inbound handler that fails is logged and its message acked: it would otherwise
+    hold one of the broker's inflight slots for the whole session."""
+    link = _link(broker, clean_session=True, manual_ack=True)
+
+    def broken(_message: Inbound) -> None:
+        raise RuntimeError("bug")
+
+    link.subscribe_inbound(TOPIC, broken)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        link.publish(TOPIC, b"x", qos=1)
+        wait_for(lambda: link.stats.acks == 1, 10, "the ack of the failed message")
+        assert link.stats.handler_errors == 1
+    finally:
+        link.stop()
+
+
+def test_manual_acks_must_be_asked_for() -> None:
+    """subscribe_inbound on an auto-ack link is a programming error, said at once."""
+    with pytest.raises(ValueError, match="manual_ack"):
+        _link("mqtt://127.0.0.1:9").subscribe_inbound(TOPIC, lambda _m: None)
+
+
+def test_filters_match_as_paho_matches_them() -> None:
+    """The compiled filter matcher agrees with paho's on wildcards, empty levels and $SYS
+    topics, and ignores a shared subscription's group."""
+    filters = ["#", "+", "a", "a/b", "a/+", "a/#", "+/b", "+/+", "a/+/c", "+/#", "$SYS/#", "/+"]
+    topics = ["a", "a/b", "a/b/c", "b", "$SYS/x", "$SYS", "a//b", "/a", "a/", "x/b"]
+    for pattern, topic in itertools.product(filters, topics):
+        assert topic_matches(pattern, topic) == mqtt.topic_matches_sub(pattern, topic), (
+            pattern,
+            topic,
+        )
+    assert topic_matches("$share/edgefleet-cloud/a/+", "a/x")
