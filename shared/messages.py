@@ -55,7 +55,13 @@ SCHEMA_VERSION = 1
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 TensorName = Annotated[str, Field(min_length=1, max_length=256)]
+# Device reports are bounded in what they may hold (a hostile device must not fill the
+# cloud's memory, Redis or SQL): counters and capabilities by name, models by count.
+Key = Annotated[str, Field(min_length=1, max_length=64)]
 MAX_CHUNKS = 65_536
+MAX_KEYS = 256
+MAX_MODELS = 64
+MAX_BUCKETS = 64
 
 
 class Message(BaseModel):
@@ -222,9 +228,11 @@ class DesiredState(Message):
 
 class ReportedState(Message):
     rev_applied: int = Field(ge=0)
-    active: dict[Name, int] = Field(default_factory=dict)
+    active: dict[Name, int] = Field(default_factory=dict, max_length=MAX_MODELS)
     agent_version: str = Field(max_length=64)
-    capabilities: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    capabilities: dict[Key, Annotated[str, Field(max_length=256)] | int | float | bool] = Field(
+        default_factory=dict, max_length=MAX_KEYS
+    )
 
 
 class DeploymentState(StrEnum):
@@ -266,8 +274,8 @@ class Presence(Message):
 class Histogram(Part):
     """Counts per bucket; ``bounds`` are upper bounds, the last bucket is +inf."""
 
-    bounds: list[float]
-    counts: list[Annotated[int, Field(ge=0)]]
+    bounds: list[float] = Field(max_length=MAX_BUCKETS)
+    counts: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_BUCKETS + 1)
 
     @model_validator(mode="after")
     def _shape(self) -> Histogram:
@@ -280,9 +288,11 @@ class Histogram(Part):
 
 class Telemetry(Message):
     window_s: float = Field(gt=0)
-    counts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    counts: dict[Key, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=MAX_KEYS
+    )
     latency_ms: Histogram | None = None
-    active: dict[Name, int] = Field(default_factory=dict)
+    active: dict[Name, int] = Field(default_factory=dict, max_length=MAX_MODELS)
     cpu_percent: float | None = Field(default=None, ge=0)
     rss_bytes: int | None = Field(default=None, ge=0)
     at: datetime

@@ -98,6 +98,11 @@ class _FleetCollector(Collector):
             "Errors the chunk broadcaster logged and went past",
             self.fleet.chunks.errors,
         )
+        yield CounterMetricFamily(
+            "edgefleet_chunk_requests_refused",
+            "Chunk requests for an artifact outside the asking device's desired state",
+            self.fleet.refused_requests,
+        )
         broker = self.fleet.broker
         yield CounterMetricFamily(
             "edgefleet_broker_drops_seen",

@@ -30,7 +30,7 @@ from shared.mqtt_link import Inbound, ack_all
 from shared.retry import Backoff
 from shared.topics import DeviceTopic
 
-__all__ = ["KINDS", "TELEMETRY_TTL_S", "Ingest", "IngestSnapshot"]
+__all__ = ["KINDS", "MAX_PAYLOAD", "TELEMETRY_TTL_S", "Ingest", "IngestSnapshot"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ KINDS: dict[DeviceTopic, type[BaseModel]] = {
     DeviceTopic.PRESENCE: Presence,
     DeviceTopic.REPORTED: ReportedState,
     DeviceTopic.TELEMETRY: Telemetry,
+}
+# What one report may weigh, checked before it is decoded: a status or telemetry window is
+# a few hundred bytes; the bounds leave room for growth, none for a flood of keys.
+MAX_PAYLOAD: dict[DeviceTopic, int] = {
+    DeviceTopic.STATUS: 8 * 1024,
+    DeviceTopic.PRESENCE: 1024,
+    DeviceTopic.REPORTED: 64 * 1024,
+    DeviceTopic.TELEMETRY: 32 * 1024,
 }
 TELEMETRY_TTL_S = 3600
 # A batch's live view in one Redis command: redis-py spends ~10 µs of Python on every command
@@ -217,6 +225,12 @@ class Ingest:
             if kind not in KINDS or kind is None or device_id is None:
                 raise ProtocolError(f"not a topic the cloud ingests: {item.topic!r}")
             cls = KINDS[kind]
+            if len(item.payload) > MAX_PAYLOAD[kind]:
+                self._drop(
+                    item, "oversize",
+                    f"{item.topic}: {len(item.payload)} bytes, at most {MAX_PAYLOAD[kind]}",
+                )  # fmt: skip
+                return None
             if not item.payload and cls in (StatusEvent, Telemetry):
                 raise ProtocolError("empty payload")
             message = decode(cls, item.payload) if item.payload else None

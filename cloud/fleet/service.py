@@ -11,10 +11,11 @@ import uuid
 from sqlalchemy import select
 
 from cloud.context import CloudContext
+from cloud.fleet.access import ArtifactAccess
 from cloud.fleet.chunks import ChunkBroadcaster
 from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
-from cloud.fleet.watch import BROKER_STATS, BrokerWatch
+from cloud.fleet.watch import BROKER_STATS, BrokerWatch, Throttle
 from cloud.registry.tables import Artifact, DeploymentEvent
 from cloud.settings import CloudSettings
 from shared import topics
@@ -84,6 +85,9 @@ class FleetService:
             chunk_size_of=self._chunk_size,
         )
         self._chunk_sizes: dict[str, int] = {}
+        self.access = ArtifactAccess(context)
+        self.refused_requests = 0
+        self._throttle = Throttle()
         self.desired = DesiredStateKeeper(
             context, lambda topic, doc: self.link.publish(topic, doc, retain=True)
         )
@@ -128,9 +132,12 @@ class FleetService:
     ) -> DesiredState:
         """Point ``device_id`` at ``model:version``: a new rev, signed and stored in SQL under
         the device's row lock, then published (see ``DesiredStateKeeper``)."""
-        return self.desired.deploy(
-            device_id=device_id, model=model, version=version, rollout_id=rollout_id
-        )
+        try:
+            return self.desired.deploy(
+                device_id=device_id, model=model, version=version, rollout_id=rollout_id
+            )
+        finally:
+            self.access.forget(device_id)
 
     def _republish_desired(self) -> None:
         """Retained documents die with a broker that keeps nothing: give them back from SQL
@@ -150,9 +157,22 @@ class FleetService:
         return size
 
     def _on_artifact_request(self, topic: str, payload: bytes) -> None:
+        """Honoured only for an artifact in the asking device's own desired state: any other
+        request (a stranger's model, a cloud-only one) is refused, or anyone able to publish
+        a request could make the cloud broadcast any artifact to the whole broker."""
         try:
-            topics.parse(topic)
-            self.chunks.request(decode(ArtifactRequest, payload))
+            device_id = topics.parse(topic).device_id
+            request = decode(ArtifactRequest, payload)
+            if device_id is None or not self.access.allowed(device_id, request.sha256):
+                self.refused_requests += 1
+                if (held := self._throttle.allow("refused")) is not None:
+                    _LOGGER.warning(
+                        "refused chunk request on %s for %s: not in that device's desired "
+                        "state%s", topic, request.sha256[:12],
+                        f" ({held} more not logged)" if held else "",
+                    )  # fmt: skip
+                return
+            self.chunks.request(request)
         except EdgeFleetError as exc:  # malformed, or an artifact we do not have
             _LOGGER.warning("ignored %s: %s", topic, exc.message)
 

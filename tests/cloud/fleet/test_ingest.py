@@ -5,39 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-from sqlalchemy import func, select
 
 from cloud.api.app import create_app
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls
-from cloud.fleet.service import FleetService
-from cloud.registry import repository
-from cloud.registry.tables import DeploymentEvent, Device
-from cloud.settings import CloudSettings
-from shared import topics
-from shared.messages import DeploymentState, StatusEvent
+from cloud.registry.tables import Device
 from shared.topics import DeviceTopic
-from tests.conftest import ADMIN_TOKEN, serve_in_thread
+from tests.conftest import serve_in_thread
 from tests.fleet_harness import wait_for
+from tests.ingest_support import Devices, cloud_context, started_fleet, stored_events
 from tests.mosquitto import mosquitto
-
-
-def _context(tmp_path: Path, database_url: str, mqtt_url: str, redis_url: str) -> CloudContext:
-    settings = CloudSettings(
-        data_dir=tmp_path / "cloud", admin_token=ADMIN_TOKEN, database_url=database_url
-    )
-    context = CloudContext.open(settings, ServiceUrls(database_url, mqtt_url, redis_url))
-    context.redis.flushdb()
-    return context
 
 
 @pytest.fixture
@@ -50,57 +33,9 @@ def broker(tmp_path: Path) -> Iterator[int]:
 def context(
     tmp_path: Path, database_url: str, broker: int, embedded: ServiceUrls
 ) -> Iterator[CloudContext]:
-    ctx = _context(tmp_path, database_url, f"mqtt://127.0.0.1:{broker}", embedded.redis_url)
+    ctx = cloud_context(tmp_path, database_url, f"mqtt://127.0.0.1:{broker}", embedded.redis_url)
     yield ctx
     ctx.close()
-
-
-class Devices:
-    """Enrolled devices that speak through one plain paho client (QoS 1, as agents do)."""
-
-    def __init__(self, context: CloudContext, port: int, count: int) -> None:
-        self.context = context
-        self.ids = [f"dev-{uuid.uuid4().hex[:8]}" for _ in range(count)]
-        with context.database.session() as s:
-            for device_id in self.ids:
-                repository.enroll_device(s, device_id=device_id)
-        connected = threading.Event()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"devices-{uuid.uuid4().hex[:6]}"
-        )
-        self.client.on_connect = lambda *_a: connected.set()
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        assert connected.wait(10)
-
-    def publish(self, device_id: str, kind: DeviceTopic, payload: bytes | str) -> None:
-        info = self.client.publish(topics.device_topic(device_id, kind), payload, qos=1)
-        info.wait_for_publish(10)
-
-    def status(self, device_id: str, index: int) -> str:
-        return StatusEvent(
-            rev=1, model="m", version=1, state=DeploymentState.DOWNLOADING,
-            bytes_done=index, bytes_total=1000, at=datetime.now(UTC),
-        ).model_dump_json()  # fmt: skip
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _stored(context: CloudContext, device_id: str | None = None) -> int:
-    with context.database.session() as s:
-        query = select(func.count()).select_from(DeploymentEvent)
-        if device_id is not None:
-            query = query.where(DeploymentEvent.device_id == device_id)
-        return int(s.scalar(query) or 0)
-
-
-def _started(context: CloudContext) -> FleetService:
-    fleet = FleetService(context)
-    fleet.start()
-    assert fleet.link.wait_subscribed(10), "the fleet service's subscriptions"
-    return fleet
 
 
 def test_reports_sent_while_the_cloud_is_down_are_all_stored(
@@ -108,17 +43,19 @@ def test_reports_sent_while_the_cloud_is_down_are_all_stored(
 ) -> None:
     """Stop the cloud, five devices publish 500 status events, start the cloud: all 500 are
     in SQL (its session, kept by the broker under a stable client id, held them)."""
-    _started(context).stop()
+    started_fleet(context).stop()
     devices = Devices(context, broker, 5)
     try:
         for index in range(500):
             device_id = devices.ids[index % 5]
             devices.publish(device_id, DeviceTopic.STATUS, devices.status(device_id, index))
-        fleet = _started(context)
+        fleet = started_fleet(context)
         try:
-            wait_for(lambda: _stored(context) >= 500, 30, "500 stored events")
-            assert _stored(context) == 500
-            assert {d: _stored(context, d) for d in devices.ids} == dict.fromkeys(devices.ids, 100)
+            wait_for(lambda: stored_events(context) >= 500, 30, "500 stored events")
+            assert stored_events(context) == 500
+            assert {d: stored_events(context, d) for d in devices.ids} == dict.fromkeys(
+                devices.ids, 100
+            )
             assert fleet.ingest.snapshot().dropped == {}
         finally:
             fleet.stop(forget_session=True)
@@ -133,19 +70,19 @@ def test_a_malformed_message_is_dropped_once_and_the_next_one_stored(
     session); the report after it is stored; so is a status with a field from the future."""
     devices = Devices(context, broker, 1)
     device_id = devices.ids[0]
-    fleet = _started(context)
+    fleet = started_fleet(context)
     try:
         with caplog.at_level(logging.WARNING, "cloud.fleet.ingest"):
             devices.publish(device_id, DeviceTopic.STATUS, b"{not json")
             newer = json.loads(devices.status(device_id, 1)) | {"added_in_v1_9": {"x": 1}}
             devices.publish(device_id, DeviceTopic.STATUS, json.dumps(newer))
-            wait_for(lambda: _stored(context, device_id) == 1, 10, "the good report")
+            wait_for(lambda: stored_events(context, device_id) == 1, 10, "the good report")
         assert fleet.ingest.snapshot().dropped == {"malformed": 1}
         assert "malformed" in caplog.text
         fleet.stop()
-        fleet = _started(context)
+        fleet = started_fleet(context)
         devices.publish(device_id, DeviceTopic.STATUS, devices.status(device_id, 2))
-        wait_for(lambda: _stored(context, device_id) == 2, 10, "the report after the restart")
+        wait_for(lambda: stored_events(context, device_id) == 2, 10, "the report after the restart")
         assert fleet.ingest.snapshot().dropped == {}
     finally:
         fleet.stop(forget_session=True)
@@ -159,20 +96,20 @@ def test_reports_from_unknown_devices_do_not_block_the_queue(
     the known one is stored, the others dropped (and acked), and presence is recorded."""
     devices = Devices(context, broker, 1)
     device_id = devices.ids[0]
-    fleet = _started(context)
+    fleet = started_fleet(context)
     try:
         for index in range(50):
             devices.publish("stranger", DeviceTopic.STATUS, devices.status("stranger", index))
         devices.publish(device_id, DeviceTopic.PRESENCE, b'{"state": "online"}')
         devices.publish(device_id, DeviceTopic.STATUS, devices.status(device_id, 0))
-        wait_for(lambda: _stored(context, device_id) == 1, 10, "the known device's report")
+        wait_for(lambda: stored_events(context, device_id) == 1, 10, "the known device's report")
         assert fleet.ingest.snapshot().dropped == {"unknown_device": 50}
         with context.database.session() as s:
             device = s.get(Device, device_id)
             assert device is not None
             assert device.presence == "online"
             assert device.last_seen_at is not None
-        assert _stored(context) == 1
+        assert stored_events(context) == 1
     finally:
         fleet.stop(forget_session=True)
         devices.close()
@@ -185,13 +122,13 @@ def test_the_brokers_drops_are_in_the_log_and_in_metrics(
     in $SYS; the cloud turns it into a warning and into /metrics, next to its backlog."""
     with mosquitto(tmp_path / "small", max_queued_messages=5, sys_interval=1) as port:
         url = f"mqtt://127.0.0.1:{port}"
-        context = _context(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", url, embedded.redis_url)
+        context = cloud_context(tmp_path, f"sqlite:///{tmp_path / 'r.db'}", url, embedded.redis_url)
         away = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="away", clean_session=False)
         away.connect("127.0.0.1", port)
         away.subscribe("edgefleet/v1/test/#", qos=1)
         away.loop(0.5)
         away.disconnect()
-        fleet = _started(context)
+        fleet = started_fleet(context)
         devices = Devices(context, port, 0)
         try:
             with caplog.at_level(logging.WARNING, "cloud.fleet.watch"):
