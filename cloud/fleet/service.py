@@ -88,9 +88,7 @@ class FleetService:
         self.access = ArtifactAccess(context)
         self.refused_requests = 0
         self._throttle = Throttle()
-        self.desired = DesiredStateKeeper(
-            context, lambda topic, doc: self.link.publish(topic, doc, retain=True)
-        )
+        self.desired = DesiredStateKeeper(context, self._publish_retained)
 
     def start(self, *, timeout: float = 10.0) -> None:
         for kind in KINDS:
@@ -132,12 +130,17 @@ class FleetService:
     ) -> DesiredState:
         """Point ``device_id`` at ``model:version``: a new rev, signed and stored in SQL under
         the device's row lock, then published (see ``DesiredStateKeeper``)."""
-        try:
-            return self.desired.deploy(
-                device_id=device_id, model=model, version=version, rollout_id=rollout_id
-            )
-        finally:
+        return self.desired.deploy(
+            device_id=device_id, model=model, version=version, rollout_id=rollout_id
+        )
+
+    def _publish_retained(self, topic: str, payload: str) -> bool:
+        """The keeper's way out. A new desired document is committed before it is published:
+        what the device may download is read again before it can ask for the new artifact."""
+        device_id = topics.parse(topic).device_id
+        if device_id is not None:
             self.access.forget(device_id)
+        return self.link.publish(topic, payload, retain=True)
 
     def _republish_desired(self) -> None:
         """Retained documents die with a broker that keeps nothing: give them back from SQL
