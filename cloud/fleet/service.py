@@ -17,6 +17,7 @@ from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
 from cloud.fleet.watch import BROKER_STATS, BrokerWatch, Throttle
 from cloud.registry.tables import Artifact, DeploymentEvent
+from cloud.rollout.engine import RolloutEngine
 from cloud.settings import CloudSettings
 from shared import topics
 from shared.errors import EdgeFleetError
@@ -89,6 +90,10 @@ class FleetService:
         self.refused_requests = 0
         self._throttle = Throttle()
         self.desired = DesiredStateKeeper(context, self._publish_retained)
+        # Every replica runs one; only the one holding the lease acts.
+        self.rollouts = RolloutEngine(
+            context, self.desired.publish, tick_s=context.settings.rollout_tick_s
+        )
 
     def start(self, *, timeout: float = 10.0) -> None:
         for kind in KINDS:
@@ -106,6 +111,7 @@ class FleetService:
         self.chunks.start()
         self.desired.start()
         self.link.start()
+        self.rollouts.start()
         self.broker_link.start()
         if not self.link.wait_connected(timeout):
             _LOGGER.warning("fleet service not connected to the broker yet; retrying in background")
@@ -113,6 +119,7 @@ class FleetService:
     def stop(self, *, forget_session: bool = False) -> None:
         """Stop; the broker keeps our session (and queues device reports) for the next start,
         unless ``forget_session`` (a cloud that will not come back under this client id)."""
+        self.rollouts.stop()
         self.desired.stop()
         self.chunks.stop()
         # Store and ack what is queued while the link is still up; what arrives meanwhile

@@ -135,7 +135,7 @@ class DeploymentEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
     rev: Mapped[int] = mapped_column(Integer)
-    rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     model: Mapped[str | None] = mapped_column(String(64), nullable=True)
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     state: Mapped[str] = mapped_column(String(16))
@@ -150,17 +150,34 @@ class DeploymentEvent(Base):
 
 
 class Rollout(Base):
+    """A model version (or, for an undeploy, none) taken to the devices a label selector
+    names, wave by wave (``cloud.rollout``). Every decision the engine takes is a row change
+    here, so a second engine that takes over goes on from exactly where the first stopped."""
+
     __tablename__ = "rollouts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    model_id: Mapped[int | None] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    # None for an undeploy: the model leaves the devices' desired state.
+    model_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=True, index=True
+    )
     selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     strategy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), default="PENDING", index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), nullable=True)
+    # The wave the engine works on (-1: none started yet), and when it started.
+    current_wave: Mapped[int] = mapped_column(Integer, default=-1)
+    wave_started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # The highest fencing token of an engine that wrote here: a deposed leader's writes fail.
+    fence: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_by: Mapped[str] = mapped_column(String(64), default="admin")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     targets: Mapped[list[RolloutTarget]] = relationship(back_populates="rollout")
 
@@ -170,13 +187,19 @@ class RolloutTarget(Base):
     __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_targets_pair"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
     wave: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="PENDING")
     previous_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id"), nullable=True
     )
+    # The rev that took the new version (or, while reverting, the previous one) to the device:
+    # only its status events count, and it is due by started_at + the strategy's timeout.
+    rev: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

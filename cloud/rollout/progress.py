@@ -1,0 +1,175 @@
+"""The rollout state machine as a pure function: from the rollout, its targets and what the
+devices reported, the next decisions. No I/O here, so every rule is tested on its own and
+two engines given the same rows decide the same."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from cloud.rollout.strategy import RolloutState, Strategy, TargetState
+
+__all__ = ["Decision", "Report", "Target", "step"]
+
+_TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    device_id: str
+    wave: int
+    state: TargetState
+    rev: int | None = None
+    started_at: datetime | None = None
+    previous_version: int | None = None  # the version number it ran before (None: none)
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A deployment status a device sent for this rollout (ACTIVE or FAILED only)."""
+
+    device_id: str
+    rev: int
+    version: int | None
+    state: str
+    reason: str | None = None
+
+
+@dataclass
+class Decision:
+    """What to write: target changes, who to send the new version, who to send back, and the
+    rollout's next state and wave."""
+
+    state: RolloutState
+    wave: int
+    reason: str | None = None
+    targets: dict[str, Target] = field(default_factory=dict)
+    deploy: list[str] = field(default_factory=list)
+    revert: list[Target] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.targets or self.deploy or self.revert)
+
+
+def step(
+    *,
+    state: RolloutState,
+    wave: int,
+    version: int,
+    strategy: Strategy,
+    targets: list[Target],
+    reports: list[Report],
+    now: datetime,
+) -> Decision:
+    """One round of the state machine for one rollout (see ``docs`` in cloud/rollout)."""
+    book = _Book({t.device_id: t for t in targets})
+    _apply_reports(book, reports, version)
+    _apply_timeouts(book, strategy, now)
+    decision = Decision(state=state, wave=wave, targets=book.changed)
+    if state is RolloutState.IN_PROGRESS:
+        _in_progress(decision, book, strategy, now)
+    if decision.state is RolloutState.ABORTING:
+        _aborting(decision, book)
+    return decision
+
+
+@dataclass
+class _Book:
+    """The targets as this round leaves them, and which of them it changed."""
+
+    current: dict[str, Target]
+    changed: dict[str, Target] = field(default_factory=dict)
+
+    def put(self, target: Target, state: TargetState, reason: str | None = None) -> None:
+        new = replace(target, state=state, reason=reason)
+        self.current[target.device_id] = self.changed[target.device_id] = new
+
+    def all(self) -> list[Target]:
+        return list(self.current.values())
+
+
+def _apply_reports(book: _Book, reports: list[Report], version: int) -> None:
+    for report in reports:
+        target = book.current.get(report.device_id)
+        if target is None or target.rev is None or report.rev < target.rev:
+            continue  # not ours, or from before the rev this target is waiting on
+        if target.state is TargetState.DEPLOYING and report.version == version:
+            if report.state == "ACTIVE":
+                book.put(target, TargetState.ACTIVE)
+            elif report.state == "FAILED":
+                book.put(target, TargetState.FAILED, report.reason or "failed")
+        elif target.state is TargetState.REVERTING and report.version == target.previous_version:
+            if report.state == "ACTIVE":
+                book.put(target, TargetState.REVERTED, f"back on version {report.version}")
+            elif report.state == "FAILED":
+                book.put(target, TargetState.REVERT_FAILED, report.reason or "revert failed")
+
+
+def _apply_timeouts(book: _Book, strategy: Strategy, now: datetime) -> None:
+    limit = timedelta(seconds=strategy.device_timeout_s)
+    for target in book.all():
+        if target.started_at is None or now - target.started_at < limit:
+            continue
+        waited = f"no answer within {strategy.device_timeout_s:g} s"
+        if target.state is TargetState.DEPLOYING:
+            book.put(target, TargetState.FAILED, f"timed out: {waited}")
+        elif target.state is TargetState.REVERTING:
+            book.put(target, TargetState.REVERT_FAILED, f"revert timed out: {waited}")
+
+
+def _in_progress(decision: Decision, book: _Book, strategy: Strategy, now: datetime) -> None:
+    current = book.all()
+    states = [t.state for t in current]
+    failed = states.count(TargetState.FAILED)
+    finished = failed + states.count(TargetState.ACTIVE)
+    if failed >= strategy.min_failures and failed / finished >= strategy.failure_threshold:
+        decision.state = RolloutState.ABORTING
+        decision.reason = (
+            f"{failed} of {finished} devices failed (abort at {strategy.failure_threshold:.0%}"
+            f" after {strategy.min_failures})"
+        )
+        return
+    waves = max((t.wave for t in current), default=-1)
+    if decision.wave < 0:
+        decision.wave = 0
+    in_wave = [t for t in current if t.wave == decision.wave]
+    active = sum(t.state is TargetState.ACTIVE for t in in_wave)
+    undecided = [t for t in in_wave if t.state in (TargetState.PENDING, TargetState.DEPLOYING)]
+    if in_wave and active / len(in_wave) >= strategy.success_threshold:
+        if decision.wave < waves:
+            decision.wave += 1
+        elif not any(t.state in (TargetState.PENDING, TargetState.DEPLOYING) for t in current):
+            decision.state = RolloutState.COMPLETED
+            return
+    elif not undecided:
+        decision.state = RolloutState.ABORTING
+        decision.reason = (
+            f"wave {decision.wave}: {active} of {len(in_wave)} devices ACTIVE, below the "
+            f"success threshold {strategy.success_threshold:.0%}"
+        )
+        return
+    decision.deploy = _due(current, decision.wave, strategy, now)
+
+
+def _due(current: list[Target], wave: int, strategy: Strategy, now: datetime) -> list[str]:
+    """The current wave's devices not sent the new version yet, within the rate limit."""
+    pending = sorted(
+        t.device_id for t in current if t.wave <= wave and t.state is TargetState.PENDING
+    )
+    if strategy.max_devices_per_minute is None:
+        return pending
+    minute_ago = now - timedelta(minutes=1)
+    recent = sum(1 for t in current if t.started_at and t.started_at > minute_ago)
+    return pending[: max(0, strategy.max_devices_per_minute - recent)]
+
+
+def _aborting(decision: Decision, book: _Book) -> None:
+    for target in book.all():
+        if target.state is TargetState.PENDING:
+            book.put(target, TargetState.SKIPPED, "rollout aborted before its wave")
+        elif target.state in _TOOK_NEW:
+            decision.revert.append(target)
+    if not decision.revert and not any(t.state is TargetState.REVERTING for t in book.all()):
+        decision.state = RolloutState.ABORTED
