@@ -59,6 +59,10 @@ TensorName = Annotated[str, Field(min_length=1, max_length=256)]
 # cloud's memory, Redis or SQL): counters and capabilities by name, models by count.
 Key = Annotated[str, Field(min_length=1, max_length=64)]
 MAX_CHUNKS = 65_536
+# What the registry's columns hold (revs, versions and ids are int4 on PostgreSQL, byte
+# counts int8): a report past them is malformed, refused before it reaches SQL.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 MAX_KEYS = 256
 MAX_MODELS = 64
 MAX_BUCKETS = 64
@@ -227,7 +231,7 @@ class DesiredState(Message):
 
 
 class ReportedState(Message):
-    rev_applied: int = Field(ge=0)
+    rev_applied: int = Field(ge=0, le=INT32_MAX)
     active: dict[Name, int] = Field(default_factory=dict, max_length=MAX_MODELS)
     agent_version: str = Field(max_length=64)
     capabilities: dict[Key, Annotated[str, Field(max_length=256)] | int | float | bool] = Field(
@@ -249,14 +253,14 @@ class DeploymentState(StrEnum):
 class StatusEvent(Message):
     """Deployment progress; ``model`` is None for a whole document that was refused."""
 
-    rev: int = Field(ge=0)
-    rollout_id: int | None = None
+    rev: int = Field(ge=0, le=INT32_MAX)
+    rollout_id: int | None = Field(default=None, ge=1, le=INT32_MAX)
     model: Name | None = None
-    version: int | None = Field(default=None, ge=1)
+    version: int | None = Field(default=None, ge=1, le=INT32_MAX)
     state: DeploymentState
     reason: str | None = Field(default=None, max_length=2000)
-    bytes_done: int = Field(default=0, ge=0)
-    bytes_total: int = Field(default=0, ge=0)
+    bytes_done: int = Field(default=0, ge=0, le=INT64_MAX)
+    bytes_total: int = Field(default=0, ge=0, le=INT64_MAX)
     at: datetime
 
 

@@ -48,7 +48,13 @@ MAX_PAYLOAD: dict[DeviceTopic, int] = {
     DeviceTopic.REPORTED: 64 * 1024,
     DeviceTopic.TELEMETRY: 32 * 1024,
 }
+_LARGEST = max(MAX_PAYLOAD.values())
 TELEMETRY_TTL_S = 3600
+# Errors about the data (a value out of range, a device deleted meanwhile): the batch is split
+# to find the message the database refuses. Any other database error (down, restarting,
+# locked, a table missing mid-migration) is not one message's fault: wait it out.
+_REFUSED = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
+_TRANSIENT = SQLAlchemyError
 # A batch's live view in one Redis command: redis-py spends ~10 µs of Python on every command
 # of a pipeline, and a batch has one or two per device. ARGV[1] is the telemetry TTL, then
 # operations: h key field value (HSET) | t key value (SET with the TTL) | c device n (HINCRBY
@@ -73,6 +79,14 @@ return 0
 _TELEMETRY_COUNTS = "edgefleet:telemetry:messages"
 _EVENTS: Table = DeploymentEvent.__table__  # type: ignore[assignment]
 _DEVICES: Table = Device.__table__  # type: ignore[assignment]
+
+
+class _Gone(Exception):
+    """Devices in the batch that the registry no longer has."""
+
+    def __init__(self, device_ids: set[str]) -> None:
+        super().__init__(f"{len(device_ids)} devices gone")
+        self.device_ids = device_ids
 
 
 @dataclass(slots=True)
@@ -100,9 +114,12 @@ class IngestSnapshot:
 
 
 class Ingest:
-    """Queue + worker. :meth:`submit` runs on the network thread and blocks while the queue
-    is full: unacknowledged messages then hold the broker's inflight window (backpressure),
-    and the broker queues the rest for our session. Nothing is dropped for lack of room."""
+    """Queue + worker. :meth:`submit` runs on the network thread. While the queue is full
+    (in messages or bytes) a QoS 1 message waits for room: unacknowledged messages then hold
+    the broker's inflight window (backpressure) and the broker queues the rest for our
+    session, so none is lost. A QoS 0 message (telemetry) is dropped and counted instead:
+    the broker keeps none for us, and blocking the network thread for it would stall our
+    keepalive, our acks and every publish."""
 
     def __init__(
         self,
@@ -110,10 +127,12 @@ class Ingest:
         *,
         capacity: int = 20_000,
         max_batch: int = 2_000,
+        max_bytes: int = 64 * 1024 * 1024,
         backoff: Backoff | None = None,
     ) -> None:
         self.context = context
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.max_batch = max_batch
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.backlog = BacklogWatch(capacity)
@@ -121,6 +140,11 @@ class Ingest:
         self.dropped: dict[str, int] = defaultdict(int)
         self.received = self.batches = self.retries = self.redis_errors = self.blocked = 0
         self._queue: queue.Queue[Inbound] = queue.Queue(capacity)
+        self._bytes = 0  # payload bytes queued, under _bytes_lock
+        self._bytes_lock = threading.Lock()
+        # Items of the batch at hand already acked (dropped or stored): acking one twice
+        # could ack a later message the broker gave the same packet id.
+        self._acked: set[int] = set()
         self._known: set[str] = set()
         self._insert_events = _event_insert(context.database.engine.dialect.name)
         self._live_view = context.redis.register_script(_LIVE_VIEW)
@@ -148,22 +172,48 @@ class Ingest:
         if self._closing.is_set():
             return  # not acked: the broker keeps it for our next session
         self.received += 1
-        try:
-            self._queue.put_nowait(item)
+        size = len(item.payload)
+        if size > _LARGEST:
+            # Refused here, before it takes room: no report of any kind is this large.
+            self._drop(item, "oversize", f"{item.topic}: {size} bytes, at most {_LARGEST}")
             return
-        except queue.Full:
-            self.blocked += 1
-        started = time.monotonic()
+        started: float | None = None
         while not self._closing.is_set():
-            try:
-                self._queue.put(item, timeout=1.0)
+            if self._offer(item, size):
                 return
-            except queue.Full:
-                waited = time.monotonic() - started
-                if waited > 5 and self._throttle.allow("blocked") is not None:
+            if item.qos == 0:
+                self.dropped["overflow"] += 1
+                if (held := self._throttle.allow("overflow")) is not None:
                     _LOGGER.warning(
-                        "ingest queue full for %.0f s: the broker holds new messages", waited
+                        "ingest queue full: QoS 0 message on %s dropped%s", item.topic, _held(held)
                     )
+                return
+            now = time.monotonic()
+            if started is None:
+                started = now
+                self.blocked += 1
+            elif now - started > 5 and self._throttle.allow("blocked") is not None:
+                _LOGGER.warning(
+                    "ingest queue full for %.0f s: the broker holds new messages", now - started
+                )
+            time.sleep(0.005)
+
+    def _offer(self, item: Inbound, size: int) -> bool:
+        with self._bytes_lock:
+            if self._bytes and self._bytes + size > self.max_bytes:
+                return False
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                return False
+            self._bytes += size
+            return True
+
+    def _take(self, timeout: float | None) -> Inbound:
+        item = self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+        with self._bytes_lock:
+            self._bytes -= len(item.payload)
+        return item
 
     def oldest_age_s(self) -> float:
         now = time.monotonic()
@@ -186,7 +236,7 @@ class Ingest:
     def _run(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=0.5)
+                first = self._take(0.5)
             except queue.Empty:
                 self.backlog.check(0, self.oldest_age_s())
                 if self._closing.is_set():
@@ -195,17 +245,19 @@ class Ingest:
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._take(None))
                 except queue.Empty:
                     break
             self._busy_since = first.received_at
+            self._acked.clear()
             try:
                 self._process(batch)
             except Exception:
-                # A bug, not the data or the database: drop the batch, keep ingesting.
+                # A bug, not the data or the database: drop what is left, keep ingesting.
                 _LOGGER.exception("ingest failed on a batch of %d; dropped", len(batch))
                 for item in batch:
-                    self._drop(item, "error", None)
+                    if id(item) not in self._acked:
+                        self._drop(item, "error", None)
             finally:
                 self._busy_since = None
             self.backlog.check(self._queue.qsize(), self.oldest_age_s())
@@ -254,30 +306,33 @@ class Ingest:
         return kept
 
     def _store(self, entries: list[_Entry]) -> None:
-        """Commit, update the live view, ack. A database that is down is waited for (the
-        batch stays unacknowledged); a message the database refuses is found and dropped."""
-        attempt, suspect = 0, False
+        """Commit, update the live view, ack. A database that is unreachable is waited for
+        (the batch stays unacknowledged); a batch the database refuses is split in halves
+        until the message it refuses is found and dropped (a device deleted since we cached
+        it is dropped as unknown once the registry is read again)."""
+        attempt = 0
         while True:
             try:
                 entries = self._known_only(entries)
                 if entries:
                     self._commit(entries)
                 break
-            except (IntegrityError, DataError) as exc:
-                # A device deleted since we cached it (the retry re-reads the registry), or
-                # a message the schema refuses: then store one by one to find it.
-                self._known.clear()
-                if not suspect:
-                    suspect = True
-                    continue
-                if len(entries) > 1:
-                    for entry in entries:
-                        if not self._abort.is_set():
-                            self._store([entry])
+            except _Gone as gone:
+                self._known -= gone.device_ids
+                continue  # the retry reads the registry again and drops them
+            except _REFUSED as exc:
+                if isinstance(exc, IntegrityError):
+                    self._known.clear()  # a device deleted meanwhile: read them again
+                if len(entries) == 1:
+                    detail = getattr(exc, "orig", None) or exc
+                    self._drop(entries[0].item, "unstorable", f"{entries[0].item.topic}: {detail}")
                     return
-                self._drop(entries[0].item, "unstorable", f"{entries[0].item.topic}: {exc.orig}")
+                half = len(entries) // 2
+                for part in (entries[:half], entries[half:]):
+                    if not self._abort.is_set():
+                        self._store(part)
                 return
-            except SQLAlchemyError as exc:
+            except _TRANSIENT as exc:
                 self.retries += 1
                 delay = self.backoff.delay(attempt)
                 attempt += 1
@@ -291,7 +346,9 @@ class Ingest:
         if not entries:
             return
         self._publish_live(entries)
-        ack_all(entry.item for entry in entries)
+        items = [entry.item for entry in entries]
+        ack_all(items)
+        self._acked.update(id(item) for item in items)
         for entry in entries:
             self.stored[entry.kind.value] += 1
 
@@ -318,10 +375,17 @@ class Ingest:
         for device_id, state in sorted(presence.items()):
             by_state[state].append(device_id)
         with self.context.database.session() as s:
-            # Rows in id order, so replicas sharing the ingest lock them in the same order.
-            s.execute(
-                update(_DEVICES).where(_DEVICES.c.id.in_(sorted(touched))).values(last_seen_at=now)
+            found = set(
+                s.scalars(
+                    update(_DEVICES)
+                    .where(_DEVICES.c.id.in_(sorted(touched)))
+                    .values(last_seen_at=now)
+                    .returning(_DEVICES.c.id)
+                )
             )
+            if found != touched:
+                # Deleted since we cached them: undo, and let _store drop their reports.
+                raise _Gone(touched - found)
             for state, device_ids in by_state.items():
                 s.execute(
                     update(_DEVICES).where(_DEVICES.c.id.in_(device_ids)).values(presence=state)
@@ -372,6 +436,7 @@ class Ingest:
     def _drop(self, item: Inbound, reason: str, detail: str | None) -> None:
         """A message that can never be stored is acked (or it would come back forever)."""
         item.ack()
+        self._acked.add(id(item))
         self.dropped[reason] += 1
         if detail is not None and (held := self._throttle.allow(reason)) is not None:
             _LOGGER.warning("ingest dropped a message (%s): %s%s", reason, detail, _held(held))

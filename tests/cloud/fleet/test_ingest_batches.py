@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -227,3 +228,98 @@ def test_a_growing_backlog_is_a_warning_and_its_end_a_note(
     assert watch.warnings == 2
     assert caplog.text.count("ingest backlog:") == 2
     assert "ingest backlog cleared after 32 s" in caplog.text
+
+
+def test_one_value_the_database_refuses_costs_only_that_message(context: CloudContext) -> None:
+    """Twenty good statuses and one whose reason holds a NUL byte (PostgreSQL refuses such
+    text; SQLite takes it), in one batch: the batch is split until the refused one is found,
+    so only it is dropped; every message is acked exactly once."""
+    (device_id,) = _enroll(context, 1)
+    acks = Acks(context)
+    bad = json.loads(_status(99))
+    bad["reason"] = "nul\x00byte"
+    items = [acks.item(device_id, DeviceTopic.STATUS, _status(i)) for i in range(20)]
+    items.insert(7, acks.item(device_id, DeviceTopic.STATUS, json.dumps(bad)))
+    ingest = Ingest(context)
+    _run(ingest, items, acks)
+    refuses_nul = context.database.engine.dialect.name == "postgresql"
+    assert _events(context, device_id) == (20 if refuses_nul else 21)
+    assert ingest.dropped == ({"unstorable": 1} if refuses_nul else {})
+    assert len({id(i) for i in acks.acked}) == len(acks.acked) == 21
+
+
+def test_numbers_past_the_columns_are_malformed_not_a_lost_batch(context: CloudContext) -> None:
+    """A status with rev 10**20 (or byte counts past int8) among good ones is refused as
+    malformed when read; the good ones are stored (before, the whole batch was dropped)."""
+    (device_id,) = _enroll(context, 1)
+    acks = Acks(context)
+    huge_rev = json.loads(_status(1)) | {"rev": 10**20}
+    huge_bytes = json.loads(_status(2)) | {"bytes_done": 2**63}
+    items = [acks.item(device_id, DeviceTopic.STATUS, _status(i)) for i in range(5)]
+    items += [
+        acks.item(device_id, DeviceTopic.STATUS, json.dumps(huge_rev)),
+        acks.item(device_id, DeviceTopic.STATUS, json.dumps(huge_bytes)),
+    ]
+    ingest = Ingest(context)
+    _run(ingest, items, acks)
+    assert _events(context, device_id) == 5
+    assert ingest.dropped == {"malformed": 2}
+
+
+def test_a_full_queue_drops_qos0_at_once_and_holds_qos1(context: CloudContext) -> None:
+    """Capacity two, worker not started: a third QoS 0 telemetry window is dropped (counted)
+    without waiting; a QoS 1 status waits for room and is stored once the worker runs."""
+    (device_id,) = _enroll(context, 1)
+    acks = Acks(context)
+    ingest = Ingest(context, capacity=2)
+    window = '{"window_s": 1, "at": "2026-12-04T12:00:00Z"}'
+    for _ in range(3):
+        item = acks.item(device_id, DeviceTopic.TELEMETRY, window)
+        ingest.submit(Inbound(item.topic, item.payload, 0, item.received_at, acks))
+    assert ingest.dropped == {"overflow": 1}
+    waiting = threading.Thread(
+        target=ingest.submit, args=(acks.item(device_id, DeviceTopic.STATUS, _status(1)),)
+    )
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive(), "a QoS 1 message waits for room"
+    ingest.start()
+    waiting.join(10)
+    wait_for(lambda: _events(context, device_id) == 1, 10, "the status stored")
+    ingest.stop()
+
+
+def test_an_oversized_payload_is_refused_before_it_takes_room(context: CloudContext) -> None:
+    """A 1 MiB message is dropped (and acked) on arrival: it never enters the queue, and the
+    queue's byte bound keeps a burst of large ones from filling memory."""
+    (device_id,) = _enroll(context, 1)
+    acks = Acks(context)
+    ingest = Ingest(context, max_bytes=4096)
+    ingest.submit(acks.item(device_id, DeviceTopic.TELEMETRY, b"x" * (1024 * 1024)))
+    assert ingest.snapshot().depth == 0
+    assert ingest.dropped == {"oversize": 1}
+    assert len(acks.acked) == 1
+
+
+def test_presence_of_a_deleted_device_is_dropped_not_stored(context: CloudContext) -> None:
+    """A device deleted after its first report: its later presence and reported state are
+    dropped as unknown (not counted stored), and no live view is made for it in Redis."""
+    gone, kept = _enroll(context, 2)
+    acks = Acks(context)
+    ingest = Ingest(context)
+    ingest.start()
+    ingest.submit(acks.item(gone, DeviceTopic.STATUS, _status(0)))
+    wait_for(lambda: len(acks.acked) == 1, 10, "the first report")
+    with context.database.session() as s:
+        repository.delete_device(s, device_id=gone)
+    context.redis.delete(f"edgefleet:device:{gone}")
+    ingest.submit(acks.item(gone, DeviceTopic.PRESENCE, b'{"state": "online"}'))
+    ingest.submit(acks.item(kept, DeviceTopic.PRESENCE, b'{"state": "online"}'))
+    wait_for(lambda: len(acks.acked) == 3, 10, "both presences acked")
+    ingest.stop()
+    assert ingest.dropped == {"unknown_device": 1}
+    assert not context.redis.exists(f"edgefleet:device:{gone}")
+    with context.database.session() as s:
+        device = s.get(Device, kept)
+        assert device is not None
+        assert device.presence == "online"
