@@ -48,6 +48,7 @@ def _never_connects(link: MqttLink) -> None:
 
 
 def test_urls_say_whether_the_link_is_tls_and_default_the_port() -> None:
+    """mqtts:// is TLS on 8883 unless a port is given; mqtt:// and tcp:// are plain."""
     assert parse_mqtt_url("mqtts://broker.example") == parse_mqtt_url("mqtts://broker.example:8883")
     assert parse_mqtt_url("mqtts://broker.example").tls
     assert parse_mqtt_url("mqtt://broker.example").port == 1883
@@ -106,6 +107,7 @@ def test_a_certificate_for_another_host_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_plain_link_to_a_tls_listener_never_connects(tmp_path: Path, pki: Pki) -> None:
+    """The test broker takes TLS only: what connects in the other stories spoke TLS."""
     with tls_mosquitto(tmp_path / "broker", pki) as port:
         link = _link(f"mqtt://127.0.0.1:{port}", None)
         link.start()
