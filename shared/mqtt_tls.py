@@ -53,7 +53,8 @@ def _encrypted_key() -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class MqttTls:
-    """TLS files for an ``mqtts://`` link. ``ca_file`` None: the system's trust store."""
+    """TLS files for an ``mqtts://`` link. ``ca_file`` None: the system's trust store;
+    ``key_file`` None with a ``cert_file``: the key is in the certificate's file."""
 
     ca_file: Path | None = None
     cert_file: Path | None = None

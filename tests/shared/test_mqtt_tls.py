@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from shared.mqtt_link import MqttLink
 from shared.mqtt_tls import MqttTls, parse_mqtt_url
@@ -139,12 +140,23 @@ def test_bad_tls_files_are_clear_errors_before_any_connection(tmp_path: Path, pk
     url = "mqtts://127.0.0.1:8883"
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
+    # An encrypted key would make OpenSSL prompt on the terminal: a service would hang.
+    locked = tmp_path / "locked.key"
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), password=None)
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
     cases = {
         MqttTls(ca_file=tmp_path / "missing.pem"): r"missing\.pem: No such file",
         MqttTls(ca_file=junk): r"junk\.pem: no usable PEM certificate",
         MqttTls(pki.ca_file, pki.client_cert, pki.server_key): "does not belong",
         MqttTls(pki.ca_file, None, pki.client_key): "without its certificate",
         MqttTls(pki.ca_file, junk, pki.client_key): "not a PEM certificate and private key",
+        MqttTls(pki.ca_file, pki.client_cert, locked): "it is encrypted",
     }
     for tls, message in cases.items():
         with pytest.raises(ValueError, match=message):
