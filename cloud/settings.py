@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.mqtt_tls import MqttTls, parse_mqtt_url
+
 __all__ = ["DEV_ADMIN_TOKEN", "CloudSettings"]
 
 DEV_ADMIN_TOKEN = "edgefleet-dev-admin-token"  # noqa: S105 - refused outside dev mode
@@ -29,6 +31,13 @@ class CloudSettings(BaseSettings):
     # The cloud's own broker login (production ACLs give it edgefleet/v1/#).
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    # TLS to the broker, for EDGEFLEET_MQTT_URL=mqtts://host[:8883]: the CA that signed its
+    # certificate (unset: the system's trust store) and, for a broker that asks for one
+    # (require_certificate true), the cloud's client certificate and key. The broker's host
+    # name is always verified. Every connection the cloud makes to the broker uses them.
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
     # The fleet service's MQTT client id: the same at every start, so the broker keeps its
     # persistent session (what devices said while it was down). One per replica, e.g.
     # edgefleet-cloud-0; unset: edgefleet-cloud-<random>, made once and kept in the data dir.
@@ -68,6 +77,7 @@ class CloudSettings(BaseSettings):
             )
         if len(self.admin_token) < 16:
             raise ValueError("EDGEFLEET_ADMIN_TOKEN must be at least 16 characters")
+        self._broker_urls_and_tls()
         if self.broker_accounts == "dynsec" and not (self.mqtt_username and self.mqtt_password):
             raise ValueError(
                 "EDGEFLEET_BROKER_ACCOUNTS=dynsec needs EDGEFLEET_MQTT_USERNAME and "
@@ -79,6 +89,25 @@ class CloudSettings(BaseSettings):
                 "EDGEFLEET_DESIRED_LIFETIME_S, or documents expire before they are renewed"
             )
         return self
+
+    def _broker_urls_and_tls(self) -> None:
+        for url in (self.mqtt_url, self.device_mqtt_url):
+            if url is not None:
+                parse_mqtt_url(url)
+        tls = self.mqtt_tls
+        if tls is None:
+            return
+        if self.mqtt_url is None or not parse_mqtt_url(self.mqtt_url).tls:
+            raise ValueError(
+                "EDGEFLEET_MQTT_CA_FILE, _CERT_FILE and _KEY_FILE are for a TLS broker: set "
+                "EDGEFLEET_MQTT_URL=mqtts://host[:port] (the embedded broker has no TLS)"
+            )
+        tls.check()
+
+    @property
+    def mqtt_tls(self) -> MqttTls | None:
+        """TLS files for the cloud's broker connections (None: none given)."""
+        return MqttTls.from_files(self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
 
     @property
     def resolved_database_url(self) -> str:

@@ -59,6 +59,7 @@ class Agent:
                 stopped=_presence(PresenceState.STOPPED),
             ),
             on_connected=self._on_connected,
+            tls=settings.mqtt_tls,
         )
         fetcher: MqttDelivery | HttpDelivery
         if settings.download_via == "http":

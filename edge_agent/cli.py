@@ -19,6 +19,7 @@ from edge_agent import __version__
 from edge_agent.config import DEFAULT_DATA_DIR, load_settings
 from edge_agent.model_store import ModelStore
 from shared.fsutil import atomic_write
+from shared.mqtt_tls import MqttTls, parse_mqtt_url
 
 __all__ = ["main"]
 
@@ -82,18 +83,51 @@ def _device_self(cloud: str, token: str) -> dict[str, Any]:
         raise _EnrollError(f"{cloud} gave no device identity: {response.text[:200]}") from exc
 
 
+def _tls_files(args: argparse.Namespace) -> dict[str, str]:
+    """The broker TLS files given, as absolute paths, once they make a TLS context."""
+    ca, cert, key = (
+        Path(given).resolve() if given else None
+        for given in (args.mqtt_ca_file, args.mqtt_cert_file, args.mqtt_key_file)
+    )
+    tls = MqttTls.from_files(ca, cert, key)
+    if tls is None:
+        return {}
+    try:
+        tls.check()
+    except ValueError as exc:
+        raise _EnrollError(str(exc), 2) from exc
+    files = {"mqtt_ca_file": ca, "mqtt_cert_file": cert, "mqtt_key_file": key}
+    return {name: str(path) for name, path in files.items() if path is not None}
+
+
+def _mqtt_url(url: str, tls_files: dict[str, str]) -> str:
+    try:
+        secure = parse_mqtt_url(url).tls
+    except ValueError as exc:
+        raise _EnrollError(str(exc), 2) from exc
+    if tls_files and not secure:
+        raise _EnrollError(
+            f"--mqtt-ca-file, --mqtt-cert-file and --mqtt-key-file are for a TLS broker, and "
+            f"{url} is not one: give --mqtt mqtts://host[:port]",
+            2,
+        )
+    return url
+
+
 def enroll(args: argparse.Namespace) -> int:
     """Fetch the device's identity with its token; pin the cloud's public key."""
     cloud = args.cloud.rstrip("/")
     path = _config_path(args)
     try:
+        tls_files = _tls_files(args)
         token = _token(args)
         device = _device_self(cloud, token)
         config = {
             "device_id": device["device_id"],
             "token": token,
             "cloud_url": cloud,
-            "mqtt_url": args.mqtt or device["mqtt_url"],
+            "mqtt_url": _mqtt_url(args.mqtt or device["mqtt_url"], tls_files),
+            **tls_files,
             "public_key": device["public_key"],
             "data_dir": str(Path(args.data_dir).resolve()),
         }
@@ -192,7 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help=f"read the device token from PATH ('-': standard input); default: ${TOKEN_ENV}",
     )
-    p_enroll.add_argument("--mqtt", help="broker URL, if not the one the cloud announces")
+    p_enroll.add_argument(
+        "--mqtt",
+        help="broker URL (mqtts://host[:8883] for TLS), if not the one the cloud announces",
+    )
+    p_enroll.add_argument(
+        "--mqtt-ca-file", metavar="PEM", help="CA of the mqtts:// broker (default: system trust)"
+    )
+    p_enroll.add_argument(
+        "--mqtt-cert-file", metavar="PEM", help="client certificate, for a broker that requires one"
+    )
+    p_enroll.add_argument("--mqtt-key-file", metavar="PEM", help="the client certificate's key")
     p_enroll.set_defaults(fn=enroll)
     p_run = sub.add_parser("run", help="run the agent")
     p_run.add_argument("--port", type=int, default=None, help="local API port (0: a free one)")

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.messages import RoutingSpec
+from shared.mqtt_tls import MqttTls, parse_mqtt_url
 from shared.signing import load_public_key
 from shared.topics import validate_device_id
 
@@ -25,7 +26,16 @@ class AgentSettings(BaseSettings):
     device_id: str
     token: str = Field(min_length=8)
     cloud_url: str = Field(pattern=r"^https?://")
-    mqtt_url: str = Field(pattern=r"^(mqtt|tcp)://")
+    mqtt_url: str = Field(description="mqtt://host[:1883], or mqtts://host[:8883] for TLS")
+    mqtt_ca_file: Path | None = Field(
+        default=None,
+        description="for an mqtts:// broker: the CA that signed its certificate (unset: the "
+        "system's trust store); the broker's host name is always verified",
+    )
+    mqtt_cert_file: Path | None = Field(
+        default=None, description="client certificate, for a broker that requires one"
+    )
+    mqtt_key_file: Path | None = Field(default=None, description="the client certificate's key")
     public_key: str
     data_dir: Path = DEFAULT_DATA_DIR
     api_host: str = "127.0.0.1"
@@ -64,11 +74,34 @@ class AgentSettings(BaseSettings):
     def _device_id(cls, value: str) -> str:
         return validate_device_id(value)
 
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        parse_mqtt_url(value)
+        return value
+
     @field_validator("public_key")
     @classmethod
     def _key(cls, value: str) -> str:
         load_public_key(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> AgentSettings:
+        tls = self.mqtt_tls
+        if tls is not None and not parse_mqtt_url(self.mqtt_url).tls:
+            raise ValueError(
+                "mqtt_ca_file, mqtt_cert_file and mqtt_key_file are for a TLS broker: "
+                f"mqtt_url {self.mqtt_url!r} must be mqtts://host[:port]"
+            )
+        if tls is not None:
+            tls.check()
+        return self
+
+    @property
+    def mqtt_tls(self) -> MqttTls | None:
+        """TLS files for the broker connection (None: none given)."""
+        return MqttTls.from_files(self.mqtt_ca_file, self.mqtt_cert_file, self.mqtt_key_file)
 
     @classmethod
     def settings_customise_sources(

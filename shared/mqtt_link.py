@@ -16,20 +16,20 @@ whatever it had not acked when it went away is delivered again when it returns.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import re
+import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from shared.mqtt_inbound import Acker, Handler, Inbound, InboundHandler, ack_all, topic_matches
+from shared.mqtt_tls import MqttTls, parse_mqtt_url, tls_context
 from shared.retry import Backoff
 
 __all__ = [
@@ -45,68 +45,7 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
-Handler = Callable[[str, bytes], None]
-
-
-class Acker(Protocol):
-    """Who acknowledges an :class:`Inbound` (the link that received it)."""
-
-    def ack_many(self, items: Sequence[Inbound]) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """A received message whose acknowledgement is the receiver's to send, once it is safe."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    received_at: float  # time.monotonic() on arrival
-    acker: Acker = field(repr=False)
-    mid: int = 0
-    generation: int = 0  # the connection it came on
-
-    def ack(self) -> None:
-        """Tell the broker it may forget this message (a no-op for QoS 0)."""
-        self.acker.ack_many((self,))
-
-
-def ack_all(items: Iterable[Inbound]) -> None:
-    """Acknowledge many messages at once: their link writes the PUBACKs in one go."""
-    groups: dict[int, tuple[Acker, list[Inbound]]] = {}
-    for item in items:
-        groups.setdefault(id(item.acker), (item.acker, []))[1].append(item)
-    for acker, group in groups.values():
-        acker.ack_many(group)
-
-
-InboundHandler = Callable[[Inbound], None]
 _PUBACK = struct.Struct("!BBH")  # fixed header (PUBACK, remaining length 2), packet id
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT filter matching (``$share/group/`` ignored), compiled once per filter: paho's
-    ``topic_matches_sub`` builds a matcher on every call, microseconds on each message."""
-    return _compiled(pattern).fullmatch(topic) is not None
-
-
-@functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    if pattern.startswith("$share/"):
-        pattern = pattern.split("/", 2)[2]
-    levels = pattern.split("/")
-    parts = []
-    for index, level in enumerate(levels):
-        if level == "#" and index == len(levels) - 1:
-            # "a/#" matches "a" too; a lone "#" matches everything (but see $ below).
-            parts.append("(?:/.*)?" if index else ".*")
-            continue
-        sep = "/" if index else ""
-        parts.append(sep + ("[^/]*" if level == "+" else re.escape(level)))
-    regex = "".join(parts)
-    if levels[0] in ("+", "#"):
-        regex = r"(?!\$)" + regex  # a leading wildcard never matches $SYS topics (MQTT 4.7.2)
-    return re.compile(regex, re.DOTALL)
 
 
 @dataclass
@@ -119,6 +58,8 @@ class LinkStats:
     # Acks for a message received on an earlier connection are not sent: the broker
     # delivers the message again on the new one, and that copy is acked instead.
     stale_acks: int = 0
+    # TLS connections that failed: an untrusted broker, or ours refused (closed unanswered).
+    tls_failures: int = 0
     session_present: bool = False
     reconnect_delays: list[float] = field(default_factory=list)
 
@@ -147,15 +88,19 @@ class MqttLink:
         on_connected: Callable[[], None] | None = None,
         clean_session: bool = True,
         manual_ack: bool = False,
+        tls: MqttTls | None = None,
     ) -> None:
         """``clean_session=False`` with a stable ``client_id`` keeps the session (subscriptions
         and unacknowledged QoS 1 messages) on the broker while we are away; ``manual_ack``
-        lets :meth:`subscribe_inbound` handlers ack once they have stored a message."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp"):
-            raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 1883
+        lets :meth:`subscribe_inbound` handlers ack once they have stored a message.
+
+        An ``mqtts://`` URL connects over TLS with ``tls`` (None: the system's trust store);
+        its files are read here, so a bad one is a ValueError now, not in the network thread.
+        """
+        endpoint = parse_mqtt_url(url)
+        self.host, self.port = endpoint.host, endpoint.port
+        self.tls = tls
+        self._ssl_context = tls_context(endpoint, tls)
         self.client_id = client_id
         self.will = will
         self.backoff = backoff or Backoff(base=0.5, cap=30.0)
@@ -178,21 +123,15 @@ class MqttLink:
         self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=clean_session,
-            reconnect_on_failure=False,
-            manual_ack=manual_ack,
+        self._username, self._password = username, password
+        self._client = self._new_client(
+            clean_session=clean_session, reconnect_on_failure=False, manual_ack=manual_ack
         )
         # With a write hook registered, paho queues what other threads send and wakes our
         # loop (its socket pair) instead of writing from their thread.
         self._client.on_socket_register_write = _writes_stay_on_the_network_thread
         self._client.max_queued_messages_set(10_000)
         self._client.max_inflight_messages_set(100)
-        self._username, self._password = username, password
-        if username is not None:
-            self._client.username_pw_set(username, password)
         if will is not None:
             # Set before connecting: if we vanish, the broker says so for us.
             self._client.will_set(will.topic, will.offline, qos=1, retain=True)
@@ -200,6 +139,15 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+
+    def _new_client(self, **options: Any) -> mqtt.Client:
+        """A paho client with our id, login and TLS: the link's, and forget_session's."""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, **options)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
+        if self._username is not None:
+            client.username_pw_set(self._username, self._password)
+        return client
 
     # -- the interface -----------------------------------------------------------------
 
@@ -275,9 +223,7 @@ class MqttLink:
     def forget_session(self, timeout: float = 5.0) -> bool:
         """After :meth:`stop`: connect once with a clean session, so the broker drops ours
         (its subscriptions and what it queued for us). For a client id that will not return."""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
-        if self._username is not None:
-            client.username_pw_set(self._username, self._password)
+        client = self._new_client(clean_session=True)
         accepted = threading.Event()
 
         def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -306,19 +252,40 @@ class MqttLink:
             try:
                 self._client.connect(self.host, self.port, keepalive=self.keepalive)
             except (OSError, ValueError) as exc:
-                _LOGGER.debug(
-                    "%s: connect to %s:%s failed: %s", self.client_id, self.host, self.port, exc
-                )
+                self._connect_failed(exc)
             else:
-                had_session = self._loop_until_disconnected()
-                if had_session:
+                answers = self.stats.connects + self.stats.refused
+                if self._loop_until_disconnected():
                     attempt = 0
+                elif answers == self.stats.connects + self.stats.refused:
+                    self._closed_before_connack()
             if self._stopping.is_set():
                 break
             delay = self.backoff.delay(attempt)
             self.stats.reconnect_delays.append(delay)
             attempt += 1
             self._stopping.wait(delay)
+
+    def _connect_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            _LOGGER.debug(
+                "%s: connect to %s:%s failed: %s", self.client_id, self.host, self.port, exc
+            )
+            return
+        # A broker we do not trust (or that does not trust us) will not fix itself: say so.
+        self.stats.tls_failures += 1
+        _LOGGER.warning("%s: TLS with %s:%s failed: %s", self.client_id, self.host, self.port, exc)
+
+    def _closed_before_connack(self) -> None:
+        if self._ssl_context is None or self._stopping.is_set():
+            return
+        # Under TLS 1.3 a broker refuses our certificate (or its absence) only once our side
+        # of the handshake is done: the connection then closes without a CONNACK.
+        self.stats.tls_failures += 1
+        _LOGGER.warning(
+            "%s: %s:%s closed the TLS connection without answering (does it require a client "
+            "certificate?)", self.client_id, self.host, self.port,
+        )  # fmt: skip
 
     def _loop_until_disconnected(self) -> bool:
         had_session = False

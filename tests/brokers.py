@@ -4,6 +4,7 @@ client that records what the broker let it do."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -24,6 +25,7 @@ from cloud.embedded.processes import ChildProcess, free_port
 from cloud.embedded.services import ServiceUrls
 from cloud.settings import CloudSettings
 from tests.conftest import ADMIN_TOKEN, RunningApi, serve_in_thread
+from tests.pki import Pki
 
 __all__ = [
     "DynsecBroker",
@@ -57,11 +59,13 @@ class DynsecBroker:
     log_file: Path
     cloud_username: str = CLOUD_USERNAME
     cloud_password: str = CLOUD_PASSWORD
+    # Its listener's TLS certificates (the shipped config's TLS lines, uncommented).
+    tls: Pki | None = None
     process: ChildProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         binary, _plugin = mosquitto_with_plugin()
@@ -77,12 +81,20 @@ class DynsecBroker:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
 
-def _conf(shipped: str, *, port: int, dynsec_file: Path, plugin: Path) -> str:
-    """The shipped config with this test's listener, plugin and file (nothing else changed)."""
+def _conf(
+    shipped: str, *, port: int, dynsec_file: Path, plugin: Path, tls: Pki | None = None
+) -> str:
+    """The shipped config with this test's listener, plugin and file (nothing else changed);
+    with ``tls``, its commented TLS lines in use with these certificates."""
     lines = []
     for line in shipped.splitlines():
         key = line.split(" ", 1)[0]
-        if key == "listener":
+        tls_line = re.fullmatch(r"# (cafile|certfile|keyfile) \S+", line)
+        if tls is not None and tls_line:
+            option = tls_line.group(1)
+            files = {"cafile": tls.ca_file, "certfile": tls.server_cert, "keyfile": tls.server_key}
+            line = f"{option} {files[option]}"
+        elif key == "listener":
             line = f"listener {port} 127.0.0.1"
         elif key == "plugin":
             line = f"plugin {plugin}"
@@ -108,11 +120,16 @@ def mosquitto_with_plugin() -> tuple[str, Path]:
 
 @contextmanager
 def dynsec_mosquitto(
-    folder: Path, *, cloud_password: str = CLOUD_PASSWORD, initialised: bool = False
+    folder: Path,
+    *,
+    cloud_password: str = CLOUD_PASSWORD,
+    initialised: bool = False,
+    tls: Pki | None = None,
 ) -> Iterator[DynsecBroker]:
     """A fresh Mosquitto with the dynamic-security plugin, set up as `edgefleet broker init`
     does (or, with ``initialised``, on the ``folder/dynsec.json`` already there), on a free
-    port; skipped (failed under CI) where Mosquitto or the plugin is absent."""
+    port, TLS only with ``tls``; skipped (failed under CI) where Mosquitto or the plugin is
+    absent."""
     _binary, plugin = mosquitto_with_plugin()
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -122,6 +139,7 @@ def dynsec_mosquitto(
         conf_file=folder / "mosquitto.conf",
         log_file=folder / "mosquitto.log",
         cloud_password=cloud_password,
+        tls=tls,
     )
     if not initialised:
         write_dynsec_config(
@@ -130,7 +148,13 @@ def dynsec_mosquitto(
             cloud_password=broker.cloud_password,
         )
     broker.conf_file.write_text(
-        _conf(SHIPPED_CONF.read_text(), port=port, dynsec_file=broker.dynsec_file, plugin=plugin)
+        _conf(
+            SHIPPED_CONF.read_text(),
+            port=port,
+            dynsec_file=broker.dynsec_file,
+            plugin=plugin,
+            tls=tls,
+        )
     )
     broker.start()
     try:
@@ -237,6 +261,7 @@ def dynsec_cloud_context(
         mqtt_password=broker.cloud_password,
         broker_accounts="dynsec",
         broker_timeout_s=2.0,
+        mqtt_ca_file=None if broker.tls is None else broker.tls.ca_file,
     )
     urls = ServiceUrls(settings.resolved_database_url, broker.url, redis_url)
     context = CloudContext.open(settings, urls)

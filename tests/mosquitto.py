@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from cloud.embedded.processes import free_port, wait_for_port
+from tests.pki import Pki
 
-__all__ = ["SHIPPED_CONF", "broker_config", "mosquitto"]
+__all__ = ["SHIPPED_CONF", "broker_config", "mosquitto", "tls_mosquitto"]
 
 SHIPPED_CONF = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "edgefleet.conf"
 # What the tests replace: where it listens, who may log in, and what it keeps on disk.
@@ -59,3 +60,12 @@ def mosquitto(work: Path, **overrides: object) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@contextmanager
+def tls_mosquitto(work: Path, pki: Pki, **overrides: object) -> Iterator[int]:
+    """:func:`mosquitto` whose only listener is TLS, with ``pki``'s broker certificate (e.g.
+    ``require_certificate="true"`` in ``overrides``); yields its port."""
+    files = {"cafile": pki.ca_file, "certfile": pki.server_cert, "keyfile": pki.server_key}
+    with mosquitto(work, **files, **overrides) as port:
+        yield port

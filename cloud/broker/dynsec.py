@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.broker.accounts import CONTROL_TOPIC
 from shared.errors import ServiceUnavailable
+from shared.mqtt_tls import MqttTls, parse_mqtt_url, tls_context
 
 __all__ = ["Command", "DynsecClient", "DynsecRefused"]
 
@@ -69,12 +70,12 @@ class DynsecClient:
         password: str,
         timeout: float = 3.0,
         client_id: str | None = None,
+        tls: MqttTls | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp"):
-            raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 1883
+        """``mqtts://`` connects over TLS with ``tls`` (None: the system's trust store)."""
+        endpoint = parse_mqtt_url(url)
+        context = tls_context(endpoint, tls)
+        self.host, self.port = endpoint.host, endpoint.port
         self.timeout = timeout
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -89,6 +90,8 @@ class DynsecClient:
             reconnect_on_failure=False,
         )
         self._client.connect_timeout = timeout
+        if context is not None:
+            self._client.tls_set_context(context)
         self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
@@ -101,6 +104,8 @@ class DynsecClient:
         where = f"{self.host}:{self.port}"
         try:
             self._client.connect(self.host, self.port, keepalive=30)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise ServiceUnavailable(f"TLS with the MQTT broker at {where} failed: {exc}") from exc
         except OSError as exc:
             raise ServiceUnavailable(f"the MQTT broker at {where} is unreachable: {exc}") from exc
         self._client.loop_start()

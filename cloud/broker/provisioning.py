@@ -16,6 +16,7 @@ from cloud.broker.accounts import (
 from cloud.broker.dynsec import Command, DynsecClient, DynsecRefused
 from cloud.settings import CloudSettings
 from shared.errors import Conflict
+from shared.mqtt_tls import MqttTls
 
 __all__ = ["BrokerAccounts", "DynsecAccounts", "NoBrokerAccounts", "broker_accounts"]
 
@@ -70,15 +71,28 @@ class DynsecAccounts:
     that enrollment did not make (say, the cloud's own) is never replaced or deleted.
     """
 
-    def __init__(self, url: str, *, username: str, password: str, timeout: float = 3.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str,
+        password: str,
+        timeout: float = 3.0,
+        tls: MqttTls | None = None,
+    ) -> None:
         self.url = url
         self.username = username
         self.password = password
         self.timeout = timeout
+        self.tls = tls
 
     def connect(self) -> DynsecClient:
         return DynsecClient(
-            self.url, username=self.username, password=self.password, timeout=self.timeout
+            self.url,
+            username=self.username,
+            password=self.password,
+            timeout=self.timeout,
+            tls=self.tls,
         )
 
     def provision_device(self, device_id: str, password: str) -> None:
@@ -145,5 +159,6 @@ def broker_accounts(settings: CloudSettings, mqtt_url: str) -> BrokerAccounts:
             username=settings.mqtt_username,
             password=settings.mqtt_password,
             timeout=settings.broker_timeout_s,
+            tls=settings.mqtt_tls,
         )
     return NoBrokerAccounts()

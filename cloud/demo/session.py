@@ -36,6 +36,7 @@ def _without_broker_login(context: CloudContext, device_ids: list[str]) -> set[s
         username=username,
         password=password,
         timeout=settings.broker_timeout_s,
+        tls=settings.mqtt_tls,
     ) as dynsec:
         return {d for d in device_ids if d in enrolled and dynsec.get_client(d) is None}
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
-from urllib.parse import urlsplit
 
 from cloud.embedded.mosquitto import (
     BROKER_MAX_PAYLOAD,
@@ -21,6 +20,7 @@ from cloud.embedded.mosquitto import (
 )
 from cloud.embedded.processes import ChildProcess, describe_exit, free_port, run_all
 from shared.errors import ServiceUnavailable
+from shared.mqtt_tls import parse_mqtt_url
 
 __all__ = [
     "BROKER_MAX_PAYLOAD",
@@ -45,10 +45,8 @@ _BROKER_BOOTSTRAP = (
 
 
 def mqtt_address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp"):
-        raise ValueError(f"unsupported MQTT URL {url!r}: use mqtt://host:port")
-    return parts.hostname or "127.0.0.1", parts.port or 1883
+    endpoint = parse_mqtt_url(url)
+    return endpoint.host, endpoint.port
 
 
 @dataclass(slots=True)

@@ -68,6 +68,7 @@ class FleetService:
             on_connected=self._republish_desired,
             clean_session=False,
             manual_ack=True,
+            tls=context.settings.mqtt_tls,
         )
         self.ingest = Ingest(context)
         # The broker's $SYS counters, on a connection of their own: some brokers (rumqttd)
@@ -79,6 +80,7 @@ class FleetService:
             username=context.settings.mqtt_username,
             password=context.settings.mqtt_password,
             backoff=Backoff(base=10.0, cap=600.0),
+            tls=context.settings.mqtt_tls,
         )
         self.chunks = ChunkBroadcaster(
             context.artifacts,

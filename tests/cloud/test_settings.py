@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from cloud.settings import DEV_ADMIN_TOKEN, CloudSettings
+from shared.mqtt_tls import MqttTls
+from tests.pki import make_pki
 
 
 def test_the_built_in_token_is_refused_outside_dev_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,3 +33,27 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     settings = CloudSettings()
     assert settings.resolved_database_url == "postgresql://db/edgefleet"
     assert not settings.dev_mode
+
+
+def test_broker_tls_files_come_from_the_environment_and_are_checked_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDGEFLEET_MQTT_CA_FILE/_CERT_FILE/_KEY_FILE secure an mqtts:// broker; a file that is
+    missing, or TLS files for a plain (or the embedded) broker, stop the start with a reason."""
+    pki = make_pki(tmp_path / "pki")
+    monkeypatch.setenv("EDGEFLEET_MQTT_URL", "mqtts://broker.example")
+    monkeypatch.setenv("EDGEFLEET_MQTT_CA_FILE", str(pki.ca_file))
+    monkeypatch.setenv("EDGEFLEET_MQTT_CERT_FILE", str(pki.client_cert))
+    monkeypatch.setenv("EDGEFLEET_MQTT_KEY_FILE", str(pki.client_key))
+    settings = CloudSettings(dev_mode=True)
+    assert settings.mqtt_tls == MqttTls(pki.ca_file, pki.client_cert, pki.client_key)
+    assert CloudSettings(dev_mode=True, mqtt_ca_file=None, mqtt_cert_file=None,
+                         mqtt_key_file=None).mqtt_tls is None  # fmt: skip
+
+    with pytest.raises(ValidationError, match=r"MQTT CA file \S*missing\.pem: No such file"):
+        CloudSettings(dev_mode=True, mqtt_ca_file=tmp_path / "missing.pem")
+    for plain in ("mqtt://broker.example", None):
+        with pytest.raises(ValidationError, match=r"EDGEFLEET_MQTT_URL=mqtts://"):
+            CloudSettings(dev_mode=True, mqtt_url=plain)
+    with pytest.raises(ValidationError, match="unsupported MQTT URL"):
+        CloudSettings(dev_mode=True, mqtt_url="ws://broker.example", mqtt_ca_file=None)

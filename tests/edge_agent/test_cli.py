@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import TOKEN_ENV, main
+from edge_agent.config import load_settings
 from shared.signing import generate_key, public_key_b64
 from tests.conftest import RunningApi
+from tests.pki import make_pki
 
 
 def _token(api: RunningApi, device_id: str) -> str:
@@ -91,6 +93,57 @@ def test_a_config_that_cannot_be_written_is_a_message_not_a_traceback(
     err = capsys.readouterr().err
     assert f"cannot write {data_dir / 'agent.json'}" in err
     assert "Traceback" not in err
+
+
+def test_enroll_writes_the_broker_tls_files_into_a_config_private_from_creation(
+    api: RunningApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--mqtt mqtts://… --mqtt-ca-file/--mqtt-cert-file/--mqtt-key-file` land in the config as
+    absolute paths; under umask 0, with chmod made to fail, the file is still 0600: it was
+    created so, never changed after."""
+    pki = make_pki(tmp_path / "pki")
+    monkeypatch.chdir(tmp_path)
+
+    def no_chmod(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the config was chmod-ed after it was written")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    monkeypatch.setattr(os, "fchmod", no_chmod)
+    previous = os.umask(0)
+    try:
+        code = _enroll(
+            api, tmp_path / "dev", "--token", _token(api, "cam-tls"),
+            "--mqtt", "mqtts://broker.example", "--mqtt-ca-file", "pki/ca.pem",
+            "--mqtt-cert-file", str(pki.client_cert), "--mqtt-key-file", str(pki.client_key),
+        )  # fmt: skip
+    finally:
+        os.umask(previous)
+    assert code == 0
+    config = _config(tmp_path / "dev")
+    assert config["mqtt_url"] == "mqtts://broker.example"
+    assert config["mqtt_ca_file"] == str(pki.ca_file.resolve())
+    assert (config["mqtt_cert_file"], config["mqtt_key_file"]) == (
+        str(pki.client_cert.resolve()),
+        str(pki.client_key.resolve()),
+    )
+    assert (tmp_path / "dev" / "agent.json").stat().st_mode & 0o777 == 0o600
+    assert load_settings(tmp_path / "dev" / "agent.json").mqtt_tls is not None
+
+
+def test_enroll_refuses_tls_files_it_cannot_use(
+    api: RunningApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CA file that is not there, or TLS files for the plain broker the cloud announces:
+    exit 2 with the reason, and no config."""
+    pki = make_pki(tmp_path / "pki")
+    token = _token(api, "cam-bad-tls")
+    missing = ["--mqtt", "mqtts://broker.example", "--mqtt-ca-file", str(tmp_path / "nope.pem")]
+    assert _enroll(api, tmp_path / "a", "--token", token, *missing) == 2
+    assert "nope.pem: No such file" in capsys.readouterr().err
+    assert _enroll(api, tmp_path / "b", "--token", token, "--mqtt-ca-file", str(pki.ca_file)) == 2
+    assert "give --mqtt mqtts://host[:port]" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "agent.json").exists()
+    assert not (tmp_path / "b" / "agent.json").exists()
 
 
 def test_run_stops_on_a_sigterm_that_lands_on_any_of_its_threads(tmp_path: Path) -> None:
