@@ -148,6 +148,12 @@ class Agent:
         self.meter.count(f"answers_{answer.source}")
         if answer.degraded:
             self.meter.count("degraded")
+        # Per row: the offload rate is rows_hard / rows_total (a hard row the cloud could
+        # not answer still counts: the router decided to offload it).
+        self.meter.count("rows_total", len(answer.rows))
+        self.meter.count("rows_hard", answer.hard_rows)
+        self.meter.count("rows_cloud", answer.cloud_rows)
+        self.meter.count("rows_degraded", answer.degraded_rows)
         self.meter.observe_ms(answer.latency_ms)
         return answer
 
@@ -216,6 +222,10 @@ class Agent:
         lines = ["# TYPE edgefleet_agent_events_total counter"]
         for name, value in sorted(self.meter.totals.items()):
             lines.append(f'edgefleet_agent_events_total{{kind="{name}"}} {value}')
+        totals = self.meter.totals
+        lines.append("# TYPE edgefleet_agent_offload_rate gauge")
+        rate = totals["rows_hard"] / totals["rows_total"] if totals["rows_total"] else 0.0
+        lines.append(f"edgefleet_agent_offload_rate {rate:.6g}")
         lines.append("# TYPE edgefleet_agent_latency_ms histogram")
         cumulative = 0
         for bound, count in zip(

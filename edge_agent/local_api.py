@@ -111,6 +111,18 @@ class _Routes:
                 "latency_ms": round(answer.latency_ms, 3),
                 "degraded": answer.degraded,
                 **({"reason": answer.reason} if answer.reason else {}),
+                "offloaded": answer.hard_rows,
+                "rows": [
+                    {
+                        "source": r.source,
+                        "model": r.model,
+                        "version": r.version,
+                        "confidence": r.confidence,
+                        "latency_ms": round(r.latency_ms, 3),
+                        "degraded": r.degraded,
+                    }
+                    for r in answer.rows
+                ],
             },
         )
         payload, headers = encode_response(response, binary=binary)

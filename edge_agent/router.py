@@ -1,116 +1,107 @@
-"""Router: answer locally, and send only the hard inputs to the cloud — without ever
-making the app wait on a slow or absent cloud (latency budget + circuit breaker)."""
+"""Router: answer every row locally, send only the hard rows to the cloud in one call, merge
+the cloud's answers back in order — without ever making the app wait on a slow or absent
+cloud (one overall latency budget + circuit breaker)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.cloud_client import (
+    CircuitBreaker,
+    CloudAnswer,
+    CloudBusy,
+    CloudClient,
+    DeadlineExceeded,
+)
 from edge_agent.runtime import Runtime
+from shared.errors import EdgeFleetError
 from shared.messages import RoutingPolicy, RoutingSpec
-from shared.routing import confidence
-from shared.tensors import HEADER_LENGTH, decode_response, encode_request
+from shared.routing import spec_confidence
 
-__all__ = ["Answer", "CircuitBreaker", "CloudClient", "Router"]
+__all__ = [
+    "Answer",
+    "CircuitBreaker",
+    "CloudBusy",
+    "CloudClient",
+    "DeadlineExceeded",
+    "Router",
+    "RowRoute",
+]
 
 _LOGGER = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
+Source = Literal["edge", "cloud"]
+
+
+@dataclass(slots=True)
+class RowRoute:
+    """Where one row's answer came from."""
+
+    source: Source
+    model: str
+    version: int | None
+    latency_ms: float
+    confidence: float | None = None
+    hard: bool = False
+    degraded: bool = False
 
 
 @dataclass
 class Answer:
-    """What every inference returns: the outputs and where they came from."""
+    """What every inference returns: the outputs, and where each row came from.
+
+    The batch-level fields summarise the rows: ``source`` is ``mixed`` when some rows came
+    from the cloud and some from the edge; ``confidence`` is the lowest row's; ``model`` and
+    ``version`` are the cloud's only when every row came from the cloud."""
 
     outputs: dict[str, Array]
-    source: Literal["edge", "cloud"]
+    source: Literal["edge", "cloud", "mixed"]
     model: str
     version: int
     latency_ms: float
     confidence: float | None = None
     degraded: bool = False
     reason: str | None = None
-
-
-@dataclass
-class CircuitBreaker:
-    """Open after ``failures`` consecutive failures; one trial call after ``reset_s``."""
-
-    failures: int = 3
-    reset_s: float = 10.0
-    clock: Callable[[], float] = time.monotonic
-    _consecutive: int = 0
-    _opened_at: float | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._opened_at is None:
-                return True
-            if self.clock() - self._opened_at >= self.reset_s:
-                self._opened_at = self.clock()  # half-open: let one call through
-                return True
-            return False
-
-    def success(self) -> None:
-        with self._lock:
-            self._consecutive, self._opened_at = 0, None
-
-    def failure(self) -> None:
-        with self._lock:
-            self._consecutive += 1
-            if self._consecutive >= self.failures:
-                self._opened_at = self.clock()
+    rows: list[RowRoute] = field(default_factory=list)
 
     @property
-    def open(self) -> bool:
-        return self._opened_at is not None
+    def hard_rows(self) -> int:
+        return sum(r.hard for r in self.rows)
+
+    @property
+    def cloud_rows(self) -> int:
+        return sum(r.source == "cloud" for r in self.rows)
+
+    @property
+    def degraded_rows(self) -> int:
+        return sum(r.degraded for r in self.rows)
 
 
-class CloudClient:
-    """KServe v2 binary-tensor client for the cloud's fallback inference API."""
+def _merge(local: dict[str, Array], cloud: dict[str, Array], rows: Array, name: str) -> None:
+    """Put the cloud's answers into the hard ``rows`` of ``local``, output by output.
 
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        *,
-        budget_s: float = 0.5,
-        breaker: CircuitBreaker | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.budget_s = budget_s
-        self.breaker = breaker or CircuitBreaker()
-        self._client = httpx.Client(
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(budget_s, connect=min(budget_s, 0.25)),
-            transport=transport,
-        )
-
-    def infer(self, model: str, inputs: dict[str, Array]) -> dict[str, Array]:
-        body, headers = encode_request(inputs, binary=True)
-        response = self._client.post(
-            f"{self.base_url}/v2/models/{model}/infer", content=body, headers=headers
-        )
-        if response.status_code != 200:
-            raise httpx.HTTPStatusError(
-                f"cloud answered {response.status_code}",
-                request=response.request,
-                response=response,
-            )
-        length = response.headers.get(HEADER_LENGTH)
-        return decode_response(response.content, int(length) if length else None).outputs
-
-    def close(self) -> None:
-        self._client.close()
+    Outputs the cloud does not give (an edge embedding) keep the edge's values; the
+    probabilities must be there, as many rows as were sent, in the edge's trailing shape.
+    Nothing changes unless every output merges."""
+    sent = len(rows)
+    wanted = cloud.get(name)
+    if wanted is None or name not in local or wanted.shape != (sent, *local[name].shape[1:]):
+        got = "nothing" if wanted is None else list(wanted.shape)
+        raise EdgeFleetError(f"the cloud's {name!r} is {got} for {sent} rows sent")
+    merged = {}
+    for key, value in cloud.items():
+        mine = local.get(key)
+        if mine is not None and value.shape == (sent, *mine.shape[1:]):
+            updated = mine.copy()
+            updated[rows] = value.astype(mine.dtype, copy=False)
+            merged[key] = updated
+    local.update(merged)
 
 
 class Router:
@@ -133,43 +124,105 @@ class Router:
         loaded = self.runtime.get(model)
         checked = loaded.check_inputs(inputs)
         outputs = loaded.run(checked)
+        n = len(next(iter(checked.values())))
         spec = self._spec(loaded.manifest.routing)
-        probs = outputs.get("probabilities")
-        conf: float | None = None
-        hard = spec.policy is RoutingPolicy.ALWAYS_CLOUD
-        if (
-            probs is not None
-            and probs.ndim == 2
-            and spec.policy
-            not in (
-                RoutingPolicy.ALWAYS_EDGE,
-                RoutingPolicy.ALWAYS_CLOUD,
+        conf, hard, reason = self._decide(spec, outputs, n)
+        local_ms = (time.perf_counter() - start) * 1000
+        rows = [
+            RowRoute(
+                "edge",
+                model,
+                loaded.version,
+                local_ms,
+                None if conf is None else float(conf[i]),
+                bool(hard[i]),
             )
-        ):
-            scores = confidence(probs, spec.policy)
-            conf = float(np.min(scores))
-            hard = spec.threshold is not None and conf < spec.threshold
-        answer = Answer(outputs, "edge", model, loaded.version, 0.0, conf)
-        if hard:
-            answer = self._offload(answer, model, checked)
-        answer.latency_ms = (time.perf_counter() - start) * 1000
-        return answer
+            for i in range(n)
+        ]
+        if hard.any():
+            reason = self._offload(model, spec, checked, outputs, hard, rows)
+        total_ms = (time.perf_counter() - start) * 1000
+        for row in rows:
+            if row.source == "cloud":
+                row.latency_ms = total_ms
+        sources = {r.source for r in rows}
+        all_cloud = sources == {"cloud"}
+        return Answer(
+            outputs=outputs,
+            source="cloud" if all_cloud else "edge" if sources == {"edge"} else "mixed",
+            model=rows[0].model if all_cloud else model,
+            version=(rows[0].version or loaded.version) if all_cloud else loaded.version,
+            latency_ms=total_ms,
+            confidence=None if conf is None else float(conf.min()),
+            degraded=any(r.degraded for r in rows),
+            reason=reason,
+            rows=rows,
+        )
 
-    def _offload(self, local: Answer, model: str, inputs: dict[str, Array]) -> Answer:
-        if self.cloud is None:
-            local.degraded, local.reason = True, "hard input, no cloud configured"
-            return local
-        if not self.cloud.breaker.allow():
-            local.degraded, local.reason = True, "hard input, cloud circuit open"
-            return local
+    def _decide(
+        self, spec: RoutingSpec, outputs: dict[str, Array], n: int
+    ) -> tuple[Array | None, npt.NDArray[np.bool_], str | None]:
+        """Per-row confidence and hard mask; a spec the outputs cannot feed keeps all local."""
+        if spec.policy is RoutingPolicy.ALWAYS_EDGE:
+            return None, np.zeros(n, dtype=bool), None
+        if spec.policy is RoutingPolicy.ALWAYS_CLOUD:
+            return None, np.ones(n, dtype=bool), None
         try:
-            outputs = self.cloud.infer(model, inputs)
-        except Exception as exc:
-            # Any cloud failure (network, status, a body that does not parse) is the same
-            # thing to the app: the local answer, flagged, never an error.
-            self.cloud.breaker.failure()
-            _LOGGER.debug("offload of %s failed: %r", model, exc)
-            local.degraded, local.reason = True, f"hard input, cloud failed: {type(exc).__name__}"
-            return local
-        self.cloud.breaker.success()
-        return Answer(outputs, "cloud", model, local.version, 0.0, local.confidence)
+            conf = spec_confidence(spec, outputs)
+        except EdgeFleetError as exc:
+            # A routing spec that does not fit the model is the deployment's bug, not the
+            # app's: answer locally and say why.
+            _LOGGER.debug("routing skipped: %s", exc.message)
+            return None, np.zeros(n, dtype=bool), f"routing skipped: {exc.message}"
+        if spec.threshold is None:
+            return conf, np.zeros(n, dtype=bool), None
+        hard: npt.NDArray[np.bool_] = conf < spec.threshold
+        return conf, hard, None
+
+    def _offload(
+        self,
+        model: str,
+        spec: RoutingSpec,
+        inputs: dict[str, Array],
+        outputs: dict[str, Array],
+        hard: npt.NDArray[np.bool_],
+        rows: list[RowRoute],
+    ) -> str | None:
+        """Ask the cloud about the hard rows only; on success their answers replace the
+        edge's, otherwise they keep the edge's, flagged degraded. Returns the reason."""
+        index = np.flatnonzero(hard)
+        target = spec.cloud_model
+        # Without a named cloud model (a manifest from before it was named) the cloud is
+        # asked for the edge model's own name, as it always was.
+        name = target.name if target is not None else model
+        version = target.version if target is not None else "latest"
+        reason: str | None = None
+        answer: CloudAnswer | None = None
+        if self.cloud is None:
+            reason = "hard input, no cloud configured"
+        elif not self.cloud.breaker.allow():
+            reason = "hard input, cloud circuit open"
+        else:
+            try:
+                answer = self.cloud.infer(
+                    name, {k: v[index] for k, v in inputs.items()}, version=version
+                )
+                _merge(outputs, answer.outputs, index, spec.probabilities_output)
+            except Exception as exc:
+                # Any cloud failure (network, status, deadline, a body that does not parse
+                # or does not fit) is the same thing to the app: the local answer, flagged,
+                # never an error.
+                self.cloud.breaker.failure()
+                _LOGGER.debug("offload of %s rows of %s failed: %r", len(index), model, exc)
+                reason, answer = f"hard input, cloud failed: {type(exc).__name__}", None
+            else:
+                self.cloud.breaker.success()
+        pinned = version if isinstance(version, int) else None
+        for i in index:
+            row = rows[i]
+            if answer is None:
+                row.degraded = True
+            else:
+                row.source, row.model = "cloud", answer.model or name
+                row.version = answer.version if answer.version is not None else pinned
+        return reason

@@ -31,11 +31,14 @@ __all__ = [
     "SCHEMA_VERSION",
     "ArtifactRef",
     "ArtifactRequest",
+    "CloudModelRef",
+    "CurvePoint",
     "DeploymentState",
     "DesiredState",
     "GoldenExample",
     "HealthCheckSpec",
     "Histogram",
+    "LearnedRouter",
     "Manifest",
     "Message",
     "Part",
@@ -165,16 +168,73 @@ class RoutingPolicy(StrEnum):
     MAX_PROB = "max_prob"
     MARGIN = "margin"
     ENTROPY = "entropy"
+    LEARNED = "learned"
     ALWAYS_EDGE = "always_edge"
     ALWAYS_CLOUD = "always_cloud"
 
 
+class CloudModelRef(Part):
+    """The cloud model that answers a device's hard inputs: a pinned version or the latest."""
+
+    name: Name
+    version: Annotated[int, Field(ge=1)] | Literal["latest"] = "latest"
+
+
+class CurvePoint(Part):
+    """One point of a calibration curve: the threshold that offloaded this share of the
+    calibration split."""
+
+    offload: float = Field(ge=0.0, le=1.0)
+    threshold: float
+
+
+class LearnedRouter(Part):
+    """A logistic model of "the edge is wrong and the cloud right" over the edge's scores
+    (sorted probabilities, margin, normalised entropy) and, if named, its embedding.
+
+    Features are standardised with ``mean`` / ``scale``; the confidence the router compares
+    with its threshold is ``1 - sigmoid(z @ weights + bias)``. Plain lists: a device runs it
+    in numpy."""
+
+    embedding_output: TensorName | None = None
+    mean: list[float] = Field(min_length=1, max_length=4096)
+    scale: list[float] = Field(min_length=1, max_length=4096)
+    weights: list[float] = Field(min_length=1, max_length=4096)
+    bias: float
+
+    @model_validator(mode="after")
+    def _same_length(self) -> LearnedRouter:
+        if not len(self.mean) == len(self.scale) == len(self.weights):
+            raise ValueError("mean, scale and weights must have one entry per feature")
+        if any(s <= 0 for s in self.scale):
+            raise ValueError("scale entries must be positive")
+        return self
+
+
 class RoutingSpec(Part):
-    """How the edge decides an input is hard; the threshold is calibrated by the pipeline."""
+    """How the edge decides an input is hard; the threshold is calibrated by the pipeline.
+
+    Every field added after the first release has a default that keeps the old behaviour:
+    no ``cloud_model`` means the cloud is asked for the edge model's own name, probabilities
+    are read from ``probabilities``, no curve means the threshold cannot follow a budget."""
 
     policy: RoutingPolicy
     threshold: float | None = None
     target: str | None = Field(default=None, max_length=200)
+    cloud_model: CloudModelRef | None = None
+    probabilities_output: TensorName = "probabilities"
+    # Offload share -> threshold on the calibration split, offload increasing.
+    curve: list[CurvePoint] = Field(default_factory=list, max_length=1001)
+    learned: LearnedRouter | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RoutingSpec:
+        if self.policy is RoutingPolicy.LEARNED and self.learned is None:
+            raise ValueError("the learned policy needs its model (learned)")
+        offloads = [p.offload for p in self.curve]
+        if offloads != sorted(offloads):
+            raise ValueError("curve points must be in increasing offload order")
+        return self
 
 
 class GoldenExample(Part):

@@ -17,7 +17,7 @@ from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
 from shared.errors import Conflict, GateFailed, InvalidInput
-from shared.messages import RoutingPolicy, RoutingSpec, TensorSpec
+from shared.messages import CloudModelRef, RoutingPolicy, RoutingSpec, TensorSpec
 
 __all__ = ["LargerThanParent", "QuantizeOptions", "load_version_bytes", "quantize_version"]
 
@@ -32,6 +32,12 @@ class QuantizeOptions:
     policy: RoutingPolicy | None = None
     cloud_model: tuple[str, int] | None = None
     method: QuantMethod | None = None
+    # Which outputs hold the class probabilities (edge and cloud model) and the embedding
+    # the learned router may use; a model without them gets no routing spec / no embedding.
+    probabilities_output: str = "probabilities"
+    cloud_probabilities_output: str = "probabilities"
+    embedding_output: str = "embedding"
+    learned: bool = True
     # An INT8 child larger than its parent defeats the point of shipping it to a device;
     # registering one anyway is a decision someone takes explicitly.
     allow_larger: bool = False
@@ -91,26 +97,60 @@ def _parent(context: CloudContext, model: str, version: int) -> _Parent:
 def _routing(
     context: CloudContext, parent: _Parent, int8: bytes, data: EvalData, options: QuantizeOptions
 ) -> tuple[dict[str, Any], RoutingSpec | None]:
-    if "probabilities" not in parent.outputs or data.calib_labels is None:
+    probs_name = options.probabilities_output
+    if probs_name not in parent.outputs or data.calib_labels is None:
         return {}, None
-    edge_probs = run_model(make_session(int8), data.calib_inputs, output="probabilities")
+    session = make_session(int8)
+    edge_probs = run_model(session, data.calib_inputs, output=probs_name)
+    embedding = None
+    if options.embedding_output in parent.outputs:
+        embedding = run_model(session, data.calib_inputs, output=options.embedding_output)
     cloud_probs = None
     if options.cloud_model is not None:
         cloud_bytes = load_version_bytes(context, *options.cloud_model)
         cloud_probs = run_model(
-            make_session(cloud_bytes), data.calib_inputs, output="probabilities"
+            make_session(cloud_bytes), data.calib_inputs, output=options.cloud_probabilities_output
         )
     target = options.target
     if target.kind == "gap" and cloud_probs is None:
         raise InvalidInput("a gap target needs cloud_model (name:version) to compare against")
-    result = calibrate(edge_probs, data.calib_labels, target=target, cloud_probs=cloud_probs)
+    found = calibrate(
+        edge_probs,
+        data.calib_labels,
+        target=target,
+        cloud_probs=cloud_probs,
+        embedding=embedding,
+        embedding_output=options.embedding_output,
+        learned=options.learned,
+    )
+    result = dict(found.report)
+    cloud_ref = None
     if options.cloud_model is not None:
         result["cloud_model"] = f"{options.cloud_model[0]}:{options.cloud_model[1]}"
-    policy = options.policy or RoutingPolicy(result["chosen"])
+        # Pinned: the thresholds were calibrated against exactly this version's answers.
+        cloud_ref = CloudModelRef(name=options.cloud_model[0], version=options.cloud_model[1])
+    policy = options.policy or RoutingPolicy(found.chosen)
+    common: dict[str, Any] = {
+        "target": str(target),
+        "cloud_model": cloud_ref,
+        "probabilities_output": probs_name,
+    }
     if policy.value not in result["policies"]:
-        return result, RoutingSpec(policy=policy, target=str(target))
-    threshold = result["policies"][policy.value]["threshold"]
-    return result, RoutingSpec(policy=policy, threshold=threshold, target=str(target))
+        if policy is RoutingPolicy.LEARNED:
+            raise InvalidInput(
+                "the learned router could not be trained: the calibration split has too few "
+                "inputs that the edge gets wrong and the cloud right"
+            )
+        return result, RoutingSpec(policy=policy, **common)
+    result["shipped"] = policy.value
+    learned = found.learned.router if found.learned is not None else None
+    return result, RoutingSpec(
+        policy=policy,
+        threshold=found.threshold(policy.value),
+        curve=found.curves[policy.value],
+        learned=learned if policy is RoutingPolicy.LEARNED else None,
+        **common,
+    )
 
 
 def quantize_version(

@@ -15,7 +15,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.local_api import LocalApi
-from shared.messages import Manifest, TensorSpec
+from shared.messages import Manifest, RoutingPolicy, RoutingSpec, TensorSpec
 from shared.tensors import HEADER_LENGTH, decode_response, encode_request
 from tests.edge_agent.support import agent_settings, lookup_model, manifest_for, tiny_classifier
 
@@ -224,3 +224,27 @@ def test_a_bad_header_length_is_blamed_on_that_header(served: Served) -> None:
     assert answer.endswith(
         b'{"error": "Inference-Header-Content-Length 99 outside a 14-byte body"}'
     )
+
+
+def test_each_row_says_where_it_came_from_and_the_offload_rate_is_counted(
+    served: Served,
+) -> None:
+    """Every row is hard (threshold above any probability) and no cloud listens: each row is
+    the local answer flagged degraded, and hard ÷ total rows is in telemetry and /metrics."""
+    served.agent.router.override = RoutingSpec(policy=RoutingPolicy.MAX_PROB, threshold=1.01)
+    body, headers = encode_request({"input": np.ones((3, 4), dtype=np.float32)}, binary=True)
+    response = httpx.post(f"{served.url}/v2/models/m/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    parsed = decode_response(response.content, int(response.headers[HEADER_LENGTH]))
+    rows = parsed.parameters["rows"]
+    assert [(r["source"], r["version"], r["degraded"]) for r in rows] == [("edge", 1, True)] * 3
+    assert all(0 < r["confidence"] < 1 and r["latency_ms"] > 0 for r in rows)
+    assert parsed.parameters["offloaded"] == 3
+
+    served.agent.router.override = None  # the manifest has no routing: all local
+    served.agent.infer("m", {"input": np.ones((1, 4), dtype=np.float32)})
+
+    window = served.agent.meter.snapshot({})
+    assert (window.counts["rows_total"], window.counts["rows_hard"]) == (4, 3)
+    assert window.counts["rows_degraded"] == 3
+    assert "edgefleet_agent_offload_rate 0.75" in httpx.get(f"{served.url}/metrics").text

@@ -41,7 +41,11 @@ def manifest(model: str = "digits", version: int = 1) -> Manifest:
             "artifact": artifact().model_dump(),
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
-            "routing": {"policy": "max_prob", "threshold": 0.8},
+            "routing": {
+                "policy": "max_prob",
+                "threshold": 0.8,
+                "cloud_model": {"name": "digits-cloud", "version": 3},
+            },
         }
     )
 
@@ -57,7 +61,7 @@ def test_unknown_fields_are_ignored_when_reading_at_every_level() -> None:
     raw = manifest().model_dump(mode="json")
     raw["added_in_a_later_minor"] = {"anything": [1, 2]}
     raw["artifact"]["mirror_url"] = "https://example.invalid/a"
-    raw["routing"]["curve"] = [[0.1, 0.5]]
+    raw["routing"]["cloud_model"]["region"] = "eu"  # a field inside a field added later
     raw["inputs"][0]["layout"] = "NC"
 
     read = decode(Manifest, json.dumps(raw))

@@ -48,11 +48,22 @@ def test_reference_models_register_fp32_and_gated_calibrated_int8(
         int8 = added[("digits-edge", 2)]
         assert (int8["precision"], int8["parent_version"]) == ("int8", 1)
         assert int8["metrics"]["accuracy_drop_pt"] <= 0.5
-        assert int8["routing"]["policy"] in ("max_prob", "margin", "entropy")
-        assert 0 < int8["routing"]["threshold"] <= 1
+        routing = int8["routing"]
+        assert routing["policy"] in ("max_prob", "margin", "entropy", "learned")
+        assert 0 < routing["threshold"] <= 1
+        # The spec names who answers hard inputs and where the probabilities are, and
+        # carries the curve a device follows under a budget.
+        assert routing["cloud_model"] == {"name": "digits-cloud", "version": 1}
+        assert routing["probabilities_output"] == "probabilities"
+        assert [p["offload"] for p in routing["curve"]] == pytest.approx(
+            [i / 20 for i in range(21)]
+        )
+        assert (routing["learned"] is not None) == (routing["policy"] == "learned")
         assert int8["calibration"]["target"] == "gap:0.8"
         assert int8["calibration"]["cloud_model"] == "digits-cloud:1"
-        assert set(int8["calibration"]["policies"]) == {"max_prob", "margin", "entropy"}
+        assert set(int8["calibration"]["policies"]) == {
+            "max_prob", "margin", "entropy", "learned",
+        }  # fmt: skip
         assert int8["trainable"] == ["head.weight", "head.bias"]
         assert c.post("/v1/reference-models", json={}).json() == []
         assert c.post("/v1/reference-models", json={"models": ["nope"]}).status_code == 422
