@@ -116,6 +116,8 @@ class MqttLink:
         self._routes: dict[str, tuple[list[Handler], list[InboundHandler]]] = {}
         # Bumped whenever a connection ends or begins (under _ack_lock): which acks are stale.
         self._generation = 0
+        # QoS 1 messages of this connection not acked yet, in arrival order (mid -> ack asked).
+        self._unacked: dict[int, bool] = {}
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
         # SUBACKs still awaited for the subscriptions renewed at the last connect.
@@ -360,6 +362,8 @@ class MqttLink:
         item = Inbound(
             topic, bytes(payload), message.qos, time.monotonic(), self, message.mid, generation
         )
+        if message.qos == 1:
+            self._received(message.mid)
         if not inbound:
             # Nobody stores it (a plain handler, or a subscription left in our persistent
             # session by an older version): ack now, or it would hold an inflight slot.
@@ -384,35 +388,50 @@ class MqttLink:
         return route
 
     def ack_many(self, items: Sequence[Inbound]) -> None:
-        """Acknowledge received messages (manual-ack mode). Those from an earlier connection
-        are not: the broker delivers them again on this one, and those copies are acked."""
+        """Acknowledge received messages (manual-ack mode), in the order they arrived: an
+        ack is held until every QoS 1 message received before it is acked too, as MQTT asks
+        [MQTT-4.6.0-2] (rumqttd drops a client whose acks come out of order). Those from an
+        earlier connection are not sent: the broker delivers them again on this one."""
         if not self.manual_ack:
             return
         with self._ack_lock:
             current = self._generation
-            mids = []
             for item in items:
                 if item.qos == 0:
                     continue
                 if item.generation != current:
                     self.stats.stale_acks += 1
                 elif item.qos == 1:
-                    mids.append(item.mid)
+                    if item.mid in self._unacked:
+                        self._unacked[item.mid] = True
                 else:
                     self._client.ack(item.mid, item.qos)
+            mids = []
+            while self._unacked:
+                head = next(iter(self._unacked))
+                if not self._unacked[head]:
+                    break
+                del self._unacked[head]
+                mids.append(head)
             self.stats.acks += len(mids)
             queue = getattr(self._client, "_packet_queue", None)
             if queue is None or len(mids) < 2:
                 for mid in mids:
                     self._client.ack(mid, 1)
-            else:
+            elif mids:
                 # One write (and one wake of the loop) for the lot: paho would send each
                 # 4-byte PUBACK alone, a system call per message at thousands a second.
                 queue(mqtt.PUBACK, b"".join(_PUBACK.pack(0x40, 2, m) for m in mids), 0, 1)
 
+    def _received(self, mid: int) -> None:
+        """A QoS 1 message arrived (network thread): its ack takes its place in line."""
+        with self._ack_lock:
+            self._unacked[mid] = False
+
     def _next_generation(self) -> None:
         with self._ack_lock:
             self._generation += 1
+            self._unacked.clear()
 
     def _safely(self, fn: Callable[..., None], *args: Any) -> bool:
         try:

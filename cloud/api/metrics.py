@@ -101,7 +101,7 @@ class _FleetCollector(Collector):
         yield CounterMetricFamily(
             "edgefleet_chunk_requests_refused",
             "Chunk requests for an artifact outside the asking device's desired state",
-            self.fleet.refused_requests,
+            self.fleet.chunks.refused,
         )
         broker = self.fleet.broker
         yield CounterMetricFamily(

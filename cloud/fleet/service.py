@@ -15,7 +15,7 @@ from cloud.fleet.access import ArtifactAccess
 from cloud.fleet.chunks import ChunkBroadcaster
 from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
-from cloud.fleet.watch import BROKER_STATS, BrokerWatch, Throttle
+from cloud.fleet.watch import BROKER_STATS, BrokerWatch
 from cloud.registry.tables import Artifact, DeploymentEvent
 from cloud.rollout.engine import RolloutEngine
 from cloud.settings import CloudSettings
@@ -86,11 +86,10 @@ class FleetService:
             context.artifacts,
             lambda topic, payload: self.link.publish(topic, payload, qos=1),
             chunk_size_of=self._chunk_size,
+            allowed=lambda device_id, sha256: self.access.allowed(device_id, sha256),
         )
         self._chunk_sizes: dict[str, int] = {}
         self.access = ArtifactAccess(context)
-        self.refused_requests = 0
-        self._throttle = Throttle()
         self.desired = DesiredStateKeeper(context, self._publish_retained)
         # Every replica runs one; only the one holding the lease acts.
         self.rollouts = RolloutEngine(
@@ -169,23 +168,14 @@ class FleetService:
         return size
 
     def _on_artifact_request(self, topic: str, payload: bytes) -> None:
-        """Honoured only for an artifact in the asking device's own desired state: any other
-        request (a stranger's model, a cloud-only one) is refused, or anyone able to publish
-        a request could make the cloud broadcast any artifact to the whole broker."""
+        """Honoured only for an artifact in the asking device's own desired state (checked
+        by the broadcaster): any other request (a stranger's model, a cloud-only one) is
+        refused, or anyone able to publish a request could make the cloud broadcast any
+        artifact to the whole broker."""
         try:
             device_id = topics.parse(topic).device_id
-            request = decode(ArtifactRequest, payload)
-            if device_id is None or not self.access.allowed(device_id, request.sha256):
-                self.refused_requests += 1
-                if (held := self._throttle.allow("refused")) is not None:
-                    _LOGGER.warning(
-                        "refused chunk request on %s for %s: not in that device's desired "
-                        "state%s", topic, request.sha256[:12],
-                        f" ({held} more not logged)" if held else "",
-                    )  # fmt: skip
-                return
-            self.chunks.request(request)
-        except EdgeFleetError as exc:  # malformed, or an artifact we do not have
+            self.chunks.request(decode(ArtifactRequest, payload), device_id)
+        except EdgeFleetError as exc:  # malformed
             _LOGGER.warning("ignored %s: %s", topic, exc.message)
 
     # -- history -----------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_chunks_are_broadcast_only_for_the_asking_devices_desired_state(
 
         ask(b, v1_sha)
         ask(a, v2_sha)
-        wait_for(lambda: fleet.refused_requests == 2, 10, "two refused requests")
+        wait_for(lambda: fleet.chunks.refused == 2, 10, "two refused requests")
         ask(a, v1_sha)
         wait_for(lambda: watcher.messages(topics.artifact_chunk(v1_sha, 0)), 10, "A's chunk")
         assert not watcher.messages(topics.artifact_chunk(v2_sha, 0))
@@ -109,7 +109,7 @@ def test_chunks_are_broadcast_only_for_the_asking_devices_desired_state(
         fleet.deploy(device_id=b, model="m", version=2)
         ask(b, v2_sha)
         wait_for(lambda: watcher.messages(topics.artifact_chunk(v2_sha, 0)), 10, "B's chunk")
-        assert fleet.refused_requests == 2
+        assert fleet.chunks.refused == 2
     finally:
         fleet.stop(forget_session=True)
         watcher.close()
@@ -127,7 +127,7 @@ def test_a_request_on_a_topic_of_no_device_is_refused(context: CloudContext, bro
         stranger = f"ghost-{uuid.uuid4().hex[:6]}"
         payload = ArtifactRequest(sha256=sha, chunks=[0]).model_dump_json()
         devices.publish(stranger, DeviceTopic.ARTIFACT_REQUEST, payload)
-        wait_for(lambda: fleet.refused_requests == 1, 10, "the refused request")
+        wait_for(lambda: fleet.chunks.refused == 1, 10, "the refused request")
         assert fleet.chunks.requests == 0
     finally:
         fleet.stop(forget_session=True)

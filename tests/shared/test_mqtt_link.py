@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from cloud.embedded.services import ServiceUrls
 from shared.mqtt_link import Inbound, MqttLink, ack_all, topic_matches
 from shared.retry import Backoff
 from tests.fleet_harness import wait_for
@@ -74,9 +76,10 @@ def test_publish_while_disconnected_says_whether_the_message_survives(broker: st
 
 
 def test_an_unacked_message_comes_back_to_the_kept_session(broker: str) -> None:
-    """With a persistent session and manual acks, what the receiver acked (two at once: one
-    write of two PUBACKs) is gone for good, and what it did not ack is delivered again when
-    it reconnects under the same id."""
+    """With a persistent session and manual acks, what the receiver acked is gone for good,
+    and what it did not ack is delivered again when it reconnects under the same id. Acks
+    leave in arrival order (MQTT-4.6.0-2): the ack of the third message waits behind the
+    unacked second, so both come back."""
     client_id = f"keeper-{uuid.uuid4().hex[:6]}"
     received: list[Inbound] = []
     first = _link(broker, client_id, clean_session=False, manual_ack=True)
@@ -90,7 +93,9 @@ def test_an_unacked_message_comes_back_to_the_kept_session(broker: str) -> None:
         sender.publish(TOPIC, payload, qos=1)
     wait_for(lambda: len(received) == 3, 10, "the three messages")
     ack_all(m for m in received if m.payload.startswith(b"acked"))
-    wait_for(lambda: first.stats.acks == 2, 5, "the acks to leave")
+    wait_for(lambda: first.stats.acks == 1, 5, "the first ack to leave")
+    time.sleep(0.2)
+    assert first.stats.acks == 1, "the third ack waits for the second"
     first.stop()
     stale = next(m for m in received if m.payload == b"left")
 
@@ -99,8 +104,8 @@ def test_an_unacked_message_comes_back_to_the_kept_session(broker: str) -> None:
     second.subscribe_inbound(TOPIC, again.append)
     second.start()
     try:
-        wait_for(lambda: again, 10, "the redelivered message")
-        assert [m.payload for m in again] == [b"left"]
+        wait_for(lambda: len(again) == 2, 10, "the redelivered messages")
+        assert [m.payload for m in again] == [b"left", b"acked-2"]
         assert second.stats.session_present
         stale.ack()  # from the first connection: not sent on this one
         assert first.stats.stale_acks == 1
@@ -146,3 +151,69 @@ def test_filters_match_as_paho_matches_them() -> None:
             topic,
         )
     assert topic_matches("$share/edgefleet-cloud/a/+", "a/x")
+
+
+def test_acks_leave_in_the_order_the_messages_came(broker: str) -> None:
+    """Three messages acked last-first: nothing leaves until the first is acked, then all
+    three go in arrival order, and none comes back to the kept session."""
+    client_id = f"order-{uuid.uuid4().hex[:6]}"
+    received: list[Inbound] = []
+    link = _link(broker, client_id, clean_session=False, manual_ack=True)
+    link.subscribe_inbound(TOPIC, received.append)
+    link.start()
+    assert link.wait_subscribed(10)
+    sender = _link(broker)
+    sender.start()
+    try:
+        assert sender.wait_connected(10)
+        for payload in (b"1", b"2", b"3"):
+            sender.publish(TOPIC, payload, qos=1)
+        wait_for(lambda: len(received) == 3, 10, "the three messages")
+        received[2].ack()
+        received[1].ack()
+        time.sleep(0.2)
+        assert link.stats.acks == 0
+        received[0].ack()
+        wait_for(lambda: link.stats.acks == 3, 5, "all three acks")
+    finally:
+        link.stop()
+        sender.stop()
+    again: list[Inbound] = []
+    second = _link(broker, client_id, clean_session=False, manual_ack=True)
+    second.subscribe_inbound(TOPIC, again.append)
+    second.start()
+    try:
+        assert second.wait_subscribed(10)
+        time.sleep(0.5)
+        assert again == []
+    finally:
+        second.stop()
+        assert second.forget_session()
+
+
+def test_acks_out_of_order_do_not_get_us_dropped_by_rumqttd(embedded: ServiceUrls) -> None:
+    """rumqttd (the embedded broker) closes a client whose PUBACKs come out of order; before
+    acks were put in order, the fleet service reconnected many times a second under load.
+    Twenty messages acked in reverse: all acked, no disconnect."""
+    received: list[Inbound] = []
+    link = _link(embedded.mqtt_url, clean_session=False, manual_ack=True)
+    link.subscribe_inbound(TOPIC, received.append)
+    link.start()
+    assert link.wait_subscribed(10)
+    sender = _link(embedded.mqtt_url)
+    sender.start()
+    try:
+        assert sender.wait_connected(10)
+        for index in range(20):
+            sender.publish(TOPIC, str(index).encode(), qos=1)
+        wait_for(lambda: len(received) == 20, 10, "twenty messages")
+        for item in reversed(received):
+            item.ack()
+        wait_for(lambda: link.stats.acks == 20, 5, "twenty acks")
+        time.sleep(0.5)
+        assert link.stats.disconnects == 0
+        assert link.connected
+    finally:
+        link.stop()
+        sender.stop()
+        link.forget_session()

@@ -60,7 +60,7 @@ def test_a_chunk_size_lookup_that_fails_does_not_end_the_broadcast(tmp_path: Pat
 
     def chunk_size_of(sha256: str) -> int:
         calls.append(sha256)
-        if len(calls) == 2:  # the first lookup is request()'s own, the second the loop's
+        if len(calls) == 2:  # the first lookup admits the request, the second answers it
             raise ConnectionError("database down")
         return 1024
 
