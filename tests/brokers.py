@@ -100,6 +100,8 @@ def _conf(
             line = f"plugin {plugin}"
         elif key == "plugin_opt_config_file":
             line = f"plugin_opt_config_file {dynsec_file}"
+        elif key == "persistence_location":
+            line = f"persistence_location {dynsec_file.parent}/"
         lines.append(line)
     if os.geteuid() == 0:
         # Started as root, Mosquitto drops to user "mosquitto", which cannot write pytest's

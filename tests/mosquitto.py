@@ -20,7 +20,7 @@ SHIPPED_CONF = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "e
 # What the tests replace: where it listens, who may log in, and what it keeps on disk.
 _REPLACED = {
     "listener", "allow_anonymous", "password_file", "acl_file", "persistence", "user",
-    "certfile", "keyfile", "cafile",
+    "certfile", "keyfile", "cafile", "persistence_location", "autosave_interval",
 }  # fmt: skip
 
 

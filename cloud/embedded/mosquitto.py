@@ -74,13 +74,17 @@ def write_private(path: Path, text: str) -> None:
 
 def mosquitto_conf(*, port: int, plugin: Path, dynsec_file: Path) -> str:
     """A broker on 127.0.0.1:``port``: no anonymous clients, logins and ACLs from the plugin
-    (as ``deploy/mosquitto/dynsec.conf``), the shipped queue limits, nothing persisted."""
+    (as ``deploy/mosquitto/dynsec.conf``), the shipped queue limits, and persistence in the
+    plugin file's folder: the cloud's session (what devices said while it was away) and the
+    retained documents outlive a restart of the demo."""
     lines = [
         "# Written by EdgeFleet at each start of its embedded broker: edits here are lost.",
         f"listener {port} 127.0.0.1",
         *plugin_conf(dynsec_file, plugin).splitlines(),
         *(f"{key} {value}" for key, value in QUEUE_LIMITS.items()),
-        "persistence false",
+        "persistence true",
+        f"persistence_location {dynsec_file.parent}/",
+        "autosave_interval 30",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
     ]
     if os.geteuid() == 0:

@@ -196,10 +196,11 @@ def _ignores_sigterm(pid: int) -> bool:
 # -- the embedded Mosquitto ------------------------------------------------------------------
 
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "edgefleet.conf"
-# Directives of the shipped config that are about who connects and how, not about queues.
+# Directives of the shipped config about who connects and how, and where it stores: not queues.
 _NOT_LIMITS = {
     "listener", "certfile", "keyfile", "cafile", "require_certificate", "allow_anonymous",
     "password_file", "acl_file", "plugin", "plugin_opt_config_file", "include_dir",
+    "persistence", "persistence_location", "autosave_interval",
 }  # fmt: skip
 
 
