@@ -1,0 +1,91 @@
+"""Fixtures: the inference service on a real uvicorn, with a tiny
+classifier registered (and a device enrolled to call it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from cloud.context import CloudContext
+from cloud.inference.app import create_inference_app
+from cloud.inference.service import InferenceService
+from cloud.pipeline.register import register_version
+from cloud.registry import repository
+from cloud.settings import CloudSettings
+from tests.conftest import ADMIN_TOKEN, serve_in_thread
+from tests.onnx_models import tiny_classifier
+
+MODEL = "tiny"
+FEATURES = 4
+
+
+def register(context: CloudContext, name: str, data: bytes) -> int:
+    """Register ``data`` as the next version of ``name`` (created when new)."""
+    with context.database.session() as session:
+        try:
+            repository.get_model(session, name=name)
+        except Exception:
+            repository.create_model(session, name=name)
+        row = register_version(
+            session, context.artifacts, model_name=name, blocks=[data],
+            max_bytes=len(data) + 1, precision="fp32", actor="test",
+        )  # fmt: skip
+        return row.version
+
+
+def enroll(context: CloudContext, device_id: str = "cam-1") -> str:
+    with context.database.session() as session:
+        return repository.enroll_device(session, device_id=device_id)[1]
+
+
+@dataclass
+class RunningInference:
+    url: str
+    grpc: str
+    service: InferenceService
+    context: CloudContext
+    device_token: str
+
+    def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    @property
+    def host_port(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.service.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+@pytest.fixture
+def settings(settings: CloudSettings) -> CloudSettings:
+    """Small bounds, a queue delay long enough that concurrent requests meet in a batch."""
+    return settings.model_copy(
+        update={
+            "inference_max_request_bytes": 64 * 1024,
+            "inference_max_request_rows": 64,
+            "inference_max_batch_size": 16,
+            "inference_max_queue_delay_ms": 50.0,
+            "inference_providers": ["CPUExecutionProvider"],
+            "inference_threads": 1,
+            "grpc_workers": 8,
+        }
+    )
+
+
+@pytest.fixture
+def inference(context: CloudContext) -> Iterator[RunningInference]:
+    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=1))
+    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=2))
+    token = enroll(context)
+    service = InferenceService(context)
+    try:
+        with serve_in_thread(create_inference_app(context, service)) as url:
+            yield RunningInference(url, "", service, context, token)
+    finally:
+        service.close()
