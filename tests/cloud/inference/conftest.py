@@ -1,4 +1,4 @@
-"""Fixtures: the inference service on a real uvicorn, with a tiny
+"""Fixtures: the inference service on a real uvicorn and a real gRPC server, with a tiny
 classifier registered (and a device enrolled to call it)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 
 from cloud.context import CloudContext
 from cloud.inference.app import create_inference_app
+from cloud.inference.grpc_server import GrpcServer
 from cloud.inference.service import InferenceService
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
@@ -84,8 +85,11 @@ def inference(context: CloudContext) -> Iterator[RunningInference]:
     register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=2))
     token = enroll(context)
     service = InferenceService(context)
+    grpc_server = GrpcServer(service, host="127.0.0.1", port=0)
+    port = grpc_server.start()
     try:
         with serve_in_thread(create_inference_app(context, service)) as url:
-            yield RunningInference(url, "", service, context, token)
+            yield RunningInference(url, f"127.0.0.1:{port}", service, context, token)
     finally:
+        grpc_server.stop(0)
         service.close()
