@@ -57,8 +57,9 @@ class CloudSettings(BaseSettings):
     desired_lifetime_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     desired_renewal_interval_s: float = Field(default=600.0, gt=0)
     # -- the inference service (cloud.inference) ----------------------------------------------
-    # KServe v2 gRPC beside the REST routes (0 picks a free port).
-    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    # KServe v2 gRPC beside the REST routes: unset is api_port + 1 (a free port when api_port
+    # is 0); 0 picks a free port.
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
     grpc_workers: int = Field(default=16, ge=1, le=256)
     # Execution providers in order of preference; those onnxruntime lists are used.
     inference_providers: list[str] = Field(
@@ -118,6 +119,12 @@ class CloudSettings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def resolved_grpc_port(self) -> int:
+        if self.grpc_port is not None:
+            return self.grpc_port
+        return self.api_port + 1 if 0 < self.api_port < 65535 else 0
 
     @property
     def artifact_dir(self) -> Path:

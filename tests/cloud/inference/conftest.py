@@ -3,7 +3,9 @@ classifier registered (and a device enrolled to call it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -12,10 +14,12 @@ import pytest
 from cloud.context import CloudContext
 from cloud.inference.app import create_inference_app
 from cloud.inference.grpc_server import GrpcServer
+from cloud.inference.pool import OpenEngine
 from cloud.inference.service import InferenceService
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
 from cloud.settings import CloudSettings
+from shared.errors import Conflict, NotFound
 from tests.conftest import ADMIN_TOKEN, serve_in_thread
 from tests.onnx_models import tiny_classifier
 
@@ -28,7 +32,7 @@ def register(context: CloudContext, name: str, data: bytes) -> int:
     with context.database.session() as session:
         try:
             repository.get_model(session, name=name)
-        except Exception:
+        except NotFound:
             repository.create_model(session, name=name)
         row = register_version(
             session, context.artifacts, model_name=name, blocks=[data],
@@ -38,8 +42,12 @@ def register(context: CloudContext, name: str, data: bytes) -> int:
 
 
 def enroll(context: CloudContext, device_id: str = "cam-1") -> str:
+    """A device token (the device enrolled with a new one if it was already)."""
     with context.database.session() as session:
-        return repository.enroll_device(session, device_id=device_id)[1]
+        try:
+            return repository.enroll_device(session, device_id=device_id)[1]
+        except Conflict:
+            return repository.rotate_device_token(session, device_id=device_id)[1]
 
 
 @dataclass
@@ -79,17 +87,35 @@ def settings(settings: CloudSettings) -> CloudSettings:
     )
 
 
-@pytest.fixture
-def inference(context: CloudContext) -> Iterator[RunningInference]:
-    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=1))
-    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=2))
-    token = enroll(context)
-    service = InferenceService(context)
+@contextmanager
+def serving(
+    context: CloudContext, engine: OpenEngine | None = None, **overrides: object
+) -> Iterator[RunningInference]:
+    """The inference service on ``context`` with settings ``overrides``, REST and gRPC."""
+    if overrides:
+        context = dataclasses.replace(
+            context, settings=context.settings.model_copy(update=overrides)
+        )
+    service = InferenceService(context, engine=engine)
     grpc_server = GrpcServer(service, host="127.0.0.1", port=0)
     port = grpc_server.start()
     try:
         with serve_in_thread(create_inference_app(context, service)) as url:
-            yield RunningInference(url, f"127.0.0.1:{port}", service, context, token)
+            yield RunningInference(url, f"127.0.0.1:{port}", service, context, enroll(context))
     finally:
         grpc_server.stop(0)
         service.close()
+
+
+@pytest.fixture
+def registered(context: CloudContext) -> CloudContext:
+    """Two versions of the tiny classifier (different weights)."""
+    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=1))
+    register(context, MODEL, tiny_classifier(features=FEATURES, classes=3, seed=2))
+    return context
+
+
+@pytest.fixture
+def inference(registered: CloudContext) -> Iterator[RunningInference]:
+    with serving(registered) as running:
+        yield running
