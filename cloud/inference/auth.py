@@ -57,6 +57,21 @@ class TokenCache:
         # token hash -> (when read, device id or None for an unknown token)
         self._seen: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
 
+    def cached(self, authorization: str | None) -> Caller | None:
+        """The caller when known without reading SQL (the admin, or a device seen within the
+        TTL); None when ``verify`` must decide."""
+        try:
+            token = bearer(authorization)
+        except Unauthorized:
+            return None
+        if secrets.compare_digest(token.encode(), self.admin_token):
+            return Caller(None)
+        with self._lock:
+            cached = self._seen.get(repository.hash_token(token))
+        if cached is None or cached[1] is None or self.clock() - cached[0] >= self.ttl_s:
+            return None
+        return Caller(cached[1])
+
     def verify(self, authorization: str | None) -> Caller:
         token = bearer(authorization)
         if secrets.compare_digest(token.encode(), self.admin_token):

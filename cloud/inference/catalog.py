@@ -74,6 +74,15 @@ class Catalog:
             raise NotFound(f"model {model!r} has no version {version}")
         return info
 
+    def cached(self, model: str, version: int | None) -> VersionInfo | None:
+        """``resolve`` without reading SQL: None when the answer is not cached and fresh."""
+        with self._lock:
+            cached = self._models.get(model)
+        if cached is None or self.clock() - cached[0] >= self.ttl_s or not cached[1]:
+            return None
+        versions = cached[1]
+        return versions[max(versions)] if version is None else versions.get(version)
+
     def _versions(self, model: str, *, fresh: bool) -> dict[int, VersionInfo]:
         now = self.clock()
         with self._lock:

@@ -131,6 +131,10 @@ class SessionPool:
             _LOGGER.info("evicted %s:%s to stay within %d bytes", *key, self.memory_bytes)
         return evicted
 
+    def is_loaded(self, key: Key) -> bool:
+        with self._lock:
+            return key in self._loaded
+
     def loaded(self) -> list[Key]:
         """The warm versions, least recently used first."""
         with self._lock:

@@ -22,6 +22,7 @@ SERVER_NAME = "edgefleet"
 SERVER_VERSION = metadata.version("edgefleet")
 EXTENSIONS = ["binary_tensor_data"]
 
+_INLINE = 64 * 1024
 router = APIRouter(prefix="/v2", tags=["inference"])
 
 
@@ -33,9 +34,13 @@ def _service(request: Request) -> InferenceService:
 ServiceDep = Annotated[InferenceService, Depends(_service)]
 
 
-def _caller(request: Request, service: ServiceDep) -> Caller:
-    # A plain function: FastAPI runs it on its thread pool (a cache miss reads SQL).
-    return service.authenticate(request.headers.get("authorization"))
+async def _caller(request: Request, service: ServiceDep) -> Caller:
+    header = request.headers.get("authorization")
+    caller = service.cached_caller(header)
+    if caller is not None:
+        return caller
+    # A cache miss reads SQL: off the event loop.
+    return await run_in_threadpool(service.authenticate, header)
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
@@ -110,7 +115,11 @@ async def infer(
         service.admit(caller)
         return service.submit(service.resolve(model, version), decode)
 
-    pending = await run_in_threadpool(prepare)
+    # Small bodies of a warm, cached version are queued from the loop (a thread pool hop per
+    # request costs more than decoding them); anything that may block goes to the pool.
+    pending = service.submit_now(caller, model, version, decode) if len(body) <= _INLINE else None
+    if pending is None:
+        pending = await run_in_threadpool(prepare)
     try:
         outputs = await asyncio.wait_for(
             asyncio.wrap_future(pending.future), service.answer_timeout_s

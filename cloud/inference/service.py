@@ -124,6 +124,10 @@ class InferenceService:
             self.metrics.rejected.labels("UNAUTHORIZED").inc()
             raise
 
+    def cached_caller(self, authorization: str | None) -> Caller | None:
+        """The caller if that needs no SQL; None: call ``authenticate`` (off the event loop)."""
+        return self.tokens.cached(authorization)
+
     def admit(self, caller: Caller) -> None:
         """The per-device rate limit (429); the admin is not limited."""
         if caller.device_id is None:
@@ -211,6 +215,19 @@ class InferenceService:
                 continue
             return Pending(info, request, future, key, self)
         raise ServiceUnavailable("the model is being reloaded; retry", retry_after_s=1)
+
+    def submit_now(
+        self, caller: Caller, model: str, version: str | None, decode: Callable[[], InferRequest]
+    ) -> Pending | None:
+        """``submit`` when nothing on the way blocks (no Redis call, version cached and warm),
+        so the event loop may call it; None when the request must take the thread pool."""
+        settings = self.settings
+        if settings.inference_result_cache or (settings.inference_rate_limit and not caller.admin):
+            return None
+        info = self.catalog.cached(model, parse_version(version))
+        if info is None or not self.pool.is_loaded(info.key):
+            return None
+        return self.submit(info, decode)
 
     def infer(self, info: VersionInfo, decode: Callable[[], InferRequest]) -> InferResponse:
         """Blocking: submit and wait (gRPC's worker threads)."""
