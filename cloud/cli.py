@@ -19,6 +19,7 @@ from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
 from cloud.embedded.services import ServiceUrls
 from cloud.launcher import OnReady, run_cloud
+from cloud.roles import Role
 from cloud.settings import CloudSettings
 from shared.errors import EdgeFleetError
 
@@ -90,12 +91,18 @@ def broker_note(urls: ServiceUrls, settings: CloudSettings) -> str:
     return ""
 
 
-def _banner(context: CloudContext, api_url: str) -> None:
+def _banner(context: CloudContext, api_url: str, role: Role = Role.ALL) -> None:
     urls = context.urls
     embedded = set(urls.embedded)
     settings = context.settings
-    console.print("[bold green]EdgeFleet is up[/bold green]")
-    _say(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
+    console.print(f"[bold green]EdgeFleet is up[/bold green] (role {role.value})")
+    if role in (Role.ALL, Role.API):
+        _say(f"  API        {api_url}  (docs {api_url}/docs, ready {api_url}/readyz)")
+    elif role is Role.FLEET:
+        _say(f"  health     {api_url}/healthz  (ready {api_url}/readyz, {api_url}/metrics)")
+    if role in (Role.ALL, Role.INFERENCE):
+        grpc = settings.resolved_grpc_port or "a free port (see the log line above)"
+        _say(f"  inference  {api_url}/v2  (KServe v2 REST; gRPC on port {grpc})")
     _say(f"  registry   {urls.database_url}")
     _say(f"  MQTT       {urls.mqtt_url}{broker_note(urls, settings)}")
     _say(f"  Redis      {urls.redis_url}{'  (embedded)' if 'redis' in embedded else ''}")
@@ -105,23 +112,34 @@ def _banner(context: CloudContext, api_url: str) -> None:
         _say(f"  admin token (dev mode) {settings.admin_token}")
 
 
-def _serve_banner(context: CloudContext, api_url: str, _stop: threading.Event) -> None:
-    _banner(context, api_url)
-    _say("Ctrl-C stops everything.")
+def _serve_banner(role: Role) -> OnReady:
+    def banner(context: CloudContext, api_url: str, _stop: threading.Event) -> None:
+        _banner(context, api_url, role)
+        _say("Ctrl-C stops everything.")
+
+    return banner
 
 
 def _run_until_stopped(
     settings: CloudSettings,
     duration: float | None,
-    on_ready: OnReady = _serve_banner,
+    on_ready: OnReady | None = None,
     on_stop: Callable[[], None] | None = None,
     on_tick: Callable[[], None] | None = None,
+    role: Role = Role.ALL,
 ) -> None:
     """Run the cloud; whatever ends it, say so in one line, never with a traceback (that
     goes to the log at DEBUG, shown with --verbose)."""
     _say(f"Starting EdgeFleet (data in {settings.data_dir.resolve()})")
     try:
-        run_cloud(settings, duration=duration, on_ready=on_ready, on_stop=on_stop, on_tick=on_tick)
+        run_cloud(
+            settings,
+            duration=duration,
+            on_ready=on_ready or _serve_banner(role),
+            on_stop=on_stop,
+            on_tick=on_tick,
+            role=role,
+        )
     except KeyboardInterrupt:
         # A second Ctrl-C: each stop step still ran, but some were cut short.
         _LOGGER.debug("interrupted", exc_info=True)
@@ -153,12 +171,22 @@ def serve(
     data_dir: Annotated[
         Path | None, typer.Option(help="where the registry and artifacts live")
     ] = None,
+    role: Annotated[
+        Role,
+        typer.Option(
+            help="api: control-plane REST + fleet service; fleet: fleet service (health and "
+            "metrics over HTTP); inference: KServe v2 REST + gRPC; all: everything"
+        ),
+    ] = Role.ALL,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="KServe v2 gRPC port (default: API port + 1)")
+    ] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Run the cloud API with the configured (or embedded) services."""
+    """Run the cloud (or one role of it) with the configured (or embedded) services."""
     configure_logging(verbose)
-    settings = _settings(api_port=port, api_host=host, data_dir=data_dir)
-    _run_until_stopped(settings, None)
+    settings = _settings(api_port=port, api_host=host, data_dir=data_dir, grpc_port=grpc_port)
+    _run_until_stopped(settings, None, role=role)
 
 
 @app.command()

@@ -15,17 +15,16 @@ from types import FrameType
 
 import uvicorn
 
-from cloud.api.app import create_app
 from cloud.api.server import JsonH11Protocol
 from cloud.context import CloudContext
 from cloud.embedded.mosquitto import BrokerLogin
 from cloud.embedded.processes import free_port, run_all
 from cloud.embedded.services import EmbeddedServices
-from cloud.fleet.service import FleetService
+from cloud.roles import Role, build_role
 from cloud.settings import CloudSettings
 from shared.errors import ServiceUnavailable
 
-__all__ = ["OnReady", "on_embedded_broker", "run_cloud", "stop_on_signals"]
+__all__ = ["OnReady", "Role", "on_embedded_broker", "run_cloud", "stop_on_signals"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -163,13 +162,16 @@ def run_cloud(
     on_stop: Callable[[], None] | None = None,
     on_tick: Callable[[], None] | None = None,
     stop: threading.Event | None = None,
+    role: Role = Role.ALL,
 ) -> None:
-    """Serve until SIGINT/SIGTERM/SIGHUP, ``stop``, ``duration`` seconds, or the death of an
-    embedded service (then raise ServiceUnavailable, saying which one and where its log is,
-    once everything else has stopped in order). ``on_tick`` is called about every second.
+    """Serve ``role`` (see ``cloud.roles``) until SIGINT/SIGTERM/SIGHUP, ``stop``,
+    ``duration`` seconds, or the death of an embedded service (then raise ServiceUnavailable,
+    saying which one and where its log is, once everything else has stopped in order).
+    ``on_tick`` is called about every second.
 
     The shutdown order is what keeps it clean: ``on_stop`` (the demo's agents), the API,
-    the fleet service's loops, the context, and only then the embedded broker and Redis.
+    gRPC and the inference sessions, the fleet service's loops, the context, and only then
+    the embedded broker and Redis.
     The children run in sessions of their own, so a terminal's Ctrl-C does not reach them
     before everything that uses them has stopped. Each step runs even if an earlier one
     failed or was interrupted by a second Ctrl-C (which then ends in KeyboardInterrupt).
@@ -189,13 +191,15 @@ def run_cloud(
                 on_embedded_broker(settings, services.broker_login), services.urls
             )
             try:
-                _serve(context, port, _Watch(services, stop, on_tick), duration, on_ready, on_stop)
+                watch = _Watch(services, stop, on_tick)
+                _serve(context, role, port, watch, duration, on_ready, on_stop)
             finally:
                 context.close()
 
 
 def _serve(
     context: CloudContext,
+    role: Role,
     port: int,
     watch: _Watch,
     duration: float | None,
@@ -204,18 +208,18 @@ def _serve(
 ) -> None:
     settings = context.settings
     stop = watch.stop
-    fleet = FleetService(context)
+    parts = build_role(context, role)
     api: list[tuple[uvicorn.Server, threading.Thread]] = []
     steps: list[tuple[str, Callable[[], None]]] = [("watching the children", watch.close)]
     if on_stop is not None:
         steps.append(("stopping the demo", on_stop))
-    steps += [("stopping the API", lambda: _stop_api(api)), ("stopping the fleet", fleet.stop)]
+    steps += [("stopping the API", lambda: _stop_api(api)), *parts.stop_steps()]
     try:
         watch.start()
-        fleet.start()
+        parts.start()
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(context, fleet),
+                parts.app,
                 host=settings.api_host,
                 port=port,
                 # uvicorn's own lines follow the root logger: shown with --verbose only.

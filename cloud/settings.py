@@ -67,6 +67,46 @@ class CloudSettings(BaseSettings):
     # documents with less than a third of their lifetime left and re-signs them.
     desired_lifetime_s: float = Field(default=30 * 24 * 3600.0, gt=0)
     desired_renewal_interval_s: float = Field(default=600.0, gt=0)
+    # -- the inference service (cloud.inference) ----------------------------------------------
+    # KServe v2 gRPC beside the REST routes: unset is api_port + 1 (a free port when api_port
+    # is 0); 0 picks a free port.
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    grpc_workers: int = Field(default=16, ge=1, le=256)
+    # Execution providers in order of preference; those onnxruntime lists are used.
+    inference_providers: list[str] = Field(
+        default_factory=lambda: [
+            "TensorrtExecutionProvider",
+            "CUDAExecutionProvider",
+            "CPUExecutionProvider",
+        ],
+        min_length=1,
+    )
+    inference_threads: int = Field(default=0, ge=0, le=256)  # per session; 0: onnxruntime's
+    # Warm sessions kept within this many bytes of ONNX (least recently used evicted first).
+    inference_memory_bytes: int = Field(default=2 * 1024**3, ge=1024)
+    # Dynamic batching defaults; a version's ONNX metadata may set its own
+    # (edgefleet.max_batch_size, edgefleet.max_queue_delay_ms). A delay of 0 (Triton's default
+    # too) batches what queued while the engine was busy and never holds a lone request
+    # back; B3 measured a 2 ms delay costing more than it gained on a fast model.
+    inference_max_batch_size: int = Field(default=32, ge=1, le=4096)
+    inference_max_queue_delay_ms: float = Field(default=0.0, ge=0, le=1000)
+    # Requests waiting per model version; past it the answer is 503 with Retry-After.
+    inference_max_queue: int = Field(default=256, ge=1, le=100_000)
+    # A request still queued after this long is answered 503: no wait is unbounded.
+    inference_queue_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    inference_max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    inference_max_request_rows: int = Field(default=1024, ge=1)
+    # Tokens and model versions are read from SQL at most this often (a rotated token keeps
+    # working up to this long; a new "latest" is seen within it).
+    inference_token_ttl_s: float = Field(default=10.0, ge=0, le=3600)
+    inference_catalog_ttl_s: float = Field(default=5.0, ge=0, le=3600)
+    # Per-device requests per window (Redis); 0 turns the limit off.
+    inference_rate_limit: int = Field(default=0, ge=0)
+    inference_rate_window_s: float = Field(default=1.0, gt=0, le=3600)
+    # Answers kept in Redis by model, version and input hash.
+    inference_result_cache: bool = False
+    inference_result_cache_ttl_s: float = Field(default=60.0, gt=0, le=86400)
+    inference_result_cache_max_bytes: int = Field(default=1024 * 1024, ge=0)
 
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> CloudSettings:
@@ -112,6 +152,12 @@ class CloudSettings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'registry.db').resolve()}"
+
+    @property
+    def resolved_grpc_port(self) -> int:
+        if self.grpc_port is not None:
+            return self.grpc_port
+        return self.api_port + 1 if 0 < self.api_port < 65535 else 0
 
     @property
     def artifact_dir(self) -> Path:

@@ -15,7 +15,8 @@ EdgeFleetError (500)
 ├── NotFound (404)
 ├── Conflict (409)
 ├── PayloadTooLarge (413)
-├── ServiceUnavailable (503)
+├── TooManyRequests (429)         a caller over its rate limit (retry_after_s says when)
+├── ServiceUnavailable (503)      (retry_after_s when the service knows when to come back)
 └── InferenceFailed (500)         the inference engine failed on an input it accepted
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "SignatureError",
     "StaleRevision",
     "TensorError",
+    "TooManyRequests",
     "Unauthorized",
     "UnsupportedSchema",
 ]
@@ -49,9 +51,11 @@ class EdgeFleetError(Exception):
 
     status_code: int = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # When the caller may try again (HTTP ``Retry-After``): for overload and rate limits.
+        self.retry_after_s = retry_after_s
 
 
 class InvalidInput(EdgeFleetError):
@@ -110,6 +114,10 @@ class Conflict(EdgeFleetError):
 
 class PayloadTooLarge(EdgeFleetError):
     status_code = 413
+
+
+class TooManyRequests(EdgeFleetError):
+    status_code = 429
 
 
 class ServiceUnavailable(EdgeFleetError):

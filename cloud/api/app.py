@@ -12,7 +12,7 @@ from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "create_health_app"]
 
 
 def create_app(context: CloudContext, fleet: FleetService | None = None) -> FastAPI:
@@ -38,4 +38,17 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     )
     app.add_middleware(HeadSizeLimit)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def create_health_app(context: CloudContext, fleet: FleetService) -> FastAPI:
+    """Role ``fleet``: the fleet service's liveness, readiness and metrics, nothing else."""
+    app = FastAPI(title="EdgeFleet fleet service", version="0.1.0")
+    app.state.context = context
+    app.state.fleet = fleet
+    app.state.metrics = ApiMetrics(context, fleet)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.add_middleware(JsonErrorBodies, scrub=app.state.scrub_paths)
+    app.add_middleware(HeadSizeLimit)
     return app

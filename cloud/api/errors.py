@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -67,7 +68,10 @@ def _body(
 
 async def _edgefleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EdgeFleetError)
-    return _body(request, exc.message, exc.status_code)
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return _body(request, exc.message, exc.status_code, headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,75 @@
+"""What a cloud process runs for its role (``edgefleet serve --role``): ``api`` the
+control-plane REST API and the fleet service it publishes through, ``fleet`` the fleet
+service with only health and metrics over HTTP, ``inference`` the inference service (REST and
+gRPC), ``all`` everything in one process (the demo), inference under ``/v2`` of the API's
+port so a device's one cloud URL reaches both."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from starlette.types import ASGIApp
+
+from cloud.api.app import create_app, create_health_app
+from cloud.context import CloudContext
+from cloud.fleet.service import FleetService
+from cloud.inference.app import WithInference, create_inference_app
+from cloud.inference.grpc_server import GrpcServer
+from cloud.inference.service import InferenceService
+
+__all__ = ["Role", "RoleParts", "build_role"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    ALL = "all"
+    API = "api"
+    FLEET = "fleet"
+    INFERENCE = "inference"
+
+
+@dataclass
+class RoleParts:
+    app: ASGIApp
+    fleet: FleetService | None = None
+    inference: InferenceService | None = None
+    grpc: GrpcServer | None = None
+
+    def start(self) -> None:
+        if self.fleet is not None:
+            self.fleet.start()
+        if self.grpc is not None:
+            self.grpc.start()
+
+    def stop_steps(self) -> list[tuple[str, Callable[[], None]]]:
+        """After the HTTP server stopped: gRPC, the inference sessions, the fleet loops."""
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self.grpc is not None:
+            steps.append(("stopping gRPC", self.grpc.stop))
+        if self.inference is not None:
+            steps.append(("stopping inference", self.inference.close))
+        if self.fleet is not None:
+            steps.append(("stopping the fleet", self.fleet.stop))
+        return steps
+
+
+def build_role(context: CloudContext, role: Role) -> RoleParts:
+    settings = context.settings
+    fleet = FleetService(context) if role is not Role.INFERENCE else None
+    if role is Role.API:
+        assert fleet is not None
+        return RoleParts(create_app(context, fleet), fleet)
+    if role is Role.FLEET:
+        assert fleet is not None
+        return RoleParts(create_health_app(context, fleet), fleet)
+    service = InferenceService(context)
+    grpc = GrpcServer(service, host=settings.api_host, port=settings.resolved_grpc_port)
+    inference_app = create_inference_app(context, service)
+    if role is Role.INFERENCE:
+        return RoleParts(inference_app, None, service, grpc)
+    assert fleet is not None
+    return RoleParts(WithInference(create_app(context, fleet), inference_app), fleet, service, grpc)
