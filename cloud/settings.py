@@ -49,6 +49,8 @@ class CloudSettings(BaseSettings):
     mqtt_shared_subscription: bool = False
     # How often the rollout engine looks at active rollouts (it is also woken by the API).
     rollout_tick_s: float = Field(default=0.5, gt=0, le=60)
+    # The rollout engine's lease in Redis: a replica that dies is replaced this soon.
+    rollout_lease_s: float = Field(default=10.0, ge=1, le=600)
     # The broker address devices are told at enrollment (production: the public one).
     device_mqtt_url: str | None = None
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -18,6 +18,7 @@ from cloud.fleet.keeper import DesiredStateKeeper
 from cloud.fleet.watch import BROKER_STATS, BrokerWatch
 from cloud.registry.tables import Artifact, DeploymentEvent
 from cloud.rollout.engine import RolloutEngine
+from cloud.rollout.leader import Leadership
 from cloud.settings import CloudSettings
 from shared import topics
 from shared.errors import EdgeFleetError
@@ -93,8 +94,9 @@ class FleetService:
         self.desired = DesiredStateKeeper(context, self._publish_retained)
         # Every replica runs one; only the one holding the lease acts.
         self.rollouts = RolloutEngine(
-            context, self.desired.publish, tick_s=context.settings.rollout_tick_s
-        )
+            context, self.desired.publish, tick_s=context.settings.rollout_tick_s,
+            leadership=Leadership(context.redis, ttl_s=context.settings.rollout_lease_s),
+        )  # fmt: skip
 
     def start(self, *, timeout: float = 10.0) -> None:
         for kind in KINDS:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import uuid
 
 import redis
@@ -42,7 +44,8 @@ class Leadership:
         self.key = f"edgefleet:leader:{name}"
         self.fence_key = f"edgefleet:fence:{name}"
         self.ttl_ms = int(ttl_s * 1000)
-        self.identity = identity or uuid.uuid4().hex
+        # Who leads, readable by an operator: host, process and a nonce (pids are reused).
+        self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.token: int | None = None
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -67,6 +70,11 @@ class Leadership:
                 _LOGGER.warning("rollout engine: Redis unreachable (%s); standing by", exc)
             self.token = None
         return None
+
+    def leader(self) -> str | None:
+        """The identity of whoever holds the lease now (None: nobody)."""
+        value = self.client.get(self.key)
+        return value.decode() if isinstance(value, bytes) else value
 
     def release(self) -> None:
         if self.token is None:

@@ -7,7 +7,7 @@ import numpy as np
 
 from cloud.context import CloudContext
 from cloud.pipeline.reference.digits import digits_splits
-from edge_agent.router import CloudClient
+from edge_agent.cloud_client import CloudClient
 from tests.cloud.inference.conftest import register, serving
 
 
@@ -22,9 +22,11 @@ def test_the_agent_s_cloud_client_gets_digits_cloud_answers(
     with serving(context) as running:
         client = CloudClient(running.url, running.device_token, budget_s=30)
         try:
-            outputs = client.infer("digits-cloud", {"input": x})
+            answer = client.infer("digits-cloud", {"input": x})
         finally:
             client.close()
-    probabilities = outputs["probabilities"]
+    assert answer.model == "digits-cloud"
+    assert answer.version == 1
+    probabilities = answer.outputs["probabilities"]
     assert probabilities.shape == (64, 10)
     assert float((probabilities.argmax(axis=1) == y).mean()) > 0.97
