@@ -7,8 +7,8 @@ a model the document no longer names → REMOVED (unloaded, off the store, its b
 
 Whatever raises during a deployment (our errors, a disk error, an engine error, a bug) ends in
 FAILED with its reason; the deployer thread goes on with the next rev. A newer document that no
-longer wants what is being deployed stops that work at once (FAILED "superseded"): a version
-the device should not run any more never becomes ACTIVE, not even for a moment.
+longer wants what is being deployed stops that work (FAILED "superseded"; a download at its
+next check): once that document has arrived, the version it dropped is never activated.
 """
 
 from __future__ import annotations
