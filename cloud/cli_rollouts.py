@@ -12,13 +12,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console, Group, RenderableType
+from rich.console import Console
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from cloud.cli_models import DEFAULT_API, ApiOption, TokenOption
+from cloud.cli_rollout_view import STYLES, goal, render, state_counts, summary
 from cloud.settings import DEV_ADMIN_TOKEN
 
 __all__ = ["EXIT_ABORTED", "EXIT_SUPERSEDED", "app"]
@@ -34,14 +34,6 @@ EXIT_ABORTED = 3
 EXIT_SUPERSEDED = 4
 EXIT_INTERRUPTED = 130
 _END_CODES = {"COMPLETED": 0, "ABORTED": EXIT_ABORTED, "SUPERSEDED": EXIT_SUPERSEDED}
-_STYLES = {
-    "ACTIVE": "green", "REMOVED": "green", "DEPLOYING": "yellow", "REVERTING": "yellow",
-    "PENDING": "dim", "SKIPPED": "dim", "FAILED": "red", "REVERT_FAILED": "bold red",
-    "REVERTED": "magenta", "IN_PROGRESS": "yellow", "PAUSED": "cyan", "ABORTING": "red",
-    "COMPLETED": "bold green", "ABORTED": "bold red", "SUPERSEDED": "magenta",
-}  # fmt: skip
-# Target states still waiting on something: the rest have their answer.
-_OPEN = ("PENDING", "DEPLOYING", "REVERTING")
 
 LabelOption = Annotated[
     list[str] | None,
@@ -129,62 +121,6 @@ def _given(**given: Any) -> dict[str, Any]:
     return {key: value for key, value in given.items() if value is not None}
 
 
-# -- rendering -------------------------------------------------------------------------
-
-
-def _states(counts: dict[str, int]) -> Text:
-    text = Text()
-    for state, count in sorted(counts.items(), key=lambda kv: (kv[0] in _OPEN, kv[0])):
-        if text:
-            text.append(" · ")
-        text.append(f"{state} {count}", style=_STYLES.get(state, ""))
-    return text
-
-
-def _goal(rollout: dict[str, Any]) -> str:
-    if rollout["undeploy"]:
-        return f"undeploy {rollout['model']}"
-    return f"{rollout['model']} → v{rollout['version']}"
-
-
-def _headline(rollout: dict[str, Any]) -> Text:
-    state = rollout["state"]
-    line = Text(f"rollout {rollout['id']} · {_goal(rollout)} · ")
-    line.append(state, style=_STYLES.get(state, ""))
-    if rollout["waves"]:
-        shown = min(max(rollout["current_wave"], 0) + 1, rollout["waves"])
-        line.append(f" · wave {shown} of {rollout['waves']}")
-    return line
-
-
-def render(rollout: dict[str, Any], note: str | None = None) -> RenderableType:
-    """A rollout as the live view shows it: state and reason, then one bar per wave (counted
-    from 1 here, the canary being wave 1; the REST API counts from 0)."""
-    waves = Table.grid(padding=(0, 1))
-    for wave in rollout.get("progress", []):
-        states: dict[str, int] = wave["states"]
-        answered = sum(n for s, n in states.items() if s not in _OPEN)
-        current = wave["wave"] == rollout["current_wave"] and rollout["state"] == "IN_PROGRESS"
-        label = Text(f"wave {wave['wave'] + 1}", style="bold" if current else "")
-        bar = ProgressBar(total=wave["devices"], completed=answered, width=24)
-        waves.add_row(label, bar, f"{answered}/{wave['devices']}", _states(states))
-    parts: list[RenderableType] = [_headline(rollout)]
-    if rollout.get("reason"):
-        parts.append(Text(f"reason: {rollout['reason']}", style="italic"))
-    parts += [
-        waves,
-        Text(f"{rollout['devices']} devices: ").append_text(_states(rollout["states"])),
-    ]
-    if note:
-        parts.append(Text(note, style="dim"))
-    return Group(*parts)
-
-
-def _summary(rollout: dict[str, Any]) -> str:
-    reason = f" ({rollout['reason']})" if rollout.get("reason") else ""
-    return f"rollout {rollout['id']} {rollout['state']}{reason}: {_states(rollout['states'])}"
-
-
 # -- watching --------------------------------------------------------------------------
 
 
@@ -247,7 +183,7 @@ def _watch(api: _Api, rollout_id: int, interval: float) -> int:
             soft_wrap=True,
         )
         return EXIT_INTERRUPTED
-    console.print(_summary(rollout), highlight=False, soft_wrap=True)
+    console.print(summary(rollout), highlight=False, soft_wrap=True)
     return _END_CODES[rollout["state"]]
 
 
@@ -255,7 +191,7 @@ def _started(api: _Api, body: dict[str, Any], watch: bool, interval: float) -> N
     rollout = api("POST", "/v1/rollouts", json=body)
     sizes = ", ".join(str(w["devices"]) for w in rollout["progress"])
     console.print(
-        f"rollout {rollout['id']} started: {_goal(rollout)} on {rollout['devices']} devices "
+        f"rollout {rollout['id']} started: {goal(rollout)} on {rollout['devices']} devices "
         f"in {rollout['waves']} waves ({sizes})",
         highlight=False,
         soft_wrap=True,
@@ -355,8 +291,8 @@ def list_rollouts(
     for r in rollouts:
         wave = f"{max(r['current_wave'], 0) + 1}/{r['waves']}" if r["waves"] else ""
         table.add_row(
-            str(r["id"]), _goal(r), Text(r["state"], style=_STYLES.get(r["state"], "")), wave,
-            _states(r["states"]), r["reason"] or "",
+            str(r["id"]), goal(r), Text(r["state"], style=STYLES.get(r["state"], "")), wave,
+            state_counts(r["states"]), r["reason"] or "",
         )  # fmt: skip
     console.print(table)
 
@@ -388,7 +324,7 @@ def show(
 def _command(action: str, rollout_id: int, api: str, token: str) -> None:
     with _api(api, token) as client:
         rollout = client("POST", f"/v1/rollouts/{rollout_id}/{action}")
-    console.print(_summary(rollout), highlight=False, soft_wrap=True)
+    console.print(summary(rollout), highlight=False, soft_wrap=True)
 
 
 @app.command()
