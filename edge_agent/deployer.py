@@ -3,9 +3,12 @@ atomically activated model out, with a status event for every step.
 
 QUEUED → DOWNLOADING → VERIFYING → STAGED → HEALTHCHECK → ACTIVE
                                    any step → FAILED(reason)  (→ ROLLED_BACK: the old one stays)
+a model the document no longer names → REMOVED (unloaded, off the store, its blob collected)
 
 Whatever raises during a deployment (our errors, a disk error, an engine error, a bug) ends in
-FAILED with its reason; the deployer thread goes on with the next rev.
+FAILED with its reason; the deployer thread goes on with the next rev. A newer document that no
+longer wants what is being deployed stops that work (FAILED "superseded"; a download at its
+next check): once that document has arrived, the version it dropped is never activated.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -23,7 +27,14 @@ from edge_agent.healthcheck import health_check
 from edge_agent.model_store import Installed, ModelStore
 from edge_agent.runtime import LoadedModel, Runtime, error_line
 from shared.errors import EdgeFleetError, StaleRevision
-from shared.messages import ArtifactRef, Deployment, DeploymentState, DesiredState, StatusEvent
+from shared.messages import (
+    ArtifactRef,
+    Deployment,
+    DeploymentState,
+    DesiredState,
+    Manifest,
+    StatusEvent,
+)
 from shared.signing import verify_desired_state
 
 __all__ = ["Deployer", "Fetcher"]
@@ -36,6 +47,25 @@ class Fetcher(Protocol):
     def fetch(
         self, ref: ArtifactRef, progress: Callable[[int], None], stop: threading.Event
     ) -> None: ...
+
+
+class _Superseded(Exception):
+    """A newer document arrived that no longer wants the deployment under way."""
+
+    def __init__(self, rev: int) -> None:
+        super().__init__(f"superseded by rev {rev} before it was activated")
+
+
+@dataclass
+class _Work:
+    """The deployment under way, as the MQTT thread sees it: a newer document that does not
+    want it sets ``cancel`` (which also stops its download), unless it is ``committed``
+    (activation already decided; the newer document is applied right after)."""
+
+    manifest: Manifest
+    cancel: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    superseded_by: int | None = None
 
 
 class Deployer:
@@ -62,12 +92,18 @@ class Deployer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="deployer", daemon=True)
         self.busy = threading.Event()
+        # Orders "a newer document arrived" against "activate now": one or the other first.
+        self._gate = threading.Lock()
+        self._current: _Work | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        with self._gate:
+            if self._current is not None:
+                self._current.cancel.set()
         self._queue.put(None)
         self._thread.join(10)
 
@@ -93,7 +129,12 @@ class Deployer:
             _LOGGER.warning("desired state refused: %s", reason)
             self._status(DeploymentState.FAILED, rev=0, reason=f"refused: {reason}")
             return
-        self._highest_queued = state.rev
+        with self._gate:
+            self._highest_queued = state.rev
+            work = self._current
+            if work is not None and not work.committed and not _wants(state, work.manifest):
+                work.superseded_by = state.rev
+                work.cancel.set()
         self.busy.set()
         self._queue.put(state)
 
@@ -121,6 +162,9 @@ class Deployer:
                     self.busy.clear()
 
     def _apply(self, state: DesiredState) -> None:
+        if state.rev < self._highest_queued:
+            return  # a newer rev is queued behind this one: it decides
+        self._remove_unnamed(state)
         for deployment in state.deployments:
             if self._stop.is_set():
                 return
@@ -131,8 +175,38 @@ class Deployer:
             # Stopped mid-way: the rev is not applied, so the retained document (delivered
             # again on the next start) resumes it instead of being skipped as done.
             return
+        self.store.discard_partials({d.manifest.artifact.sha256 for d in state.deployments})
         self.store.set_rev_applied(state.rev)
         self.on_applied()
+
+    def _remove_unnamed(self, state: DesiredState) -> None:
+        """The document is the device's whole desired state: a model it does not name is
+        taken off. The store first (a crash after it never serves the model again), then the
+        runtime (requests under way finish on their session), then the report, so REMOVED
+        is only ever said of a model nothing serves any more."""
+        named = {d.manifest.model for d in state.deployments}
+        present = set(self.store.state.active) | set(self.runtime.models())
+        for model in sorted(present - named):
+            if self._stop.is_set():
+                return
+            served = self.runtime.models().get(model)
+            installed = self.store.active(model)
+            version = installed.version if installed else served.version if served else None
+            try:
+                self.store.remove(model)
+                self.runtime.unload(model)
+            except Exception as exc:
+                _LOGGER.exception("could not remove %s", model)
+                self._status(
+                    DeploymentState.FAILED, rev=state.rev, model=model, version=version,
+                    reason=f"removing: {_describe(exc)}",
+                )  # fmt: skip
+                continue
+            _LOGGER.info("%s:%s removed (rev %s no longer names it)", model, version, state.rev)
+            self._status(
+                DeploymentState.REMOVED, rev=state.rev, model=model, version=version,
+                reason=f"rev {state.rev} does not name it",
+            )  # fmt: skip
 
     def _status(
         self,
@@ -142,17 +216,20 @@ class Deployer:
         deployment: Deployment | None = None,
         reason: str | None = None,
         done: int = 0,
+        model: str | None = None,
+        version: int | None = None,
     ) -> None:
-        """Publish one status event; a failure to publish is logged, never raised, so that a
-        report that cannot be sent does not abort (or hide) the deployment it reports on."""
+        """Publish one status event (about ``deployment``, or a ``model`` without one); a
+        failure to publish is logged, never raised, so that a report that cannot be sent does
+        not abort (or hide) the deployment it reports on."""
         manifest = deployment.manifest if deployment else None
         try:
             self.publish_status(
                 StatusEvent(
                     rev=rev,
                     rollout_id=deployment.rollout_id if deployment else None,
-                    model=manifest.model if manifest else None,
-                    version=manifest.version if manifest else None,
+                    model=manifest.model if manifest else model,
+                    version=manifest.version if manifest else version,
                     state=state,
                     reason=reason[:MAX_REASON] if reason is not None else None,
                     bytes_done=done,
@@ -166,31 +243,38 @@ class Deployer:
     def _deploy(self, rev: int, deployment: Deployment) -> None:
         manifest = deployment.manifest
         step = DeploymentState.QUEUED
+        work = self._begin(manifest)
         try:
             served = self.runtime.models().get(manifest.model)
             if served is not None and served.manifest.artifact.sha256 == manifest.artifact.sha256:
+                self._commit(work)
                 self._relabel(rev, deployment, served)
                 return
             self._status(step, rev=rev, deployment=deployment)
             ref = manifest.artifact
             if not self.store.has_blob(ref):
                 step = DeploymentState.DOWNLOADING
-                self._download(rev, deployment)
+                self._download(rev, deployment, work.cancel)
                 if self._stop.is_set():
                     return
+                self._check(work)
                 step = DeploymentState.VERIFYING
                 self._status(step, rev=rev, deployment=deployment, done=ref.size)
                 path = self.store.finish(ref)
             else:
                 path = self.store.blob_path(ref.sha256)
+            self._check(work)
             step = DeploymentState.STAGED
             self._status(step, rev=rev, deployment=deployment, done=ref.size)
             step = DeploymentState.HEALTHCHECK
             self._status(step, rev=rev, deployment=deployment, done=ref.size)
             loaded = health_check(self.runtime, manifest, path)
+            self._commit(work)
             self.store.activate(Installed(manifest, deployment.rollout_id))
             self.runtime.swap(loaded)
             self._status(DeploymentState.ACTIVE, rev=rev, deployment=deployment, done=ref.size)
+        except _Superseded as exc:
+            self._failed(rev, deployment, step, str(exc))
         except EdgeFleetError as exc:
             self._failed(rev, deployment, step, exc.message)
         except OSError as exc:
@@ -200,6 +284,30 @@ class Deployer:
             # a deployment left at an intermediate state.
             _LOGGER.exception("%s:%s failed unexpectedly", manifest.model, manifest.version)
             self._failed(rev, deployment, step, _describe(exc))
+        finally:
+            with self._gate:
+                self._current = None
+
+    # -- a newer document stops what it no longer wants ---------------------------------
+
+    def _begin(self, manifest: Manifest) -> _Work:
+        work = _Work(manifest)
+        with self._gate:
+            if self._stop.is_set():
+                work.cancel.set()  # stop() ran before this work existed to be cancelled
+            self._current = work
+        return work
+
+    def _check(self, work: _Work) -> None:
+        if work.superseded_by is not None:
+            raise _Superseded(work.superseded_by)
+
+    def _commit(self, work: _Work) -> None:
+        """The point of no return before activation: from here on a newer document waits
+        for this deployment (and then undoes it); before it, it stops it."""
+        with self._gate:
+            self._check(work)
+            work.committed = True
 
     def _relabel(self, rev: int, deployment: Deployment, served: LoadedModel) -> None:
         """The bytes already serve: only the version label or the rollout changes."""
@@ -218,7 +326,7 @@ class Deployer:
             DeploymentState.ACTIVE, rev=rev, deployment=deployment, done=manifest.artifact.size
         )
 
-    def _download(self, rev: int, deployment: Deployment) -> None:
+    def _download(self, rev: int, deployment: Deployment, cancel: threading.Event) -> None:
         ref = deployment.manifest.artifact
         last = [-1]
 
@@ -229,7 +337,7 @@ class Deployer:
                 self._status(DeploymentState.DOWNLOADING, rev=rev, deployment=deployment, done=done)
 
         progress(self.store.bytes_done(ref))
-        self.fetcher.fetch(ref, progress, self._stop)
+        self.fetcher.fetch(ref, progress, cancel)
 
     def _failed(self, rev: int, deployment: Deployment, step: DeploymentState, reason: str) -> None:
         _LOGGER.warning(
@@ -251,6 +359,11 @@ class Deployer:
                 deployment=deployment,
                 reason=f"kept {kept.manifest.model}:{kept.version}",
             )
+
+
+def _wants(state: DesiredState, manifest: Manifest) -> bool:
+    """Whether ``state`` still asks for exactly ``manifest`` (then its work goes on)."""
+    return any(d.manifest == manifest for d in state.deployments)
 
 
 def _describe(exc: BaseException) -> str:

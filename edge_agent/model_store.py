@@ -265,6 +265,29 @@ class ModelStore:
             self._save()
             self._collect_garbage()
 
+    def remove(self, model: str) -> Installed | None:
+        """Take ``model`` off this device: out of the active set (and its previous version
+        with it, there is nothing to roll back to), in one atomic write as activation is, then
+        its blobs go once nothing else refers to them. Returns what was active (None: none)."""
+        with self._lock:
+            removed = self.state.active.pop(model, None)
+            dropped = self.state.previous.pop(model, None)
+            if removed is None and dropped is None:
+                return None
+            self._save()
+            self._collect_garbage()
+            return removed
+
+    def discard_partials(self, keep: set[str]) -> None:
+        """Forget downloads of artifacts outside ``keep`` (the ones the desired state still
+        names): a download abandoned for a newer document must not hold its disk forever."""
+        with self._lock:
+            for path in self.partial.iterdir():
+                sha256 = path.name.split(".", 1)[0]
+                if sha256 not in keep:
+                    path.unlink(missing_ok=True)
+                    self._done.pop(sha256, None)
+
     def _collect_garbage(self) -> None:
         keep = {i.manifest.artifact.sha256 for i in self.state.active.values()}
         keep |= {i.manifest.artifact.sha256 for i in self.state.previous.values()}

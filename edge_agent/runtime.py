@@ -1,7 +1,8 @@
-"""Runtime: one onnxruntime session per model, swapped without dropping a request.
+"""Runtime: one onnxruntime session per model, swapped or unloaded without dropping a request.
 
 A swap builds the new session completely, then replaces the reference in one assignment;
-requests already running keep the session they started with.
+requests already running keep the session they started with. An unload takes the model out
+the same way: running requests finish on their session, new ones get a 404.
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ class Runtime:
         with self._lock:
             old = self._models.get(loaded.manifest.model)
             self._models = {**self._models, loaded.manifest.model: loaded}
+        return old
+
+    def unload(self, model: str) -> LoadedModel | None:
+        """Stop serving ``model``; returns what served it (None: nothing did)."""
+        with self._lock:
+            old = self._models.get(model)
+            self._models = {k: v for k, v in self._models.items() if k != model}
         return old
 
     def get(self, model: str) -> LoadedModel:

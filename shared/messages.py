@@ -300,6 +300,11 @@ class ReportedState(Message):
 
 
 class DeploymentState(StrEnum):
+    """A deployment's progress. REMOVED, added later (a minor change: no new schema_version),
+    says the model left the device because its desired state no longer names it. A cloud from
+    before it refuses that one status as malformed (its ingest logs, counts and acks it) and
+    loses nothing else: it never waited for such a confirmation."""
+
     QUEUED = "QUEUED"
     DOWNLOADING = "DOWNLOADING"
     VERIFYING = "VERIFYING"
@@ -308,6 +313,7 @@ class DeploymentState(StrEnum):
     ACTIVE = "ACTIVE"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
+    REMOVED = "REMOVED"
 
 
 class StatusEvent(Message):

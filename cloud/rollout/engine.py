@@ -14,12 +14,11 @@ from cloud.context import CloudContext
 from cloud.registry.tables import ModelVersion, Rollout
 from cloud.rollout.leader import Leadership
 from cloud.rollout.progress import Decision, step
+from cloud.rollout.reads import load_targets, reports_for
 from cloud.rollout.store import (
     ACTIVE_STATES,
     Deposed,
     apply_decision,
-    load_targets,
-    reports_for,
     revert_target,
     start_target,
 )
@@ -98,16 +97,18 @@ class RolloutEngine:
     def _advance(self, rollout_id: int, token: int, now: datetime) -> None:
         with self.context.database.session() as s:
             rollout = s.get(Rollout, rollout_id)
-            if rollout is None or rollout.model_version_id is None:
+            if rollout is None:
                 return
-            version = s.scalar(
-                select(ModelVersion.version).where(ModelVersion.id == rollout.model_version_id)
-            )
-            assert version is not None
+            version = None  # an undeploy
+            if rollout.model_version_id is not None:
+                version = s.scalar(
+                    select(ModelVersion.version).where(ModelVersion.id == rollout.model_version_id)
+                )
+                assert version is not None
             state, wave = RolloutState(rollout.state), rollout.current_wave
             strategy = Strategy.model_validate(rollout.strategy)
             targets = load_targets(s, rollout)
-            reports = reports_for(s, rollout_id)
+            reports = reports_for(s, rollout)
         decision = step(
             state=state, wave=wave, version=version, strategy=strategy, targets=targets,
             reports=reports, now=now,

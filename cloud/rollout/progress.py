@@ -1,6 +1,10 @@
 """The rollout state machine as a pure function: from the rollout, its targets and what the
 devices reported, the next decisions. No I/O here, so every rule is tested on its own and
-two engines given the same rows decide the same."""
+two engines given the same rows decide the same.
+
+An undeploy (``version`` None) is the same machine with another goal: a device is done when
+it confirms the model is gone (REMOVED), as a deploy's is when it reports ACTIVE; an abort
+sends every device that dropped (or was told to drop) the model its previous version back."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from cloud.rollout.strategy import RolloutState, Strategy, TargetState
 
 __all__ = ["Decision", "Report", "Target", "step"]
 
-_TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.FAILED)
+_TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.REMOVED, TargetState.FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +31,9 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """A deployment status a device sent for this rollout (ACTIVE or FAILED only)."""
+    """What a device said for this rollout: ACTIVE or FAILED of a version; for an undeploy,
+    REMOVED (the model unloaded, by its status or by the reported state of a rev at least
+    this high that no longer lists it) or FAILED to remove it."""
 
     device_id: str
     rev: int
@@ -57,19 +63,20 @@ def step(
     *,
     state: RolloutState,
     wave: int,
-    version: int,
+    version: int | None,
     strategy: Strategy,
     targets: list[Target],
     reports: list[Report],
     now: datetime,
 ) -> Decision:
-    """One round of the state machine for one rollout (see ``docs`` in cloud/rollout)."""
+    """One round of the state machine for one rollout; ``version`` None is an undeploy."""
     book = _Book({t.device_id: t for t in targets})
     _apply_reports(book, reports, version)
     _apply_timeouts(book, strategy, now)
     decision = Decision(state=state, wave=wave, targets=book.changed)
     if state is RolloutState.IN_PROGRESS:
-        _in_progress(decision, book, strategy, now)
+        done = TargetState.REMOVED if version is None else TargetState.ACTIVE
+        _in_progress(decision, book, strategy, now, done)
     if decision.state is RolloutState.ABORTING:
         _aborting(decision, book)
     return decision
@@ -90,12 +97,17 @@ class _Book:
         return list(self.current.values())
 
 
-def _apply_reports(book: _Book, reports: list[Report], version: int) -> None:
+def _apply_reports(book: _Book, reports: list[Report], version: int | None) -> None:
     for report in reports:
         target = book.current.get(report.device_id)
         if target is None or target.rev is None or report.rev < target.rev:
             continue  # not ours, or from before the rev this target is waiting on
-        if target.state is TargetState.DEPLOYING and report.version == version:
+        if target.state is TargetState.DEPLOYING and version is None:
+            if report.state == "REMOVED":
+                book.put(target, TargetState.REMOVED, "model unloaded")
+            elif report.state == "FAILED":
+                book.put(target, TargetState.FAILED, report.reason or "removal failed")
+        elif target.state is TargetState.DEPLOYING and report.version == version:
             if report.state == "ACTIVE":
                 book.put(target, TargetState.ACTIVE)
             elif report.state == "FAILED":
@@ -119,11 +131,14 @@ def _apply_timeouts(book: _Book, strategy: Strategy, now: datetime) -> None:
             book.put(target, TargetState.REVERT_FAILED, f"revert timed out: {waited}")
 
 
-def _in_progress(decision: Decision, book: _Book, strategy: Strategy, now: datetime) -> None:
+def _in_progress(
+    decision: Decision, book: _Book, strategy: Strategy, now: datetime, done: TargetState
+) -> None:
+    """``done``: what a device that did what was asked is (ACTIVE; REMOVED for an undeploy)."""
     current = book.all()
     states = [t.state for t in current]
     failed = states.count(TargetState.FAILED)
-    finished = failed + states.count(TargetState.ACTIVE)
+    finished = failed + states.count(done)
     if failed >= strategy.min_failures and failed / finished >= strategy.failure_threshold:
         decision.state = RolloutState.ABORTING
         decision.reason = (
@@ -135,7 +150,7 @@ def _in_progress(decision: Decision, book: _Book, strategy: Strategy, now: datet
     if decision.wave < 0:
         decision.wave = 0
     in_wave = [t for t in current if t.wave == decision.wave]
-    active = sum(t.state is TargetState.ACTIVE for t in in_wave)
+    active = sum(t.state is done for t in in_wave)
     undecided = [t for t in in_wave if t.state in (TargetState.PENDING, TargetState.DEPLOYING)]
     if in_wave and active / len(in_wave) >= strategy.success_threshold:
         if decision.wave < waves:
@@ -146,7 +161,7 @@ def _in_progress(decision: Decision, book: _Book, strategy: Strategy, now: datet
     elif not undecided:
         decision.state = RolloutState.ABORTING
         decision.reason = (
-            f"wave {decision.wave}: {active} of {len(in_wave)} devices ACTIVE, below the "
+            f"wave {decision.wave}: {active} of {len(in_wave)} devices {done.value}, below the "
             f"success threshold {strategy.success_threshold:.0%}"
         )
         return

@@ -1,5 +1,6 @@
 """Rollouts in SQL: creating one (targets, waves, superseding), operators' commands, and the
-fenced writes through which the engine carries out its decisions."""
+fenced writes through which the engine carries out its decisions. An undeploy is a rollout
+without a version: each device's new rev leaves the model out of its desired state."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from sqlalchemy.orm import Session
 
 from cloud.fleet.desired import issue, set_deployment
 from cloud.registry import repository
-from cloud.registry.tables import DeploymentEvent, Model, ModelVersion, Rollout, RolloutTarget
-from cloud.rollout.progress import Decision, Report, Target
+from cloud.registry.tables import Device, ModelVersion, Rollout, RolloutTarget
+from cloud.rollout.progress import Decision
+from cloud.rollout.reads import model_name
 from cloud.rollout.strategy import RolloutState, Strategy, TargetState, plan_waves
 from shared.errors import Conflict, EdgeFleetError, InvalidInput, NotFound
 
@@ -22,13 +24,13 @@ __all__ = [
     "apply_decision",
     "command",
     "create_rollout",
-    "load_targets",
-    "reports_for",
     "revert_target",
     "start_target",
 ]
 
 ACTIVE_STATES = (RolloutState.IN_PROGRESS, RolloutState.PAUSED, RolloutState.ABORTING)
+# Targets an abort sends back: told to change, whatever they answered.
+_TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.REMOVED, TargetState.FAILED)
 # Operator commands: the states each may start from, and where it leads.
 _COMMANDS: dict[str, tuple[tuple[RolloutState, ...], RolloutState]] = {
     "pause": ((RolloutState.IN_PROGRESS,), RolloutState.PAUSED),
@@ -47,21 +49,30 @@ def create_rollout(
     session: Session,
     *,
     model: str,
-    version: int,
+    version: int | None,
     selector: dict[str, str],
     strategy: Strategy,
     actor: str = "admin",
 ) -> Rollout:
     """A rollout of ``model:version`` to every device whose labels include ``selector``,
     with its waves planned now (so any engine, at any time, carries out the same plan).
-    Active rollouts of the same model are superseded: their devices not reached yet are
+    ``version`` None undeploys ``model`` from those of them that should run it or say they
+    do. Active rollouts of the same model are superseded: their devices not reached yet are
     skipped, and the devices they already changed are this rollout's to take on."""
-    row = repository.get_version(session, model_name=model, version=version)
+    if version is None:
+        model_id, version_id = repository.get_model(session, name=model).id, None
+    else:
+        row = repository.get_version(session, model_name=model, version=version)
+        model_id, version_id = row.model_id, row.id
     devices = repository.list_devices(session, labels=selector)
     if not devices:
         raise InvalidInput(f"no enrolled device has the labels {selector}")
+    if version is None:
+        devices = [d for d in devices if _has_model(d, model)]
+        if not devices:
+            raise InvalidInput(f"no device with the labels {selector} runs {model!r}")
     rollout = Rollout(
-        model_id=row.model_id, model_version_id=row.id, selector=dict(selector),
+        model_id=model_id, model_version_id=version_id, selector=dict(selector),
         strategy=strategy.model_dump(mode="json"), state=RolloutState.IN_PROGRESS.value,
         created_by=actor,
     )  # fmt: skip
@@ -79,14 +90,21 @@ def create_rollout(
                 previous_version_id=entry.get("version_id"),
             )
         )
-    _supersede(session, model_id=row.model_id, by=rollout.id)
+    _supersede(session, model_id=model_id, by=rollout.id)
     repository.record_audit(
         session, actor=actor, action="rollout.create", subject=f"rollout:{rollout.id}",
-        detail={"model": model, "version": version, "selector": selector,
-                "devices": len(devices), "waves": max(waves.values()) + 1},
+        detail={"model": model, "version": version, "undeploy": version is None,
+                "selector": selector, "devices": len(devices), "waves": max(waves.values()) + 1},
     )  # fmt: skip
     session.flush()
     return rollout
+
+
+def _has_model(device: Device, model: str) -> bool:
+    """Whether the device should run ``model``, or says it runs it (left over from a
+    document that dropped it before agents unloaded what their documents no longer name)."""
+    active = (device.reported or {}).get("active")
+    return model in (device.desired or {}) or (isinstance(active, dict) and model in active)
 
 
 def _supersede(session: Session, *, model_id: int, by: int) -> None:
@@ -129,53 +147,6 @@ def command(session: Session, *, rollout_id: int, action: str, actor: str) -> Ro
     )
     session.flush()
     return rollout
-
-
-# -- what the engine reads -------------------------------------------------------------
-
-
-def load_targets(session: Session, rollout: Rollout) -> list[Target]:
-    rows = session.scalars(
-        select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)
-    ).all()
-    previous = {r.previous_version_id for r in rows if r.previous_version_id is not None}
-    versions: dict[int, int] = {}
-    if previous:
-        query = select(ModelVersion.id, ModelVersion.version).where(ModelVersion.id.in_(previous))
-        versions.update((i, v) for i, v in session.execute(query).all())
-    return [
-        Target(
-            device_id=r.device_id,
-            wave=r.wave,
-            state=TargetState(r.state),
-            rev=r.rev,
-            started_at=_aware(r.started_at),
-            previous_version=versions.get(r.previous_version_id)
-            if r.previous_version_id is not None
-            else None,
-            reason=r.reason,
-        )
-        for r in rows
-    ]
-
-
-def reports_for(session: Session, rollout_id: int) -> list[Report]:
-    """The ACTIVE and FAILED statuses devices sent for this rollout, oldest first."""
-    rows = session.execute(
-        select(
-            DeploymentEvent.device_id,
-            DeploymentEvent.rev,
-            DeploymentEvent.version,
-            DeploymentEvent.state,
-            DeploymentEvent.reason,
-        )
-        .where(
-            DeploymentEvent.rollout_id == rollout_id,
-            DeploymentEvent.state.in_(("ACTIVE", "FAILED")),
-        )
-        .order_by(DeploymentEvent.id)
-    ).all()
-    return [Report(d, rev, v, state, reason) for d, rev, v, state, reason in rows]
 
 
 # -- what the engine writes (each under the fence) -------------------------------------
@@ -235,18 +206,23 @@ def start_target(
     key: Ed25519PrivateKey,
     lifetime: timedelta,
 ) -> bool:
-    """Send one device the rollout's version: a new rev, signed, and the target DEPLOYING,
-    in one transaction (a crash leaves both or neither). False if it was not PENDING."""
+    """Send one device the rollout's version (for an undeploy, a desired state without the
+    model): a new rev, signed, and the target DEPLOYING, in one transaction (a crash leaves
+    both or neither). False if it was not PENDING."""
     rollout = _fenced(
         session, rollout_id=rollout_id, token=token, expect=RolloutState.IN_PROGRESS.value
     )
     target = _target(session, rollout_id, device_id)
-    if target.state != TargetState.PENDING.value or rollout.model_version_id is None:
+    if target.state != TargetState.PENDING.value:
         return False
-    row = session.get(ModelVersion, rollout.model_version_id)
-    assert row is not None
-    rev = _issue(session, device_id=device_id, row=row, rollout_id=rollout_id, key=key,
-                 lifetime=lifetime)  # fmt: skip
+    if rollout.model_version_id is None:
+        rev = _drop(session, device_id=device_id, model=model_name(session, rollout),
+                    rollout_id=rollout_id, key=key, lifetime=lifetime)  # fmt: skip
+    else:
+        row = session.get(ModelVersion, rollout.model_version_id)
+        assert row is not None
+        rev = _issue(session, device_id=device_id, row=row, rollout_id=rollout_id, key=key,
+                     lifetime=lifetime)  # fmt: skip
     target.state, target.rev, target.started_at = TargetState.DEPLOYING.value, rev, _now()
     return True
 
@@ -260,22 +236,18 @@ def revert_target(
     key: Ed25519PrivateKey,
     lifetime: timedelta,
 ) -> bool:
-    """Send one device back to the version it ran before this rollout (a new rev), or, when
-    it ran none, take the model out of its desired state (nothing to confirm then)."""
+    """Send one device back to the version it ran before this rollout (a new rev; after an
+    undeploy, that puts the model back), or, when it ran none, take the model out of its
+    desired state (nothing to confirm then)."""
     rollout = _fenced(
         session, rollout_id=rollout_id, token=token, expect=RolloutState.ABORTING.value
     )
     target = _target(session, rollout_id, device_id)
-    if target.state not in (s.value for s in (TargetState.DEPLOYING, TargetState.ACTIVE,
-                                              TargetState.FAILED)):  # fmt: skip
+    if TargetState(target.state) not in _TOOK_NEW:
         return False
     if target.previous_version_id is None:
-        device = repository.lock_device(session, device_id=device_id)
-        model = _model_name(session, rollout)
-        desired = {k: v for k, v in (device.desired or {}).items() if k != model}
-        device.desired = desired
-        target.rev = issue(session, device=device, key=key, lifetime=lifetime,
-                           actor=f"rollout:{rollout_id}").rev  # fmt: skip
+        target.rev = _drop(session, device_id=device_id, model=model_name(session, rollout),
+                           rollout_id=rollout_id, key=key, lifetime=lifetime)  # fmt: skip
         target.state, target.reason = TargetState.REVERTED.value, "model taken off the device"
         return True
     previous = session.get(ModelVersion, target.previous_version_id)
@@ -310,6 +282,28 @@ def _issue(
     return state.rev
 
 
+def _drop(
+    session: Session,
+    *,
+    device_id: str,
+    model: str,
+    rollout_id: int,
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+) -> int:
+    """A new rev of the device's desired state without ``model`` (signed even if it had
+    none: the device's answer to that rev is what confirms the model is gone)."""
+    device = repository.lock_device(session, device_id=device_id)
+    device.desired = {k: v for k, v in (device.desired or {}).items() if k != model}
+    rev = issue(session, device=device, key=key, lifetime=lifetime,
+                actor=f"rollout:{rollout_id}").rev  # fmt: skip
+    repository.record_audit(
+        session, actor=f"rollout:{rollout_id}", action="device.undeploy", subject=device_id,
+        detail={"model": model, "rev": rev, "rollout_id": rollout_id},
+    )  # fmt: skip
+    return rev
+
+
 def _target(session: Session, rollout_id: int, device_id: str) -> RolloutTarget:
     target = session.scalar(
         select(RolloutTarget).where(
@@ -321,18 +315,5 @@ def _target(session: Session, rollout_id: int, device_id: str) -> RolloutTarget:
     return target
 
 
-def _model_name(session: Session, rollout: Rollout) -> str:
-    model = session.get(Model, rollout.model_id)
-    assert model is not None
-    return model.name
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite gives naive datetimes back; they were stored as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value

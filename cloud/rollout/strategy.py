@@ -29,6 +29,7 @@ class TargetState(StrEnum):
     PENDING = "PENDING"  # its wave has not reached it
     DEPLOYING = "DEPLOYING"  # told to run the new version; waiting for ACTIVE
     ACTIVE = "ACTIVE"  # health-checked and serving the new version
+    REMOVED = "REMOVED"  # an undeploy's success: the device confirmed the model is unloaded
     FAILED = "FAILED"  # reported FAILED, or timed out
     REVERTING = "REVERTING"  # told to go back to its previous version
     REVERTED = "REVERTED"  # serving its previous version again (confirmed)

@@ -146,3 +146,36 @@ def test_chunks_done_is_a_snapshot_that_later_chunks_do_not_change(tmp_path: Pat
     _fill(store, ref, data, [1, 2])
     assert seen == {0}
     assert store.chunks_done(ref) == {0, 1, 2}
+
+
+def test_a_removed_model_is_gone_after_a_restart_and_only_blobs_nothing_uses_go(
+    tmp_path: Path,
+) -> None:
+    """'m' ran v1 then v2; 'twin' runs the same bytes as v2. Removing 'm' drops its active
+    and previous versions in one atomic write (a fresh store, as after a crash, agrees):
+    v1's blob goes, v2's stays because 'twin' still uses it. A partial download is kept
+    only while a wanted artifact is named."""
+    store = ModelStore(tmp_path)
+    v1_data, v2_data = os.urandom(3000), os.urandom(2500)
+    v1, v2 = _manifest(v1_data, 1), _manifest(v2_data, 2)
+    for manifest, data in ((v1, v1_data), (v2, v2_data)):
+        _fill(store, manifest.artifact, data, [0, 1, 2] if len(data) > 2048 else [0, 1])
+        store.finish(manifest.artifact)
+        store.activate(Installed(manifest))
+    store.activate(Installed(v2.model_copy(update={"model": "twin"})))
+    assert store.remove("m") is not None
+    assert store.remove("m") is None
+
+    reopened = ModelStore(tmp_path)
+    assert set(reopened.state.active) == {"twin"}
+    assert reopened.state.previous == {}
+    assert {p.name for p in store.blobs.iterdir()} == {v2.artifact.sha256}
+
+    pending_data = os.urandom(2000)
+    pending = _manifest(pending_data, 3).artifact
+    _fill(store, pending, pending_data, [0])
+    store.discard_partials({pending.sha256})
+    assert store.chunks_done(pending) == {0}
+    store.discard_partials(set())
+    assert list(store.partial.iterdir()) == []
+    assert store.missing_chunks(pending) == [0, 1]

@@ -92,3 +92,23 @@ def test_an_engine_error_is_an_inference_failed_with_the_engine_s_first_line(
     assert "Traceback" not in failed.value.message
     # The session is not broken by it.
     assert loaded.run({"index": np.array([3])})["probabilities"].shape == (1, 3)
+
+
+def test_an_unload_refuses_new_requests_and_lets_one_in_flight_finish(tmp_path: Path) -> None:
+    """The model leaves: a request that already holds it finishes on its session (its file
+    deleted underneath, as the store's garbage collection does), a new one is a NotFound
+    (404), and another model keeps serving."""
+    runtime = Runtime()
+    runtime.swap(_classifier(runtime, tmp_path, 1, seed=1))
+    other_data = tiny_classifier(seed=5)
+    runtime.swap(_load(runtime, tmp_path, other_data, manifest_for(other_data, model="other")))
+    in_flight = runtime.get("m")
+    (tmp_path / "m-1.onnx").unlink()
+    assert runtime.unload("m") is in_flight
+    assert runtime.unload("m") is None
+    with pytest.raises(NotFound, match="no model 'm' is active on this device") as gone:
+        runtime.get("m")
+    assert gone.value.status_code == 404
+    feed = {"input": np.ones((1, 4), dtype=np.float32)}
+    assert in_flight.run(feed)["probabilities"].shape == (1, 3)
+    assert set(runtime.models()) == {"other"}

@@ -90,6 +90,18 @@ def test_an_older_or_current_schema_version_is_read() -> None:
         decode(Presence, '{"schema_version": 0, "state": "online"}')
 
 
+def test_a_removal_is_read_and_a_state_this_reader_does_not_know_is_a_protocol_error() -> None:
+    """REMOVED is read; a state newer than the reader (what REMOVED is to a cloud from before
+    it) is a ProtocolError, which ingest logs, counts and acks: one status lost, nothing else."""
+    at = '"at": "2026-01-01T00:00:00Z"'
+    removed = decode(
+        StatusEvent, f'{{"rev": 4, "model": "m", "version": 2, "state": "REMOVED", {at}}}'
+    )
+    assert (removed.state.value, removed.rollout_id, removed.version) == ("REMOVED", None, 2)
+    with pytest.raises(ProtocolError, match="bad StatusEvent: state"):
+        decode(StatusEvent, f'{{"rev": 4, "model": "m", "state": "ARCHIVED", {at}}}')
+
+
 def test_malformed_json_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         decode(StatusEvent, b"\xff{not json")

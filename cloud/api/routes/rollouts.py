@@ -1,5 +1,6 @@
-"""Rollouts over REST: start one, list them, its progress by wave, its devices (paginated),
-and the operator's pause / resume / abort. The engine (fleet role) does the rest."""
+"""Rollouts over REST: start one (a version, or an undeploy), list them, its progress by
+wave, its devices (paginated), and the operator's pause / resume / abort. The engine (fleet
+role) does the rest."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -27,12 +28,24 @@ RolloutId = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 class RolloutCreate(BaseModel):
+    """A version to roll out, or ``undeploy: true`` (and no version) to take the model off
+    the matching devices that run it, in the same waves."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: Name
-    version: VersionNumber
+    version: VersionNumber | None = None
+    undeploy: bool = False
     selector: dict[Label, Label] = Field(default_factory=dict, max_length=32)
     strategy: Strategy = Field(default_factory=Strategy)
+
+    @model_validator(mode="after")
+    def _version_or_undeploy(self) -> RolloutCreate:
+        if self.undeploy and self.version is not None:
+            raise ValueError("an undeploy takes no version")
+        if not self.undeploy and self.version is None:
+            raise ValueError("give the version to roll out (or undeploy: true)")
+        return self
 
 
 class WaveProgress(BaseModel):
@@ -44,7 +57,8 @@ class WaveProgress(BaseModel):
 class RolloutPublic(BaseModel):
     id: int
     model: str
-    version: int | None
+    version: int | None = Field(description="None for an undeploy")
+    undeploy: bool
     selector: dict[str, str]
     strategy: Strategy
     state: RolloutState
@@ -106,6 +120,7 @@ def _public(
         states[state] = states.get(state, 0) + count
     return RolloutPublic(
         id=rollout.id, model=model.name if model else "?", version=row.version if row else None,
+        undeploy=rollout.model_version_id is None,
         selector=rollout.selector, strategy=Strategy.model_validate(rollout.strategy),
         state=RolloutState(rollout.state), reason=rollout.reason,
         current_wave=rollout.current_wave,
@@ -145,7 +160,9 @@ def _wake_engine(request: Request) -> None:
 def start(
     body: RolloutCreate, session: SessionDep, actor: AdminAuth, request: Request
 ) -> RolloutDetail:
-    """Plan the waves and start; an active rollout of the same model is superseded."""
+    """Plan the waves and start; an active rollout of the same model is superseded. With
+    ``undeploy``, each device's new desired state leaves the model out, and a device counts
+    as done once its agent confirms the model is unloaded (REMOVED)."""
     rollout = create_rollout(
         session, model=body.model, version=body.version, selector=body.selector,
         strategy=body.strategy, actor=actor,
