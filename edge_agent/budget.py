@@ -120,6 +120,12 @@ class BudgetFollower:
             budget.max_offload * 100, budget.until.isoformat(), budget.reason or "no reason",
         )  # fmt: skip
 
+    @property
+    def generation(self) -> int:
+        """Bumped each time the share in force changes (a renewal does not)."""
+        in_force = self._live()
+        return 0 if in_force is None else in_force.generation
+
     def current(self) -> CloudBudget | None:
         """The budget in force now (None: none, or it expired without renewal)."""
         in_force = self._live()
