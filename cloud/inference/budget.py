@@ -116,7 +116,6 @@ class BudgetLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="budget", daemon=True)
         self._redis_down = False
-        metrics.offload_budget.set(1.0)
 
     def start(self) -> None:
         if self.link is not None and self.owns_link:

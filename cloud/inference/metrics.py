@@ -84,6 +84,7 @@ class InferenceMetrics:
             "edgefleet_inference_offload_budget",
             "Share of their inputs devices may offload now (1: no budget)", registry=r,
         )  # fmt: skip
+        self.offload_budget.set(1.0)
         self.saturated = Gauge(
             "edgefleet_inference_saturated",
             "This replica's queue counts as saturated (1) or not (0)", registry=r,
