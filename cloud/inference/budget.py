@@ -9,6 +9,7 @@ Redis or the broker being down costs budget steps, never inference."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -126,6 +127,9 @@ class BudgetLoop:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
+            # Leaving cleanly: no say in the budget any more (a crash lets the mark expire).
+            with contextlib.suppress(redis.RedisError):
+                self.store.mark(False, self.clock())
         if self.link is not None and self.owns_link:
             self.link.stop()
 
