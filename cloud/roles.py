@@ -50,7 +50,8 @@ class RoleParts:
             self.budget.start()
 
     def stop_steps(self) -> list[tuple[str, Callable[[], None]]]:
-        """After the HTTP server stopped: gRPC, the inference sessions, the fleet loops."""
+        """After the HTTP server stopped: the budget loop, gRPC, the inference sessions, the
+        fleet loops (the budget publishes through the fleet's link in role ``all``)."""
         steps: list[tuple[str, Callable[[], None]]] = []
         if self.budget is not None:
             steps.append(("stopping the offload budget", self.budget.stop))

@@ -136,7 +136,8 @@ def test_the_traffic_numbers_are_the_agent_s_and_the_models(
     sent, labels = mix.x[:240], mix.y[:240]
     edge = _probabilities(reference_onnx["digits-edge"], sent)
     cloud = _probabilities(reference_onnx["digits-cloud"], sent).argmax(axis=1)
-    hard = edge.max(axis=1) < routing.threshold  # type: ignore[operator]
+    assert routing.threshold is not None
+    hard = edge.max(axis=1) < routing.threshold
     assert total.offloaded == total.cloud == int(hard.sum()) > 24
     assert total.degraded == 0
     joint = np.where(hard, cloud, edge.argmax(axis=1))
