@@ -17,6 +17,7 @@ from cloud.api.app import create_app, create_health_app
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
 from cloud.inference.app import WithInference, create_inference_app
+from cloud.inference.budget import BudgetLoop, budget_loop_for
 from cloud.inference.grpc_server import GrpcServer
 from cloud.inference.service import InferenceService
 
@@ -38,16 +39,22 @@ class RoleParts:
     fleet: FleetService | None = None
     inference: InferenceService | None = None
     grpc: GrpcServer | None = None
+    budget: BudgetLoop | None = None
 
     def start(self) -> None:
         if self.fleet is not None:
             self.fleet.start()
         if self.grpc is not None:
             self.grpc.start()
+        if self.budget is not None:
+            self.budget.start()
 
     def stop_steps(self) -> list[tuple[str, Callable[[], None]]]:
-        """After the HTTP server stopped: gRPC, the inference sessions, the fleet loops."""
+        """After the HTTP server stopped: the budget loop, gRPC, the inference sessions, the
+        fleet loops (the budget publishes through the fleet's link in role ``all``)."""
         steps: list[tuple[str, Callable[[], None]]] = []
+        if self.budget is not None:
+            steps.append(("stopping the offload budget", self.budget.stop))
         if self.grpc is not None:
             steps.append(("stopping gRPC", self.grpc.stop))
         if self.inference is not None:
@@ -69,7 +76,12 @@ def build_role(context: CloudContext, role: Role) -> RoleParts:
     service = InferenceService(context)
     grpc = GrpcServer(service, host=settings.api_host, port=settings.resolved_grpc_port)
     inference_app = create_inference_app(context, service)
+    # Role inference has no fleet service: the budget gets a broker link of its own.
+    budget = budget_loop_for(
+        context, service.metrics, service.pool, fleet.link if fleet is not None else None
+    )
     if role is Role.INFERENCE:
-        return RoleParts(inference_app, None, service, grpc)
+        return RoleParts(inference_app, None, service, grpc, budget)
     assert fleet is not None
-    return RoleParts(WithInference(create_app(context, fleet), inference_app), fleet, service, grpc)
+    app = WithInference(create_app(context, fleet), inference_app)
+    return RoleParts(app, fleet, service, grpc, budget)

@@ -109,6 +109,18 @@ class CloudSettings(BaseSettings):
     inference_result_cache: bool = False
     inference_result_cache_ttl_s: float = Field(default=60.0, gt=0, le=86400)
     inference_result_cache_max_bytes: int = Field(default=1024 * 1024, ge=0)
+    # -- the offload budget (cloud.inference.budget; topic cloud/budget) ----------------------
+    # When the queue wait stays past the bound for hold_s, devices are told (retained MQTT) to
+    # offload less, cut again every hold_s while it lasts; once no replica is saturated the
+    # budget relaxes a step every relax_s, then clears. A budget not renewed within ttl_s
+    # expires on the devices (a dead cloud does not throttle them forever).
+    inference_budget: bool = True
+    inference_budget_queue_ms: float = Field(default=100.0, gt=0, le=60_000)
+    inference_budget_hold_s: float = Field(default=2.0, gt=0, le=600)
+    inference_budget_relax_s: float = Field(default=5.0, gt=0, le=3600)
+    inference_budget_ttl_s: float = Field(default=30.0, gt=0, le=86_400)
+    inference_budget_min: float = Field(default=0.01, ge=0, lt=1)
+    inference_budget_interval_s: float = Field(default=0.5, gt=0, le=60)
 
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> CloudSettings:
@@ -124,6 +136,11 @@ class CloudSettings(BaseSettings):
             raise ValueError(
                 "EDGEFLEET_BROKER_ACCOUNTS=dynsec needs EDGEFLEET_MQTT_USERNAME and "
                 "EDGEFLEET_MQTT_PASSWORD: the cloud's broker login, admin of dynamic security"
+            )
+        if self.inference_budget_ttl_s < 4 * self.inference_budget_interval_s:
+            raise ValueError(
+                "EDGEFLEET_INFERENCE_BUDGET_TTL_S must be at least 4 x "
+                "EDGEFLEET_INFERENCE_BUDGET_INTERVAL_S, or a budget expires before it is renewed"
             )
         if self.desired_renewal_interval_s >= self.desired_lifetime_s / 3:
             raise ValueError(

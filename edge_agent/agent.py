@@ -10,12 +10,13 @@ from typing import Any
 import numpy.typing as npt
 
 from edge_agent import __version__
+from edge_agent.budget import BudgetFollower
 from edge_agent.config import AgentSettings
 from edge_agent.delivery import HttpDelivery, MqttDelivery
 from edge_agent.deployer import Deployer
 from edge_agent.local_api import LocalApi
 from edge_agent.model_store import ModelStore
-from edge_agent.router import Answer, CloudClient, Router
+from edge_agent.router import Answer, CircuitBreaker, CloudClient, Router
 from edge_agent.runtime import Runtime
 from edge_agent.telemetry import LATENCY_BOUNDS_MS, Meter, Outbox
 from shared import topics
@@ -82,9 +83,18 @@ class Agent:
             on_applied=self.publish_reported,
         )
         self.cloud = CloudClient(
-            settings.cloud_url, settings.token, budget_s=settings.cloud_budget_s
+            settings.cloud_url,
+            settings.token,
+            budget_s=settings.cloud_budget_s,
+            breaker=CircuitBreaker(
+                failures=settings.cloud_breaker_failures, reset_s=settings.cloud_breaker_reset_s
+            ),
         )
-        self.router = Router(self.runtime, cloud=self.cloud, override=settings.routing_override)
+        # The cloud's offload budget (cloud/budget), followed along each model's curve.
+        self.budget = BudgetFollower()
+        self.router = Router(
+            self.runtime, cloud=self.cloud, override=settings.routing_override, budget=self.budget
+        )
         self.fetcher = fetcher
         self.api: LocalApi | None = None
         self._stop = threading.Event()
@@ -101,6 +111,7 @@ class Agent:
     def start(self, *, serve_api: bool = True) -> None:
         self._load_installed()
         self.link.subscribe(self._topic(DeviceTopic.DESIRED), self.deployer.on_desired, qos=1)
+        self.link.subscribe(topics.CLOUD_BUDGET, self.budget.on_message, qos=1)
         self.deployer.start()
         self.link.start()
         self._telemetry.start()
@@ -154,6 +165,8 @@ class Agent:
         self.meter.count("rows_hard", answer.hard_rows)
         self.meter.count("rows_cloud", answer.cloud_rows)
         self.meter.count("rows_degraded", answer.degraded_rows)
+        if answer.over_budget_rows:
+            self.meter.count("rows_over_budget", answer.over_budget_rows)
         self.meter.observe_ms(answer.latency_ms)
         return answer
 
@@ -190,7 +203,8 @@ class Agent:
     def close_telemetry_window(self) -> None:
         """End the current telemetry window and queue it (sent by ``send_telemetry``)."""
         active = {name: m.version for name, m in self.runtime.models().items()}
-        self.outbox.put(self.meter.snapshot(active).model_dump_json().encode())
+        window = self.meter.snapshot(active, budget=self.budget.report(self.router.specs()))
+        self.outbox.put(window.model_dump_json().encode())
 
     def send_telemetry(self) -> int:
         """Send the queued windows, oldest first, as far as the link takes them."""
@@ -240,4 +254,5 @@ class Agent:
         lines.append(f"edgefleet_agent_mqtt_connected {int(self.link.connected)}")
         lines.append("# TYPE edgefleet_agent_telemetry_buffered gauge")
         lines.append(f"edgefleet_agent_telemetry_buffered {len(self.outbox)}")
+        lines += self.budget.prometheus(self.router.specs())
         return "\n".join(lines) + "\n"

@@ -67,6 +67,12 @@ class AgentSettings(BaseSettings):
     chunk_wait_s: float = Field(default=3.0, gt=0)
     download_max_stalls: int = Field(default=8, ge=1, description="requests without progress")
     cloud_budget_s: float = Field(default=0.5, gt=0, description="latency budget for offload")
+    cloud_breaker_failures: int = Field(
+        default=3, ge=1, le=1000, description="consecutive cloud failures that open the breaker"
+    )
+    cloud_breaker_reset_s: float = Field(
+        default=10.0, gt=0, le=3600, description="open breaker: seconds before one trial call"
+    )
     routing_override: RoutingSpec | None = None
 
     @field_validator("device_id")

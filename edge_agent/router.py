@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.budget import BudgetFollower
 from edge_agent.cloud_client import (
     CircuitBreaker,
     CloudAnswer,
@@ -50,6 +51,8 @@ class RowRoute:
     confidence: float | None = None
     hard: bool = False
     degraded: bool = False
+    # Hard under the calibrated threshold, answered here because of the cloud's budget.
+    over_budget: bool = False
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Answer:
     def degraded_rows(self) -> int:
         return sum(r.degraded for r in self.rows)
 
+    @property
+    def over_budget_rows(self) -> int:
+        return sum(r.over_budget for r in self.rows)
+
 
 def _merge(local: dict[str, Array], cloud: dict[str, Array], rows: Array, name: str) -> None:
     """Put the cloud's answers into the hard ``rows`` of ``local``, output by output.
@@ -111,13 +118,19 @@ class Router:
         *,
         cloud: CloudClient | None = None,
         override: RoutingSpec | None = None,
+        budget: BudgetFollower | None = None,
     ) -> None:
         self.runtime = runtime
         self.cloud = cloud
         self.override = override
+        self.budget = budget
 
     def _spec(self, manifest_routing: RoutingSpec | None) -> RoutingSpec:
         return self.override or manifest_routing or RoutingSpec(policy=RoutingPolicy.ALWAYS_EDGE)
+
+    def specs(self) -> dict[str, RoutingSpec]:
+        """The routing spec each served model follows (the device's override, if set)."""
+        return {name: self._spec(m.manifest.routing) for name, m in self.runtime.models().items()}
 
     def infer(self, model: str, inputs: dict[str, Array]) -> Answer:
         start = time.perf_counter()
@@ -127,6 +140,10 @@ class Router:
         n = len(next(iter(checked.values())))
         spec = self._spec(loaded.manifest.routing)
         conf, hard, reason = self._decide(spec, outputs, n)
+        kept = None
+        if self.budget is not None:
+            limited = self.budget.limit(model, spec, conf, hard)
+            hard, kept = limited.hard, limited.kept
         local_ms = (time.perf_counter() - start) * 1000
         rows = [
             RowRoute(
@@ -139,8 +156,12 @@ class Router:
             )
             for i in range(n)
         ]
+        if kept is not None:
+            for i in np.flatnonzero(kept):
+                rows[i].over_budget = True
+            reason = f"cloud budget: {int(kept.sum())} hard row(s) answered here"
         if hard.any():
-            reason = self._offload(model, spec, checked, outputs, hard, rows)
+            reason = self._offload(model, spec, checked, outputs, hard, rows) or reason
         total_ms = (time.perf_counter() - start) * 1000
         for row in rows:
             if row.source == "cloud":

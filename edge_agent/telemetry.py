@@ -12,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from shared.messages import Histogram, Telemetry
+from shared.messages import BudgetReport, Histogram, Telemetry
 
 __all__ = ["LATENCY_BOUNDS_MS", "Meter", "Outbox", "rss_bytes"]
 
@@ -53,7 +53,7 @@ class Meter:
             self._buckets[index] += 1
             self.total_buckets[index] += 1
 
-    def snapshot(self, active: dict[str, int]) -> Telemetry:
+    def snapshot(self, active: dict[str, int], budget: BudgetReport | None = None) -> Telemetry:
         with self._lock:
             now, cpu = time.monotonic(), time.process_time()
             window = max(now - self._since, 1e-6)
@@ -70,6 +70,7 @@ class Meter:
             cpu_percent=max(cpu_percent, 0.0),
             rss_bytes=rss_bytes(),
             at=datetime.now(UTC),
+            budget=budget,
         )
 
 

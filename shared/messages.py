@@ -12,7 +12,7 @@ covered by the signature.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
@@ -31,6 +31,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "ArtifactRef",
     "ArtifactRequest",
+    "BudgetReport",
+    "CloudBudget",
     "CloudModelRef",
     "CurvePoint",
     "DeploymentState",
@@ -50,7 +52,9 @@ __all__ = [
     "StatusEvent",
     "Telemetry",
     "TensorSpec",
+    "budget_payload",
     "decode",
+    "read_budget",
 ]
 
 # The major version this code reads and writes; minor additions never change it.
@@ -356,6 +360,17 @@ class Histogram(Part):
         return self
 
 
+class BudgetReport(Part):
+    """The cloud budget a device had in force when it closed a telemetry window: the models
+    whose threshold followed it, and those that kept their own (no calibration curve)."""
+
+    max_offload: float = Field(ge=0.0, le=1.0)
+    reason: str = Field(default="", max_length=200)
+    until: datetime
+    following: list[Name] = Field(default_factory=list, max_length=MAX_MODELS)
+    fixed: list[Name] = Field(default_factory=list, max_length=MAX_MODELS)
+
+
 class Telemetry(Message):
     window_s: float = Field(gt=0)
     counts: dict[Key, Annotated[int, Field(ge=0)]] = Field(
@@ -366,8 +381,42 @@ class Telemetry(Message):
     cpu_percent: float | None = Field(default=None, ge=0)
     rss_bytes: int | None = Field(default=None, ge=0)
     at: datetime
+    # Added after the first release: None (no budget in force) is what older agents mean.
+    budget: BudgetReport | None = None
 
 
 class ArtifactRequest(Message):
     sha256: Sha256
     chunks: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_CHUNKS)
+
+
+class CloudBudget(Message):
+    """The cloud's offload budget (``cloud/budget``, QoS 1, retained): while its inference
+    service is saturated, a device offloads at most ``max_offload`` of its inputs. The cloud
+    renews it while it holds; ``until`` is when a device stops following one that was not
+    renewed (a cloud that died with a budget retained must not throttle the fleet forever).
+    An empty retained payload clears it."""
+
+    max_offload: float = Field(ge=0.0, le=1.0)
+    reason: str = Field(default="", max_length=200)
+    until: datetime
+
+    @field_validator("until")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        # A time without a zone cannot be compared with the device's clock: read it as UTC.
+        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def budget_payload(budget: CloudBudget | None) -> bytes:
+    """What the cloud publishes (retained) on ``cloud/budget``: the budget, or the empty
+    payload that clears it."""
+    return b"" if budget is None else budget.model_dump_json().encode()
+
+
+def read_budget(payload: bytes) -> CloudBudget | None:
+    """A received ``cloud/budget`` payload: None for the empty one (no budget), else the
+    budget, read tolerantly (:func:`decode`; ProtocolError / UnsupportedSchema if bad)."""
+    if not payload.strip():
+        return None
+    return decode(CloudBudget, payload)

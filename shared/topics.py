@@ -9,6 +9,7 @@ from enum import StrEnum
 from shared.errors import ProtocolError
 
 __all__ = [
+    "CLOUD_BUDGET",
     "PREFIX",
     "DeviceTopic",
     "ParsedTopic",
@@ -24,6 +25,10 @@ __all__ = [
 PREFIX = "edgefleet/v1/"
 # Cloud replicas in one group split device topics (DESIGN.md §3, the cloud's session).
 SHARED_GROUP = "$share/edgefleet-cloud/"
+
+# The cloud's offload budget for every device (DESIGN.md §3): QoS 1, retained; an empty
+# retained payload clears it.
+CLOUD_BUDGET = f"{PREFIX}cloud/budget"
 
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from shared.topics import (
+    CLOUD_BUDGET,
     PREFIX,
     SHARED_GROUP,
     DeviceTopic,
@@ -38,7 +39,7 @@ AclType = Literal[
 ]
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
-BUDGET_TOPIC = f"{PREFIX}cloud/budget"
+BUDGET_TOPIC = CLOUD_BUDGET  # kept for callers of this module; defined in shared.topics
 CLOUD_ROLE = "edgefleet-cloud"
 # What every device shares (artifact chunks, the budget); created at set-up.
 DEVICE_TEMPLATE_ROLE = "edgefleet-device"

@@ -10,6 +10,7 @@ import httpx
 from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.demo.traffic import Traffic, start_traffic
 from cloud.embedded.processes import describe_exit
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
@@ -50,12 +51,16 @@ class DemoSession:
         *,
         say: Callable[[str], None],
         banner: Callable[[CloudContext, str], None],
+        traffic: float = 0.0,
     ) -> None:
         self.count = agents
         self.say = say
         self.banner = banner
         self.fleet: LocalAgents | None = None
         self._watching = False
+        # Rows per second sent to the agents once they serve the model (0: none).
+        self.traffic_rate = traffic
+        self.traffic: Traffic | None = None
 
     def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         self.banner(context, api_url)
@@ -141,6 +146,12 @@ class DemoSession:
                     f"  {agent.device_id}: not active after {_ACTIVE_TIMEOUT_S:g}s; see "
                     f"GET {api_url}/v1/devices/{agent.device_id}/events and {agent.log_path}"
                 )
+        if self.traffic_rate > 0 and not stop.is_set():
+            urls = [a.api_url for a in active if a.api_url]
+            self.traffic = start_traffic(
+                context, urls, model=DEMO_MODEL, version=version, rate=self.traffic_rate,
+                say=self.say,
+            )  # fmt: skip
 
     def tick(self) -> None:
         """Called about every second: an agent that died is a warning, not the end."""
@@ -153,6 +164,9 @@ class DemoSession:
             )
 
     def stop(self) -> None:
+        if self.traffic is not None:
+            self.traffic.stop()
+            self.say(f"Traffic stopped: {self.traffic.total.rows} rows sent in all")
         if self.fleet is not None:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")

@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cloud.api.errors import JsonErrorBodies, install_error_handlers
 from cloud.api.limits import BodySizeLimit, HeadSizeLimit
+from cloud.api.routes import budget
 from cloud.context import CloudContext
 from cloud.inference import rest
 from cloud.inference.service import InferenceService
@@ -26,6 +27,7 @@ def create_inference_app(context: CloudContext, service: InferenceService) -> Fa
     app.state.inference = service
     install_error_handlers(app)
     app.include_router(rest.router)
+    app.include_router(budget.router)  # the budget this replica takes part in
 
     @app.get("/metrics", response_class=Response, tags=["inference"])
     def metrics(request: Request) -> Response:

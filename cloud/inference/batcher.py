@@ -84,6 +84,14 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    def oldest_wait_s(self) -> float:
+        """How long the request at the head of the queue has waited (0: none is queued)."""
+        try:
+            head = self._queue[0]  # deque indexing is atomic: no lock on the request path
+        except IndexError:
+            return 0.0
+        return max(0.0, self.clock() - head.enqueued)
+
     def submit(self, inputs: dict[str, Array], rows: int) -> Future[dict[str, Array]]:
         """Queue one request; 503 with a Retry-After when the queue is full."""
         job = _Job(inputs, rows, _shape_key(inputs), self.clock())

@@ -79,6 +79,29 @@ class InferenceMetrics:
             "edgefleet_inference_loaded_bytes", "ONNX bytes held by warm sessions", registry=r
         )
         self.loads = Counter("edgefleet_inference_model_loads", "Sessions loaded", _MV, registry=r)
+        # The offload budget (cloud.inference.budget): what this replica sees and does.
+        self.offload_budget = Gauge(
+            "edgefleet_inference_offload_budget",
+            "Share of their inputs devices may offload now (1: no budget)", registry=r,
+        )  # fmt: skip
+        self.offload_budget.set(1.0)
+        self.saturated = Gauge(
+            "edgefleet_inference_saturated",
+            "This replica's queue counts as saturated (1) or not (0)", registry=r,
+        )  # fmt: skip
+        self.queue_wait = Gauge(
+            "edgefleet_inference_queue_wait_seconds",
+            "The queue wait the budget watches, at the last look", registry=r,
+        )  # fmt: skip
+        self.budget_changes = Counter(
+            "edgefleet_inference_budget_changes",
+            "Budget steps this replica made (tighten, relax, clear, renew)", ["change"],
+            registry=r,
+        )  # fmt: skip
+        self.budget_publish_failures = Counter(
+            "edgefleet_inference_budget_publish_failures",
+            "Budget publications the MQTT link could not queue (tried again)", registry=r,
+        )  # fmt: skip
         self.evictions = Counter(
             "edgefleet_inference_model_evictions", "Warm sessions evicted to stay in bounds", _MV,
             registry=r,

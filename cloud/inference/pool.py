@@ -140,6 +140,12 @@ class SessionPool:
         with self._lock:
             return list(self._loaded)
 
+    def oldest_wait_s(self) -> float:
+        """The longest any request still queued has waited, over every warm version."""
+        with self._lock:
+            entries = list(self._loaded.values())
+        return max((e.batcher.oldest_wait_s() for e in entries), default=0.0)
+
     def forget(self, key: Key, entry: Loaded) -> None:
         """Drop ``entry`` if it is still the warm one (its batcher closed under a caller)."""
         with self._lock:

@@ -14,6 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cloud.embedded.processes import free_port, wait_for_port
+from shared import topics
 
 ROOT = Path(__file__).resolve().parents[2]
 USERS = {
@@ -110,3 +111,26 @@ def test_a_wrong_token_is_refused(secured_broker: int) -> None:
     assert ack
     assert ack[0] != 0
     client.loop_stop()
+
+
+def test_every_device_reads_the_cloud_budget_and_none_may_write_it(secured_broker: int) -> None:
+    """DESIGN §3: a device reads ``cloud/budget`` (retained); only the cloud writes it. The
+    shipped ACL once gave devices no read on it: the agents never heard a budget."""
+    port = secured_broker
+    cloud, _, _ = _client(port, "edgefleet-cloud")
+    cloud.publish(topics.CLOUD_BUDGET, b"from the cloud", qos=1, retain=True).wait_for_publish(5)
+    a, a_got, a_ack = _client(port, "cam-a")
+    assert a_ack == [0]
+    a.subscribe(topics.CLOUD_BUDGET, 1)
+    time.sleep(0.3)
+    a.publish(topics.CLOUD_BUDGET, b"forged", qos=1, retain=True).wait_for_publish(5)
+    time.sleep(0.3)
+    b, b_got, _ = _client(port, "cam-b")
+    b.subscribe(topics.CLOUD_BUDGET, 1)
+    time.sleep(0.5)
+    assert [p for _t, p in a_got] == [b"from the cloud"]
+    assert [p for _t, p in b_got] == [b"from the cloud"]
+    cloud.publish(topics.CLOUD_BUDGET, b"", qos=1, retain=True).wait_for_publish(5)
+    for client in (cloud, a, b):
+        client.loop_stop()
+        client.disconnect()
