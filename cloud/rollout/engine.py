@@ -259,7 +259,7 @@ class RolloutEngine:
         self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception
     ) -> None:
         why = exc.message if isinstance(exc, EdgeFleetError) else f"{type(exc).__name__}: {exc}"
-        reason = f"cannot be {'sent back' if reverting else 'sent the version'}: {why}"
+        reason = f"cannot be {'sent back' if reverting else 'moved'}: {why}"
         with self.context.database.session() as s:
             failed = fail_target(s, rollout_id=rollout_id, token=token, device_id=device_id,
                                  reverting=reverting, reason=reason)  # fmt: skip

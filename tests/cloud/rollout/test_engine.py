@@ -50,6 +50,7 @@ def test_a_device_that_cannot_take_a_new_rev_fails_alone(cloud: CloudContext) ->
     run, published = engine(cloud)
     assert run.tick()
     assert targets(cloud, rollout_id) == {stuck: "FAILED"} | dict.fromkeys(others, "DEPLOYING")
+    assert (reasons(cloud, rollout_id)[stuck] or "").startswith("cannot be moved: ")
     assert "no higher rev can be signed" in (reasons(cloud, rollout_id)[stuck] or "")
     assert sorted(published) == sorted(others)
     assert run.unmovable == 1
