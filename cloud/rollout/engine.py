@@ -30,14 +30,16 @@ from cloud.rollout.store import (
 from cloud.rollout.strategy import RolloutState, stored_strategy
 from shared.errors import EdgeFleetError
 
-__all__ = ["GIVE_UP_AFTER", "RolloutEngine"]
+__all__ = ["GIVE_UP_AFTER", "GIVE_UP_AFTER_S", "RolloutEngine"]
 
 _LOGGER = logging.getLogger(__name__)
 
 # Hands a device's newest desired document to the broker (the keeper's publish).
 Publish = Callable[[str], bool]
-# Rounds in a row a rollout may fail with an unexpected error before the engine ends it.
+# A rollout that fails with an unexpected error this many rounds in a row, for at least this
+# long, is ended: a bug that lasts a moment must not abort (and roll back) a healthy rollout.
 GIVE_UP_AFTER = 10
+GIVE_UP_AFTER_S = 60.0
 # A database or Redis that is away comes back: never a reason to end a rollout.
 _TRANSIENT = (SQLAlchemyError, RedisError, OSError)
 # What makes one device impossible to move (no higher rev, a desired state that cannot be
@@ -67,8 +69,9 @@ class RolloutEngine:
         # For /metrics: rollout rounds that raised, and devices that could not be moved.
         self.errors = 0
         self.unmovable = 0
-        self.give_up_after = GIVE_UP_AFTER
-        self._failures: dict[int, int] = {}  # rollout id → rounds in a row that raised
+        self.give_up_after, self.give_up_after_s = GIVE_UP_AFTER, GIVE_UP_AFTER_S
+        # Rollout id → (rounds in a row that raised, time.monotonic() of the first of them).
+        self._failures: dict[int, tuple[int, float]] = {}
         self._renewed = 0.0  # time.monotonic() of the last renewal of the lease
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -166,14 +169,18 @@ class RolloutEngine:
         return self.leadership.refence(above=int(highest))
 
     def _failed(self, rollout_id: int, token: int, exc: Exception) -> None:
-        """Count and log a rollout's unexpected error; after ``give_up_after`` rounds in a row,
-        end it with the reason instead of failing silently forever."""
+        """Count and log a rollout's unexpected error (the traceback once a streak); after
+        ``give_up_after`` rounds in a row over ``give_up_after_s``, end it with the reason
+        instead of failing forever."""
         self.errors += 1
-        rounds = self._failures[rollout_id] = self._failures.get(rollout_id, 0) + 1
+        rounds, since = self._failures.get(rollout_id, (0, time.monotonic()))
+        rounds += 1
+        self._failures[rollout_id] = (rounds, since)
         _LOGGER.error(
-            "rollout %s: round failed (%s in a row): %s", rollout_id, rounds, exc, exc_info=exc
-        )
-        if rounds < self.give_up_after:
+            "rollout %s: round failed (%s in a row): %s", rollout_id, rounds, exc,
+            exc_info=exc if rounds == 1 else None,
+        )  # fmt: skip
+        if rounds < self.give_up_after or time.monotonic() - since < self.give_up_after_s:
             return
         self._failures.pop(rollout_id, None)
         self._halt(

@@ -121,8 +121,9 @@ def test_a_rollout_the_engine_cannot_decide_is_given_up_and_the_rest_go_on(
 ) -> None:
     """A target row in a state this engine does not know (written by a newer release, or
     damaged): every round over it raises. The error is logged and counted, the rollouts
-    after it still advance, and after ``give_up_after`` rounds it is ended with the reason
-    rather than retried forever (ABORTING first; ABORTED when even that cannot be decided)."""
+    after it still advance, and after ``give_up_after`` rounds in a row (over at least
+    ``give_up_after_s``, here 0) it is ended with the reason rather than retried forever
+    (ABORTING first; ABORTED when even that cannot be decided)."""
     context = sqlite_cloud
     add_models(context, ("beta",), versions=2)
     (device,) = devices(context, 1)
@@ -134,7 +135,7 @@ def test_a_rollout_the_engine_cannot_decide_is_given_up_and_the_rest_go_on(
             s, model="beta", version=2, selector={"site": "x"}, strategy=Strategy(canary=1)
         ).id
     run, _published = engine(context)
-    run.give_up_after = 3
+    run.give_up_after, run.give_up_after_s = 3, 0.0
     assert run.tick()
     assert targets(context, second) == {device: "DEPLOYING"}
     assert run.errors == 1
