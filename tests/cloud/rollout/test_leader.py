@@ -80,18 +80,18 @@ def test_a_fencing_counter_that_went_backwards_does_not_stall_the_engine(
 
 
 def test_a_round_longer_than_the_lease_keeps_it(sqlite_cloud: CloudContext) -> None:
-    """A wave of 40 devices takes longer than the 1.5 s lease: the engine renews it while it
+    """A wave of 80 devices takes longer than the 3 s lease: the engine renews it while it
     works, so a rival that tries all along never takes it, and every device is sent once."""
     context = sqlite_cloud
-    ids = devices(context, 40)
-    rollout_id = start(context, 2, canary=40)
+    ids = devices(context, 80)
+    rollout_id = start(context, 2, canary=80)
 
     def slow_publish(_device_id: str) -> bool:
         time.sleep(0.05)
         return True
 
-    run, _ = engine(context, ttl_s=1.5, publish=slow_publish)
-    rival = Leadership(context.redis, ttl_s=1.5, identity="rival")
+    run, _ = engine(context, ttl_s=3.0, publish=slow_publish)
+    rival = Leadership(context.redis, ttl_s=3.0, identity="rival")
     took: list[int] = []
     done = threading.Event()
 
@@ -111,7 +111,7 @@ def test_a_round_longer_than_the_lease_keeps_it(sqlite_cloud: CloudContext) -> N
     finally:
         done.set()
         thread.join(10)
-    assert time.monotonic() - started > 1.5, "the round must outlast the lease to show this"
+    assert time.monotonic() - started > 3.0, "the round must outlast the lease to show this"
     assert took == []
     assert targets(context, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
 
