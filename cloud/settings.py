@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,10 @@ class CloudSettings(BaseSettings):
     # has no authentication) or Mosquitto's dynamic-security plugin ("dynsec"), administered
     # with the cloud's own login above (deploy/mosquitto/README.md).
     broker_accounts: Literal["none", "dynsec"] = "none"
+    # With "dynsec", the cloud's admin password and every device's token are MQTT passwords:
+    # outside dev mode a plain mqtt:// URL to a broker off this host is refused, unless this
+    # says the network is private (the operator's call, on purpose).
+    allow_plaintext_mqtt: bool = False
     broker_timeout_s: float = Field(default=3.0, gt=0, le=60)
     # The broker started when no mqtt_url is set: "auto" is Mosquitto with per-device logins
     # where the machine has it (and its dynamic-security plugin), else rumqttd, which has no
@@ -132,6 +137,7 @@ class CloudSettings(BaseSettings):
         if len(self.admin_token) < 16:
             raise ValueError("EDGEFLEET_ADMIN_TOKEN must be at least 16 characters")
         self._broker_urls_and_tls()
+        self._no_logins_in_clear()
         if self.broker_accounts == "dynsec" and not (self.mqtt_username and self.mqtt_password):
             raise ValueError(
                 "EDGEFLEET_BROKER_ACCOUNTS=dynsec needs EDGEFLEET_MQTT_USERNAME and "
@@ -163,6 +169,23 @@ class CloudSettings(BaseSettings):
             )
         tls.check()
 
+    def _no_logins_in_clear(self) -> None:
+        if self.dev_mode or self.broker_accounts != "dynsec" or self.allow_plaintext_mqtt:
+            return
+        urls = (("EDGEFLEET_MQTT_URL", self.mqtt_url),
+                ("EDGEFLEET_DEVICE_MQTT_URL", self.device_mqtt_url))  # fmt: skip
+        for name, url in urls:
+            endpoint = None if url is None else parse_mqtt_url(url)
+            if endpoint is None or endpoint.tls or _loopback(endpoint.host):
+                continue
+            raise ValueError(
+                f"{name} is plain MQTT to {endpoint.host}:{endpoint.port} while "
+                "EDGEFLEET_BROKER_ACCOUNTS=dynsec: the cloud's admin password and every "
+                "device's token would cross the network in clear. Use mqtts:// (see "
+                "EDGEFLEET_MQTT_CA_FILE), or set EDGEFLEET_ALLOW_PLAINTEXT_MQTT=true if this "
+                "network is private"
+            )
+
     @property
     def mqtt_tls(self) -> MqttTls | None:
         """TLS files for the cloud's broker connections (None: none given)."""
@@ -185,3 +208,13 @@ class CloudSettings(BaseSettings):
     @property
     def signing_key_path(self) -> Path:
         return self.data_dir / "keys" / "signing_ed25519.pem"
+
+
+def _loopback(host: str) -> bool:
+    """A broker on this host: its logins never leave the machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -31,19 +31,36 @@ class MqttEndpoint:
 
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:
-    """``mqtt://host[:port]``, ``tcp://…`` or ``mqtts://host[:port]``; ValueError otherwise."""
+    """``mqtt://host[:port]``, ``tcp://…`` or ``mqtts://host[:port]``; ValueError otherwise:
+    a URL with no host, with a login in it (the login has settings of its own, and a URL is
+    logged and shown) or with port 0. No message repeats the login."""
     parts = urlsplit(url)
+    shown = _without_login(url, parts.netloc)
     scheme = parts.scheme.lower()
     if scheme not in (*_PLAIN, _TLS):
         raise ValueError(
-            f"unsupported MQTT URL {url!r}: use mqtt://host[:port] or mqtts://host[:port] (TLS)"
+            f"unsupported MQTT URL {shown!r}: use mqtt://host[:port] or mqtts://host[:port] (TLS)"
+        )
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"MQTT URL {shown!r} must not carry a login (user:password@): give the username "
+            "and password in their own settings"
         )
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"MQTT URL {url!r} has an invalid port") from exc
+        raise ValueError(f"MQTT URL {shown!r} has an invalid port") from exc
+    if not parts.hostname:
+        raise ValueError(f"MQTT URL {shown!r} names no host: use {scheme}://host[:port]")
+    if port == 0:
+        raise ValueError(f"MQTT URL {shown!r} has port 0: give the broker's port, or none")
     tls = scheme == _TLS
-    return MqttEndpoint(parts.hostname or "127.0.0.1", port or _DEFAULT_PORT[tls], tls)
+    return MqttEndpoint(parts.hostname, port or _DEFAULT_PORT[tls], tls)
+
+
+def _without_login(url: str, netloc: str) -> str:
+    login, at, _address = netloc.rpartition("@")
+    return url.replace(f"{login}{at}", "***@", 1) if at else url
 
 
 def _encrypted_key() -> bytes:

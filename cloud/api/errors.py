@@ -107,7 +107,9 @@ async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     _LOGGER.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _body(request, "internal error", 500)
+    # Starlette re-raises the error once this is sent, and the server then drops the
+    # connection: say so, or a client reusing it has its next request reset.
+    return _body(request, "internal error", 500, {"Connection": "close"})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -103,6 +103,17 @@ class _FleetCollector(Collector):
             "Chunk requests for an artifact outside the asking device's desired state",
             self.fleet.chunks.refused,
         )
+        rollouts = self.fleet.rollouts
+        yield CounterMetricFamily(
+            "edgefleet_rollout_engine_errors",
+            "Rounds of one rollout that raised (logged; the other rollouts went on)",
+            rollouts.errors,
+        )
+        yield CounterMetricFamily(
+            "edgefleet_rollout_devices_unmovable",
+            "Rollout targets failed on their own: the device could not be moved",
+            rollouts.unmovable,
+        )
         broker = self.fleet.broker
         yield CounterMetricFamily(
             "edgefleet_broker_drops_seen",

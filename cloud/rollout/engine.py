@@ -5,32 +5,50 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from redis import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cloud.context import CloudContext
 from cloud.registry.tables import ModelVersion, Rollout
 from cloud.rollout.leader import Leadership
 from cloud.rollout.progress import Decision, step
 from cloud.rollout.reads import load_targets, reports_for
+from cloud.rollout.setbacks import fail_target, halt
 from cloud.rollout.store import (
     ACTIVE_STATES,
     Deposed,
+    StaleDecision,
     apply_decision,
     revert_target,
     start_target,
 )
-from cloud.rollout.strategy import RolloutState, Strategy
-from shared.errors import Conflict, EdgeFleetError
+from cloud.rollout.strategy import RolloutState, stored_strategy
+from shared.errors import EdgeFleetError
 
-__all__ = ["RolloutEngine"]
+__all__ = ["GIVE_UP_AFTER", "GIVE_UP_AFTER_S", "RolloutEngine"]
 
 _LOGGER = logging.getLogger(__name__)
 
 # Hands a device's newest desired document to the broker (the keeper's publish).
 Publish = Callable[[str], bool]
+# A rollout that fails with an unexpected error this many rounds in a row, for at least this
+# long, is ended: a bug that lasts a moment must not abort (and roll back) a healthy rollout.
+GIVE_UP_AFTER = 10
+GIVE_UP_AFTER_S = 60.0
+# A database or Redis that is away comes back: never a reason to end a rollout.
+_TRANSIENT = (SQLAlchemyError, RedisError, OSError)
+# What makes one device impossible to move (no higher rev, a desired state that cannot be
+# built): that device fails, the others go on.
+_DEVICE_ERRORS = (EdgeFleetError, ValueError, LookupError, TypeError)
+
+
+class _LeaseLost(Exception):
+    """The lease could not be renewed mid-round: act on nothing more."""
 
 
 class RolloutEngine:
@@ -48,6 +66,13 @@ class RolloutEngine:
         self.leadership = leadership or Leadership(context.redis)
         self.lifetime = timedelta(seconds=context.settings.desired_lifetime_s)
         self.rounds = 0
+        # For /metrics: rollout rounds that raised, and devices that could not be moved.
+        self.errors = 0
+        self.unmovable = 0
+        self.give_up_after, self.give_up_after_s = GIVE_UP_AFTER, GIVE_UP_AFTER_S
+        # Rollout id → (rounds in a row that raised, time.monotonic() of the first of them).
+        self._failures: dict[int, tuple[int, float]] = {}
+        self._renewed = 0.0  # time.monotonic() of the last renewal of the lease
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -62,6 +87,11 @@ class RolloutEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                # Releasing now would let another engine act while this round still writes;
+                # the thread releases the lease when it ends (else it expires).
+                _LOGGER.warning("rollout engine: a round still runs after %ss", timeout)
+                return
             self._thread = None
         self.leadership.release()
 
@@ -74,6 +104,7 @@ class RolloutEngine:
         token = self.leadership.hold()
         if token is None:
             return False
+        self._renewed = time.monotonic()
         with self.context.database.session() as s:
             ids = s.scalars(
                 select(Rollout.id)
@@ -83,16 +114,93 @@ class RolloutEngine:
         for rollout_id in ids:
             if self._stop.is_set():
                 break
-            try:
-                self._advance(rollout_id, token, now or datetime.now(UTC))
-            except Deposed as exc:
-                _LOGGER.warning("rollout engine deposed: %s", exc.message)
-                self.leadership.token = None
+            next_token = self._round(rollout_id, token, now or datetime.now(UTC))
+            if next_token is None:
                 return False
-            except Conflict as exc:
-                _LOGGER.debug("rollout %s: %s; deciding again next round", rollout_id, exc)
+            token = next_token
         self.rounds += 1
         return True
+
+    def _round(self, rollout_id: int, token: int, now: datetime) -> int | None:
+        """Advance one rollout, whatever it raises; the token to go on with (None: we do not
+        lead any more). One rollout's failure never stops the others."""
+        for attempt in (1, 2):
+            try:
+                if not self._leading():
+                    return None
+                self._advance(rollout_id, token, now)
+            except Deposed as exc:
+                fresh = self._refence() if attempt == 1 else None
+                if fresh is None:
+                    _LOGGER.warning("rollout engine deposed: %s", exc.message)
+                    self.leadership.token = None
+                    return None
+                token, self._renewed = fresh, time.monotonic()
+                continue
+            except _LeaseLost:
+                return None
+            except StaleDecision as exc:
+                _LOGGER.debug("rollout %s: %s; deciding again next round", rollout_id, exc)
+            except _TRANSIENT as exc:
+                self.errors += 1
+                _LOGGER.warning("rollout %s: %s; trying again next round", rollout_id, exc)
+            except Exception as exc:
+                self._failed(rollout_id, token, exc)
+            else:
+                self._failures.pop(rollout_id, None)
+            return token
+        return token
+
+    def _leading(self) -> bool:
+        """Renew the lease once a third of it has passed: a round (a wave of thousands of
+        devices) may outlast it. False once it is lost: stop acting at once."""
+        if time.monotonic() - self._renewed < self.leadership.ttl_s / 3:
+            return True
+        if not self.leadership.renew():
+            return False
+        self._renewed = time.monotonic()
+        return True
+
+    def _refence(self) -> int | None:
+        """Deposed while the lease may still be ours: if it is, the fencing counter went
+        backwards, so take a token above every fence the registry holds and go on."""
+        with self.context.database.session() as s:
+            highest = s.scalar(select(func.max(Rollout.fence))) or 0
+        return self.leadership.refence(above=int(highest))
+
+    def _failed(self, rollout_id: int, token: int, exc: Exception) -> None:
+        """Count and log a rollout's unexpected error (the traceback once a streak); after
+        ``give_up_after`` rounds in a row over ``give_up_after_s``, end it with the reason
+        instead of failing forever."""
+        self.errors += 1
+        rounds, since = self._failures.get(rollout_id, (0, time.monotonic()))
+        rounds += 1
+        self._failures[rollout_id] = (rounds, since)
+        _LOGGER.error(
+            "rollout %s: round failed (%s in a row): %s", rollout_id, rounds, exc,
+            exc_info=exc if rounds == 1 else None,
+        )  # fmt: skip
+        if rounds < self.give_up_after or time.monotonic() - since < self.give_up_after_s:
+            return
+        self._failures.pop(rollout_id, None)
+        self._halt(
+            rollout_id,
+            token,
+            f"could not be decided ({rounds} rounds): {type(exc).__name__}: {exc}",
+        )
+
+    def _halt(self, rollout_id: int, token: int, reason: str) -> None:
+        try:
+            with self.context.database.session() as s:
+                rollout = s.get(Rollout, rollout_id)
+                if rollout is None or RolloutState(rollout.state).finished:
+                    return
+                state = halt(s, rollout_id=rollout_id, token=token, expect=rollout.state,
+                             reason=reason)  # fmt: skip
+        except EdgeFleetError as exc:  # deposed or changed meanwhile: the next round decides
+            _LOGGER.warning("rollout %s: not ended: %s", rollout_id, exc.message)
+            return
+        _LOGGER.error("rollout %s: %s (%s)", rollout_id, state, reason)
 
     def _advance(self, rollout_id: int, token: int, now: datetime) -> None:
         with self.context.database.session() as s:
@@ -106,9 +214,12 @@ class RolloutEngine:
                 )
                 assert version is not None
             state, wave = RolloutState(rollout.state), rollout.current_wave
-            strategy = Strategy.model_validate(rollout.strategy)
+            strategy, invalid = stored_strategy(rollout.strategy)
             targets = load_targets(s, rollout)
             reports = reports_for(s, rollout)
+        if invalid is not None and state is not RolloutState.ABORTING:
+            self._halt(rollout_id, token, invalid)
+            return
         decision = step(
             state=state, wave=wave, version=version, strategy=strategy, targets=targets,
             reports=reports, now=now,
@@ -127,33 +238,52 @@ class RolloutEngine:
 
     def _carry_out(self, rollout_id: int, token: int, decision: Decision) -> None:
         """One transaction per device (its new rev and its target row together), then the
-        document goes to the broker; a device that fails is logged and tried next round."""
+        document goes to the broker. A device that cannot be moved fails on its own; a
+        rollout changed meanwhile (StaleDecision) or a lease lost stops the rest."""
         key = self.context.signing_key
         moves = [(start_target, d) for d in decision.deploy]
         moves += [(revert_target, t.device_id) for t in decision.revert]
         for move, device_id in moves:
             if self._stop.is_set():
                 return
+            if not self._leading():
+                raise _LeaseLost
             try:
                 with self.context.database.session() as s:
                     done = move(
                         s, rollout_id=rollout_id, token=token, device_id=device_id, key=key,
                         lifetime=self.lifetime,
                     )  # fmt: skip
-            except (Deposed, Conflict):
+            except (Deposed, StaleDecision, *_TRANSIENT):
                 raise
-            except EdgeFleetError as exc:
-                _LOGGER.warning("rollout %s: %s not moved: %s", rollout_id, device_id, exc.message)
+            except _DEVICE_ERRORS as exc:
+                self._cannot_move(rollout_id, token, device_id, move is revert_target, exc)
                 continue
             if done:
                 self.publish(device_id)
 
+    def _cannot_move(
+        self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception
+    ) -> None:
+        why = exc.message if isinstance(exc, EdgeFleetError) else f"{type(exc).__name__}: {exc}"
+        reason = f"cannot be {'sent back' if reverting else 'moved'}: {why}"
+        with self.context.database.session() as s:
+            failed = fail_target(s, rollout_id=rollout_id, token=token, device_id=device_id,
+                                 reverting=reverting, reason=reason)  # fmt: skip
+        if failed:
+            self.unmovable += 1
+            _LOGGER.warning("rollout %s: %s %s", rollout_id, device_id, reason)
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                # A database or Redis hiccup must not end rollouts for good.
-                _LOGGER.exception("rollout engine round failed; next in %ss", self.tick_s)
-            self._wake.wait(self.tick_s)
-            self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.tick()
+                except Exception:
+                    # A database or Redis hiccup must not end rollouts for good.
+                    self.errors += 1
+                    _LOGGER.exception("rollout engine round failed; next in %ss", self.tick_s)
+                self._wake.wait(self.tick_s)
+                self._wake.clear()
+        finally:
+            self.leadership.release()

@@ -29,6 +29,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Take the lease (free, or already ours) and a fencing token in one step: a crash between
+# the two would leave a lease without a token. The token is above the counter and above
+# ARGV[3], the highest fence the registry holds (the counter may have gone backwards: Redis
+# restarted without it, a failover lost increments). ARGV[4] = '1': only a lease already ours.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return false end
+if ARGV[4] == '1' and not holder then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0')
+if counter < tonumber(ARGV[3]) then redis.call('SET', KEYS[2], ARGV[3]) end
+return redis.call('INCR', KEYS[2])
+"""
 
 
 class Leadership:
@@ -49,27 +62,64 @@ class Leadership:
         self.token: int | None = None
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._acquire = client.register_script(_ACQUIRE)
+
+    @property
+    def ttl_s(self) -> float:
+        return self.ttl_ms / 1000
 
     def hold(self) -> int | None:
         """Our fencing token while we lead (taking the lease if it is free), else None."""
+        if self.token is not None and self.renew():
+            return self.token
         try:
-            if self.token is not None and self._renew(
-                keys=[self.key], args=[self.identity, self.ttl_ms]
-            ):
-                return self.token
-            if self.token is not None:
-                _LOGGER.warning("rollout engine: lost the lease; another engine leads now")
-                self.token = None
-            if self.client.set(self.key, self.identity, nx=True, px=self.ttl_ms):
-                self.token = int(self.client.incr(self.fence_key))
-                _LOGGER.info("rollout engine: leading (fencing token %s)", self.token)
-                return self.token
+            token = self._acquire(
+                keys=[self.key, self.fence_key], args=[self.identity, self.ttl_ms, 0, 0]
+            )
+        except redis.RedisError as exc:
+            _LOGGER.debug("rollout engine: Redis unreachable (%s); standing by", exc)
+            return None
+        if token is None:
+            return None
+        self.token = int(token)
+        _LOGGER.info("rollout engine: leading (fencing token %s)", self.token)
+        return self.token
+
+    def renew(self) -> bool:
+        """Extend the lease we hold (a round may outlast it); False, and no token, once it is
+        not ours any more or Redis cannot say."""
+        if self.token is None:
+            return False
+        try:
+            if self._renew(keys=[self.key], args=[self.identity, self.ttl_ms]):
+                return True
+            _LOGGER.warning("rollout engine: lost the lease; another engine leads now")
         except redis.RedisError as exc:
             # Without Redis nobody can tell who leads: act on nothing until it is back.
-            if self.token is not None:
-                _LOGGER.warning("rollout engine: Redis unreachable (%s); standing by", exc)
+            _LOGGER.warning("rollout engine: Redis unreachable (%s); standing by", exc)
+        self.token = None
+        return False
+
+    def refence(self, above: int) -> int | None:
+        """A new token above ``above`` (the highest fence the registry holds) while the lease is
+        still ours: a write refused with our token while we hold the lease means the counter
+        went backwards, not that another engine leads. None, and no token, otherwise."""
+        try:
+            token = self._acquire(
+                keys=[self.key, self.fence_key], args=[self.identity, self.ttl_ms, above, 1]
+            )
+        except redis.RedisError as exc:
+            _LOGGER.warning("rollout engine: Redis unreachable (%s); standing by", exc)
+            token = None
+        if token is None:
             self.token = None
-        return None
+            return None
+        _LOGGER.warning(
+            "rollout engine: the fencing counter was behind the registry (fence %s); token %s",
+            above, token,
+        )  # fmt: skip
+        self.token = int(token)
+        return self.token
 
     def leader(self) -> str | None:
         """The identity of whoever holds the lease now (None: nobody)."""

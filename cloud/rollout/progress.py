@@ -16,6 +16,8 @@ from cloud.rollout.strategy import RolloutState, Strategy, TargetState
 __all__ = ["Decision", "Report", "Target", "step"]
 
 _TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.REMOVED, TargetState.FAILED)
+# Sent back to the previous version (REVERT_FAILED included: a late confirmation still counts).
+_GOING_BACK = (TargetState.REVERTING, TargetState.REVERTED, TargetState.REVERT_FAILED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,25 +100,47 @@ class _Book:
 
 
 def _apply_reports(book: _Book, reports: list[Report], version: int | None) -> None:
+    """The latest verdict a device sent on the rev it was given counts, in either direction:
+    an agent that re-applies a rev after a crash may report FAILED, then ACTIVE (it serves
+    the version, health-checked), or the reverse (it went back to the old one)."""
+    latest: dict[str, tuple[TargetState, str | None]] = {}
     for report in reports:
         target = book.current.get(report.device_id)
         if target is None or target.rev is None or report.rev < target.rev:
             continue  # not ours, or from before the rev this target is waiting on
-        if target.state is TargetState.DEPLOYING and version is None:
-            if report.state == "REMOVED":
-                book.put(target, TargetState.REMOVED, "model unloaded")
-            elif report.state == "FAILED":
-                book.put(target, TargetState.FAILED, report.reason or "removal failed")
-        elif target.state is TargetState.DEPLOYING and report.version == version:
-            if report.state == "ACTIVE":
-                book.put(target, TargetState.ACTIVE)
-            elif report.state == "FAILED":
-                book.put(target, TargetState.FAILED, report.reason or "failed")
-        elif target.state is TargetState.REVERTING and report.version == target.previous_version:
-            if report.state == "ACTIVE":
-                book.put(target, TargetState.REVERTED, f"back on version {report.version}")
-            elif report.state == "FAILED":
-                book.put(target, TargetState.REVERT_FAILED, report.reason or "revert failed")
+        verdict = _verdict(target, report, version)
+        if verdict is not None:
+            latest[report.device_id] = verdict
+    for device_id, (state, reason) in latest.items():
+        target = book.current[device_id]
+        if (target.state, target.reason) != (state, reason):
+            book.put(target, state, reason)
+
+
+def _verdict(
+    target: Target, report: Report, version: int | None
+) -> tuple[TargetState, str | None] | None:
+    """What ``report`` makes of ``target`` (None: nothing)."""
+    if target.state in _TOOK_NEW and version is None:
+        if report.state == "REMOVED":
+            return TargetState.REMOVED, "model unloaded"
+        if report.state == "FAILED":
+            return TargetState.FAILED, report.reason or "removal failed"
+    elif target.state in _TOOK_NEW and report.version == version:
+        if report.state == "ACTIVE":
+            return TargetState.ACTIVE, None
+        if report.state == "FAILED":
+            return TargetState.FAILED, report.reason or "failed"
+    elif (
+        target.state in _GOING_BACK
+        and target.previous_version is not None
+        and report.version == target.previous_version
+    ):
+        if report.state == "ACTIVE":
+            return TargetState.REVERTED, f"back on version {report.version}"
+        if report.state == "FAILED":
+            return TargetState.REVERT_FAILED, report.reason or "revert failed"
+    return None
 
 
 def _apply_timeouts(book: _Book, strategy: Strategy, now: datetime) -> None:
@@ -146,14 +170,21 @@ def _in_progress(
             f" after {strategy.min_failures})"
         )
         return
-    waves = max((t.wave for t in current), default=-1)
-    if decision.wave < 0:
-        decision.wave = 0
+    if not current:
+        decision.state = RolloutState.COMPLETED
+        decision.reason = "no target device left (deleted)"
+        return
+    waves = max(t.wave for t in current)
+    decision.wave = max(decision.wave, 0)
     in_wave = [t for t in current if t.wave == decision.wave]
+    while not in_wave and decision.wave < waves:
+        # Emptied by device deletions (targets go with their device): nothing to wait for.
+        decision.wave += 1
+        in_wave = [t for t in current if t.wave == decision.wave]
     active = sum(t.state is done for t in in_wave)
     undecided = [t for t in in_wave if t.state in (TargetState.PENDING, TargetState.DEPLOYING)]
-    if in_wave and active / len(in_wave) >= strategy.success_threshold:
-        if decision.wave < waves:
+    if not in_wave or active / len(in_wave) >= strategy.success_threshold:
+        if in_wave and decision.wave < waves:
             decision.wave += 1
         elif not any(t.state in (TargetState.PENDING, TargetState.DEPLOYING) for t in current):
             decision.state = RolloutState.COMPLETED
@@ -184,7 +215,7 @@ def _aborting(decision: Decision, book: _Book) -> None:
     for target in book.all():
         if target.state is TargetState.PENDING:
             book.put(target, TargetState.SKIPPED, "rollout aborted before its wave")
-        elif target.state in _TOOK_NEW:
+        elif target.state in _TOOK_NEW and target.rev is not None:
             decision.revert.append(target)
     if not decision.revert and not any(t.state is TargetState.REVERTING for t in book.all()):
         decision.state = RolloutState.ABORTED

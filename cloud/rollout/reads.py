@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from cloud.registry.tables import (
@@ -47,9 +47,33 @@ def load_targets(session: Session, rollout: Rollout) -> list[Target]:
 
 
 def reports_for(session: Session, rollout: Rollout) -> list[Report]:
-    """The ACTIVE and FAILED statuses devices sent for this rollout, oldest first; for an
-    undeploy, then, what its devices said of the model's removal."""
+    """The ACTIVE and FAILED statuses devices sent for this rollout at or above the rev each
+    target waits on, in arrival order: of each distinct (device, rev, version, verdict) only
+    the latest, so a device that repeats itself adds nothing and earlier revs are not read;
+    for an undeploy, then, what its devices said of the model's removal."""
     rollout_id = rollout.id
+    latest = (
+        select(func.max(DeploymentEvent.id))
+        .join(
+            RolloutTarget,
+            and_(
+                RolloutTarget.rollout_id == DeploymentEvent.rollout_id,
+                RolloutTarget.device_id == DeploymentEvent.device_id,
+            ),
+        )
+        .where(
+            DeploymentEvent.rollout_id == rollout_id,
+            DeploymentEvent.state.in_(("ACTIVE", "FAILED")),
+            RolloutTarget.rev.is_not(None),
+            DeploymentEvent.rev >= RolloutTarget.rev,
+        )
+        .group_by(
+            DeploymentEvent.device_id,
+            DeploymentEvent.rev,
+            DeploymentEvent.version,
+            DeploymentEvent.state,
+        )
+    )
     rows = session.execute(
         select(
             DeploymentEvent.device_id,
@@ -58,10 +82,7 @@ def reports_for(session: Session, rollout: Rollout) -> list[Report]:
             DeploymentEvent.state,
             DeploymentEvent.reason,
         )
-        .where(
-            DeploymentEvent.rollout_id == rollout_id,
-            DeploymentEvent.state.in_(("ACTIVE", "FAILED")),
-        )
+        .where(DeploymentEvent.id.in_(latest))
         .order_by(DeploymentEvent.id)
     ).all()
     reports = [Report(d, rev, v, state, reason) for d, rev, v, state, reason in rows]

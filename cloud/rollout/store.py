@@ -21,6 +21,7 @@ from shared.errors import Conflict, EdgeFleetError, InvalidInput, NotFound
 __all__ = [
     "ACTIVE_STATES",
     "Deposed",
+    "StaleDecision",
     "apply_decision",
     "command",
     "create_rollout",
@@ -31,6 +32,9 @@ __all__ = [
 ACTIVE_STATES = (RolloutState.IN_PROGRESS, RolloutState.PAUSED, RolloutState.ABORTING)
 # Targets an abort sends back: told to change, whatever they answered.
 _TOOK_NEW = (TargetState.DEPLOYING, TargetState.ACTIVE, TargetState.REMOVED, TargetState.FAILED)
+# What a newer rollout of the model takes over. Not ABORTING: its devices must finish going
+# back first, or the newer rollout would record the bad version as what they ran before.
+_SUPERSEDABLE = (RolloutState.IN_PROGRESS.value, RolloutState.PAUSED.value)
 # Operator commands: the states each may start from, and where it leads.
 _COMMANDS: dict[str, tuple[tuple[RolloutState, ...], RolloutState]] = {
     "pause": ((RolloutState.IN_PROGRESS,), RolloutState.PAUSED),
@@ -45,6 +49,11 @@ class Deposed(EdgeFleetError):
     status_code = 409
 
 
+class StaleDecision(Conflict):
+    """The rollout changed since the engine decided (an operator paused or aborted it, a newer
+    rollout superseded it): carry out nothing more of that decision; decide again."""
+
+
 def create_rollout(
     session: Session,
     *,
@@ -57,20 +66,22 @@ def create_rollout(
     """A rollout of ``model:version`` to every device whose labels include ``selector``,
     with its waves planned now (so any engine, at any time, carries out the same plan).
     ``version`` None undeploys ``model`` from those of them that should run it or say they
-    do. Active rollouts of the same model are superseded: their devices not reached yet are
-    skipped, and the devices they already changed are this rollout's to take on."""
+    do. Running and paused rollouts of the same model are superseded: their devices not
+    reached yet are skipped, and the devices they already changed are this rollout's to take
+    on. While one is ABORTING the new rollout is refused (409): its abort finishes first."""
     if version is None:
         model_id, version_id = repository.get_model(session, name=model).id, None
     else:
         row = repository.get_version(session, model_name=model, version=version)
         model_id, version_id = row.model_id, row.id
-    devices = repository.list_devices(session, labels=selector)
-    if not devices:
+    device_ids = _selected(session, selector)
+    if not device_ids:
         raise InvalidInput(f"no enrolled device has the labels {selector}")
     if version is None:
-        devices = [d for d in devices if _has_model(d, model)]
-        if not devices:
+        device_ids = _running(session, device_ids, model)
+        if not device_ids:
             raise InvalidInput(f"no device with the labels {selector} runs {model!r}")
+    older = _older(session, model=model, model_id=model_id)
     rollout = Rollout(
         model_id=model_id, model_version_id=version_id, selector=dict(selector),
         strategy=strategy.model_dump(mode="json"), state=RolloutState.IN_PROGRESS.value,
@@ -78,70 +89,123 @@ def create_rollout(
     )  # fmt: skip
     session.add(rollout)
     session.flush()
-    waves = plan_waves(rollout.id, [d.id for d in devices], strategy)
-    for device in devices:
-        entry = (device.desired or {}).get(model) or {}
+    waves = plan_waves(rollout.id, device_ids, strategy)
+    # previous_version_id is recorded when a device is moved (start_target), not now: a
+    # manual deploy in between must be what an abort gives back.
+    for device_id in device_ids:
         session.add(
             RolloutTarget(
                 rollout_id=rollout.id,
-                device_id=device.id,
-                wave=waves[device.id],
+                device_id=device_id,
+                wave=waves[device_id],
                 state=TargetState.PENDING.value,
-                previous_version_id=entry.get("version_id"),
             )
         )
-    _supersede(session, model_id=model_id, by=rollout.id)
+    _supersede(session, older=older, by=rollout.id)
     repository.record_audit(
         session, actor=actor, action="rollout.create", subject=f"rollout:{rollout.id}",
         detail={"model": model, "version": version, "undeploy": version is None,
-                "selector": selector, "devices": len(devices), "waves": max(waves.values()) + 1},
+                "selector": selector, "devices": len(device_ids),
+                "waves": max(waves.values()) + 1},
     )  # fmt: skip
     session.flush()
     return rollout
 
 
-def _has_model(device: Device, model: str) -> bool:
-    """Whether the device should run ``model``, or says it runs it (left over from a
-    document that dropped it before agents unloaded what their documents no longer name)."""
-    active = (device.reported or {}).get("active")
-    return model in (device.desired or {}) or (isinstance(active, dict) and model in active)
+def _selected(session: Session, selector: dict[str, str]) -> list[str]:
+    """Ids of the devices whose labels include every pair of ``selector``; only ids and
+    labels are read (not the signed documents)."""
+    rows = session.execute(select(Device.id, Device.labels).order_by(Device.id)).all()
+    return [
+        device_id
+        for device_id, labels in rows
+        if all((labels or {}).get(k) == v for k, v in selector.items())
+    ]
 
 
-def _supersede(session: Session, *, model_id: int, by: int) -> None:
-    older = session.scalars(
-        select(Rollout).where(
-            Rollout.model_id == model_id,
-            Rollout.id != by,
-            Rollout.state.in_([s.value for s in ACTIVE_STATES]),
-        )
+def _running(session: Session, device_ids: list[str], model: str) -> list[str]:
+    """Those of ``device_ids`` that should run ``model``, or say they run it (left over from
+    a document that dropped it before agents unloaded what their documents no longer name)."""
+    chosen = set(device_ids)
+    rows = session.execute(select(Device.id, Device.desired, Device.reported).order_by(Device.id))
+    return [
+        device_id
+        for device_id, desired, reported in rows.all()
+        if device_id in chosen and _has_model(desired or {}, reported or {}, model)
+    ]
+
+
+def _has_model(desired: dict[str, object], reported: dict[str, object], model: str) -> bool:
+    active = reported.get("active")
+    return model in desired or (isinstance(active, dict) and model in active)
+
+
+def _older(session: Session, *, model: str, model_id: int) -> list[int]:
+    """The model's running and paused rollouts, locked (PostgreSQL) so that an engine write
+    in flight commits first and is seen; Conflict while one is ABORTING."""
+    rows = session.execute(
+        select(Rollout.id, Rollout.state)
+        .where(Rollout.model_id == model_id, Rollout.state.in_([s.value for s in ACTIVE_STATES]))
+        .order_by(Rollout.id)
+        .with_for_update()
     ).all()
-    now = datetime.now(UTC)
-    for rollout in older:
-        rollout.state = RolloutState.SUPERSEDED.value
-        rollout.superseded_by = by
-        rollout.reason = f"superseded by rollout {by}"
-        rollout.finished_at = now
-        session.execute(
-            update(RolloutTarget)
-            .where(
-                RolloutTarget.rollout_id == rollout.id,
-                RolloutTarget.state == TargetState.PENDING.value,
+    for rollout_id, state in rows:
+        if state == RolloutState.ABORTING.value:
+            raise Conflict(
+                f"rollout {rollout_id} of {model} is ABORTING (its devices are going back to "
+                "their previous version): start the new rollout once it is ABORTED"
             )
-            .values(state=TargetState.SKIPPED.value, reason=f"superseded by rollout {by}")
+    return [rollout_id for rollout_id, _state in rows]
+
+
+def _supersede(session: Session, *, older: list[int], by: int) -> None:
+    if not older:
+        return
+    # Conditional: SQLite has no row locks, so an engine may have changed one since _older
+    # read it; then the whole creation is refused rather than overwrite what it wrote.
+    result = session.execute(
+        update(Rollout)
+        .where(Rollout.id.in_(older), Rollout.state.in_(_SUPERSEDABLE))
+        .values(
+            state=RolloutState.SUPERSEDED.value,
+            superseded_by=by,
+            reason=f"superseded by rollout {by}",
+            finished_at=datetime.now(UTC),
         )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != len(older):
+        raise Conflict(f"rollouts {older} changed while rollout {by} was created; try again")
+    session.execute(
+        update(RolloutTarget)
+        .where(
+            RolloutTarget.rollout_id.in_(older),
+            RolloutTarget.state == TargetState.PENDING.value,
+        )
+        .values(state=TargetState.SKIPPED.value, reason=f"superseded by rollout {by}")
+    )
 
 
 def command(session: Session, *, rollout_id: int, action: str, actor: str) -> Rollout:
-    """pause, resume or abort; refused (409) from a state it does not apply to."""
+    """pause, resume or abort; refused (409) from a state it does not apply to.
+
+    One conditional UPDATE, so a state the engine committed meanwhile is never overwritten
+    (SQLite has no row locks; on PostgreSQL it waits for the engine's row lock)."""
     sources, target = _COMMANDS[action]
-    rollout = session.get(Rollout, rollout_id, with_for_update=True)
+    values = {"state": target.value}
+    if action == "abort":
+        values["reason"] = f"aborted by {actor}"
+    result = session.execute(
+        update(Rollout)
+        .where(Rollout.id == rollout_id, Rollout.state.in_([s.value for s in sources]))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    rollout = session.get(Rollout, rollout_id, populate_existing=True)
     if rollout is None:
         raise NotFound(f"unknown rollout {rollout_id}")
-    if RolloutState(rollout.state) not in sources:
+    if getattr(result, "rowcount", 0) != 1:
         raise Conflict(f"rollout {rollout_id} is {rollout.state}: cannot {action} it")
-    rollout.state = target.value
-    if action == "abort":
-        rollout.reason = f"aborted by {actor}"
     repository.record_audit(
         session, actor=actor, action=f"rollout.{action}", subject=f"rollout:{rollout_id}"
     )
@@ -165,7 +229,7 @@ def _fenced(session: Session, *, rollout_id: int, token: int, expect: str) -> Ro
         raise Deposed(f"rollout {rollout_id}: a newer engine holds it")
     rollout = session.get(Rollout, rollout_id, populate_existing=True)
     if rollout is None or rollout.state != expect:
-        raise Conflict(f"rollout {rollout_id} changed while deciding")
+        raise StaleDecision(f"rollout {rollout_id} changed while deciding")
     return rollout
 
 
@@ -215,9 +279,13 @@ def start_target(
     target = _target(session, rollout_id, device_id)
     if target.state != TargetState.PENDING.value:
         return False
+    device = repository.lock_device(session, device_id=device_id)
+    model = model_name(session, rollout)
+    # What it runs now, read under its lock: what an abort sends it back to.
+    target.previous_version_id = ((device.desired or {}).get(model) or {}).get("version_id")
     if rollout.model_version_id is None:
-        rev = _drop(session, device_id=device_id, model=model_name(session, rollout),
-                    rollout_id=rollout_id, key=key, lifetime=lifetime)  # fmt: skip
+        rev = _drop(session, device_id=device_id, model=model, rollout_id=rollout_id,
+                    key=key, lifetime=lifetime)  # fmt: skip
     else:
         row = session.get(ModelVersion, rollout.model_version_id)
         assert row is not None

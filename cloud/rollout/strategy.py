@@ -6,9 +6,9 @@ import hashlib
 import math
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["RolloutState", "Strategy", "TargetState", "plan_waves"]
+__all__ = ["RolloutState", "Strategy", "TargetState", "plan_waves", "stored_strategy"]
 
 
 class RolloutState(StrEnum):
@@ -68,6 +68,27 @@ class Strategy(BaseModel):
         if self.canary_percent is not None:
             return max(1, math.ceil(total * self.canary_percent / 100))
         return min(total, self.canary or 1)
+
+
+def stored_strategy(stored: object) -> tuple[Strategy, str | None]:
+    """A rollout's strategy as stored, and None; or, when it no longer validates (stored by a
+    release with a field since removed, a bound since tightened), what of it still does (the
+    defaults at worst) and why not: shown as such, and enough for an abort's timeouts."""
+    try:
+        return Strategy.model_validate(stored), None
+    except ValidationError as exc:
+        problem = "strategy invalid: " + "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'strategy'}: {e['msg']}" for e in exc.errors()
+        )
+    known = (
+        {k: v for k, v in stored.items() if k in Strategy.model_fields}
+        if isinstance(stored, dict)
+        else {}
+    )
+    try:
+        return Strategy.model_validate(known), problem
+    except ValidationError:
+        return Strategy(), problem
 
 
 def plan_waves(rollout_id: int, device_ids: list[str], strategy: Strategy) -> dict[str, int]:

@@ -57,3 +57,29 @@ def test_broker_tls_files_come_from_the_environment_and_are_checked_at_start(
             CloudSettings(dev_mode=True, mqtt_url=plain)
     with pytest.raises(ValidationError, match="unsupported MQTT URL"):
         CloudSettings(dev_mode=True, mqtt_url="ws://broker.example", mqtt_ca_file=None)
+
+
+def test_broker_logins_never_cross_the_network_in_clear_outside_dev_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With EDGEFLEET_BROKER_ACCOUNTS=dynsec the cloud's admin password and every device's
+    token are MQTT passwords: outside dev mode a plain mqtt:// broker URL (the cloud's or the
+    one devices are told) is refused, unless the operator says the network is private
+    (EDGEFLEET_ALLOW_PLAINTEXT_MQTT=true) or the broker is on this host (loopback)."""
+    base = {"admin_token": "t" * 20, "broker_accounts": "dynsec", "mqtt_username": "cloud",
+            "mqtt_password": "s3cret-admin"}  # fmt: skip
+    for urls in (
+        {"mqtt_url": "mqtt://broker.example"},
+        {"mqtt_url": "mqtts://broker.example", "device_mqtt_url": "tcp://10.0.0.5:1883"},
+    ):
+        with pytest.raises(ValidationError, match="EDGEFLEET_ALLOW_PLAINTEXT_MQTT") as refused:
+            CloudSettings(**base, **urls)  # type: ignore[arg-type]
+        assert "s3cret-admin" not in str(refused.value)
+        assert CloudSettings(**base, **urls, allow_plaintext_mqtt=True)  # type: ignore[arg-type]
+        assert CloudSettings(**base | {"dev_mode": True}, **urls)  # type: ignore[arg-type]
+        assert CloudSettings(**base | {"broker_accounts": "none"}, **urls)  # type: ignore[arg-type]
+    for local in ("mqtt://127.0.0.1:1883", "mqtt://localhost", "mqtt://[::1]:1883"):
+        assert CloudSettings(**base, mqtt_url=local)  # type: ignore[arg-type]
+    assert CloudSettings(**base, mqtt_url="mqtts://broker.example")  # type: ignore[arg-type]
+    monkeypatch.setenv("EDGEFLEET_ALLOW_PLAINTEXT_MQTT", "true")
+    assert CloudSettings(**base, mqtt_url="mqtt://broker.example").allow_plaintext_mqtt  # type: ignore[arg-type]

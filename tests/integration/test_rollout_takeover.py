@@ -3,7 +3,8 @@ Redis and a Mosquitto, and split device reports through a shared subscription; o
 engine acts at a time. The leader is SIGKILLed mid-rollout: the other takes over within the
 lease, and the rollout completes with every device deployed exactly once (no wave sent twice,
 none skipped). The killed replica is restarted under its client id, as a supervisor would: Mosquitto
-keeps a dead member's share of the reports in its session until it returns."""
+keeps a dead member's share of the reports in its session until it returns. A leader frozen
+(SIGSTOP) past its lease and then thawed learns it was replaced and writes nothing more."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from cloud.settings import CloudSettings
 from edge_agent.agent import Agent
 from edge_agent.config import AgentSettings
 from shared.signing import public_key_b64
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, _reset_postgres
 from tests.fleet_harness import clear_retained, wait_for
 from tests.mosquitto import mosquitto
 
@@ -75,6 +76,9 @@ class Replica:
 def shared_cloud(
     tmp_path: Path, postgres_server_url: str, embedded: ServiceUrls
 ) -> Iterator[tuple[CloudContext, dict[str, str], int]]:
+    # The session's database outlives a test: start from an empty one (an artifact row left
+    # by another test would point at a blob this test's artifact store does not have).
+    _reset_postgres(postgres_server_url)
     with mosquitto(tmp_path / "broker") as port:
         mqtt_url = f"mqtt://127.0.0.1:{port}"
         settings = CloudSettings(
@@ -179,24 +183,81 @@ def test_a_killed_leader_is_replaced_and_the_rollout_completes_once(
         wait_for(lambda: (who := leadership.leader()) is not None and who != first, 20,
                  "the other replica to take the lease")  # fmt: skip
         killed.start()  # a supervisor restarts it: its share of the reports comes back
-        wait_for(lambda: _state(context, rollout_id)[0] == "COMPLETED", 90, "completion")
-        with context.database.session() as s:
-            deploys = s.scalars(
-                select(AuditEvent.subject).where(
-                    AuditEvent.actor == f"rollout:{rollout_id}",
-                    AuditEvent.action == "device.deploy",
-                )
-            ).all()
-            fence = s.get(Rollout, rollout_id).fence  # type: ignore[union-attr]
-        assert sorted(deploys) == sorted(a.device_id for a in agents), "each device once"
-        assert fence >= 2, "the second leader's token wrote the end of the rollout"
-        for agent in agents:
-            served = agent.runtime.models().get("digits-edge")
-            assert served is not None
-            assert served.version == version
+        _completes_once(context, rollout_id, version, agents)
     finally:
         for agent in agents:
             agent.stop()
         for replica in replicas.values():
             replica.stop()
         clear_retained(f"mqtt://127.0.0.1:{mqtt_port}", [a.device_id for a in agents])
+
+
+def test_a_frozen_leader_thawed_after_its_lease_is_deposed_and_writes_nothing(
+    shared_cloud: tuple[CloudContext, dict[str, str], int],
+    tmp_path: Path,
+    reference_onnx: dict[str, bytes],
+) -> None:
+    """The leader is SIGSTOPped (a long GC pause, a VM freeze) once wave 1 is out, until the
+    other replica has taken its 2 s lease (with a higher token). Thawed (SIGCONT), the old
+    leader finds its lease gone and stands by: the new one finishes the rollout, with one
+    `device.deploy` per device, and keeps the lease."""
+    context, env, mqtt_port = shared_cloud
+    replicas = [Replica(env, n, tmp_path / f"replica-{n}.log") for n in ("0", "1")]
+    agents: list[Agent] = []
+    frozen: Replica | None = None
+    try:
+        for replica in replicas:
+            replica.start()
+        agents = _agents(context, mqtt_port, tmp_path / "agents")
+        leadership = Leadership(context.redis)
+        wait_for(leadership.leader, 20, "a leader")
+        version = _register(context, reference_onnx["digits-edge"])
+        with context.database.session() as s:
+            rollout_id = create_rollout(
+                s, model="digits-edge", version=version, selector={"site": "lab"},
+                strategy=Strategy(canary=1, growth=2, device_timeout_s=120),
+            ).id  # fmt: skip
+        wait_for(lambda: _state(context, rollout_id)[1] >= 1, 60, "wave 1 started")
+        first = leadership.leader()
+        assert first is not None
+        frozen = next(r for r in replicas if r.proc and r.proc.pid == int(first.split(":")[1]))
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: (who := leadership.leader()) is not None and who != first, 20,
+                 "the other replica to take the lease")  # fmt: skip
+        second = leadership.leader()
+        # Wave 2 waits for the thaw: the frozen replica holds its share of the reports.
+        frozen.proc.send_signal(signal.SIGCONT)
+        _completes_once(context, rollout_id, version, agents)
+        assert leadership.leader() == second
+        log = frozen.log.read_text(errors="replace")
+        assert "lost the lease" in log or "deposed" in log, log[-2000:]
+    finally:
+        if frozen is not None and frozen.proc is not None and frozen.proc.poll() is None:
+            frozen.proc.send_signal(signal.SIGCONT)
+        for agent in agents:
+            agent.stop()
+        for replica in replicas:
+            replica.stop()
+        clear_retained(f"mqtt://127.0.0.1:{mqtt_port}", [a.device_id for a in agents])
+
+
+def _completes_once(
+    context: CloudContext, rollout_id: int, version: int, agents: list[Agent]
+) -> None:
+    """The rollout completes with one deploy per device, by a leader after the first."""
+    wait_for(lambda: _state(context, rollout_id)[0] == "COMPLETED", 90, "completion")
+    with context.database.session() as s:
+        deploys = s.scalars(
+            select(AuditEvent.subject).where(
+                AuditEvent.actor == f"rollout:{rollout_id}",
+                AuditEvent.action == "device.deploy",
+            )
+        ).all()
+        fence = s.get(Rollout, rollout_id).fence  # type: ignore[union-attr]
+    assert sorted(deploys) == sorted(a.device_id for a in agents), "each device once"
+    assert fence >= 2, "the second leader's token wrote the end of the rollout"
+    for agent in agents:
+        served = agent.runtime.models().get("digits-edge")
+        assert served is not None
+        assert served.version == version

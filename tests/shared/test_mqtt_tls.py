@@ -58,6 +58,27 @@ def test_urls_say_whether_the_link_is_tls_and_default_the_port() -> None:
         parse_mqtt_url("ws://broker.example")
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("mqtt://", "names no host"),
+        ("mqtts://:8883", "names no host"),
+        ("mqtt://cloud:s3cret@broker.example:1883", "must not carry a login"),
+        ("mqtts://device@broker.example", "must not carry a login"),
+        ("mqtt://broker.example:0", "port 0"),
+        ("ws://cloud:s3cret@broker.example", "unsupported MQTT URL"),
+        ("mqtt://broker.example:99999", "invalid port"),
+    ],
+)
+def test_a_url_without_a_host_with_a_login_or_port_0_is_refused(url: str, why: str) -> None:
+    """A URL with no host used to mean 127.0.0.1 without a word; a login in it would be
+    logged and shown with the URL (the login has settings of its own); port 0 is no broker.
+    Each is refused with the reason, and no message repeats a password."""
+    with pytest.raises(ValueError, match=why) as refused:
+        parse_mqtt_url(url)
+    assert "s3cret" not in str(refused.value)
+
+
 def test_a_link_that_trusts_the_brokers_ca_round_trips_a_qos1_message(
     tmp_path: Path, pki: Pki
 ) -> None:

@@ -17,7 +17,7 @@ from cloud.api.deps import AdminAuth, SessionDep
 from cloud.api.schemas import Label, Name
 from cloud.registry.tables import Model, ModelVersion, Rollout, RolloutTarget
 from cloud.rollout.store import command, create_rollout
-from cloud.rollout.strategy import RolloutState, Strategy, TargetState
+from cloud.rollout.strategy import RolloutState, Strategy, TargetState, stored_strategy
 from shared.errors import NotFound
 
 __all__ = ["router"]
@@ -106,22 +106,40 @@ def _counts(session: Session, rollout_ids: list[int]) -> dict[int, dict[tuple[in
     return counts
 
 
+def _names(session: Session, rollouts: list[Rollout]) -> tuple[dict[int, str], dict[int, int]]:
+    """Model names and version numbers of ``rollouts``, in two queries for any number."""
+    model_ids = {r.model_id for r in rollouts if r.model_id is not None}
+    version_ids = {r.model_version_id for r in rollouts if r.model_version_id is not None}
+    models: dict[int, str] = {}
+    versions: dict[int, int] = {}
+    if model_ids:
+        named = select(Model.id, Model.name).where(Model.id.in_(model_ids))
+        models.update((i, n) for i, n in session.execute(named).all())
+    if version_ids:
+        numbered = select(ModelVersion.id, ModelVersion.version)
+        numbered = numbered.where(ModelVersion.id.in_(version_ids))
+        versions.update((i, v) for i, v in session.execute(numbered).all())
+    return models, versions
+
+
 def _public(
-    session: Session, rollout: Rollout, counts: dict[tuple[int, str], int]
+    session: Session,
+    rollout: Rollout,
+    counts: dict[tuple[int, str], int],
+    names: tuple[dict[int, str], dict[int, int]] | None = None,
 ) -> RolloutPublic:
-    model = session.get(Model, rollout.model_id) if rollout.model_id is not None else None
-    row = (
-        session.get(ModelVersion, rollout.model_version_id)
-        if rollout.model_version_id is not None
-        else None
+    models, versions = names or _names(session, [rollout])
+    model = models.get(rollout.model_id) if rollout.model_id is not None else None
+    version = (
+        versions.get(rollout.model_version_id) if rollout.model_version_id is not None else None
     )
     states: dict[str, int] = {}
     for (_wave, state), count in counts.items():
         states[state] = states.get(state, 0) + count
     return RolloutPublic(
-        id=rollout.id, model=model.name if model else "?", version=row.version if row else None,
+        id=rollout.id, model=model or "?", version=version,
         undeploy=rollout.model_version_id is None,
-        selector=rollout.selector, strategy=Strategy.model_validate(rollout.strategy),
+        selector=rollout.selector, strategy=stored_strategy(rollout.strategy)[0],
         state=RolloutState(rollout.state), reason=rollout.reason,
         current_wave=rollout.current_wave,
         waves=max((wave for wave, _s in counts), default=-1) + 1,
@@ -187,9 +205,10 @@ def list_rollouts(
         query = query.where(Rollout.state == state.value)
     if model is not None:
         query = query.join(Model, Model.id == Rollout.model_id).where(Model.name == model)
-    rollouts = session.scalars(query).all()
+    rollouts = list(session.scalars(query).all())
     counts = _counts(session, [r.id for r in rollouts])
-    return [_public(session, r, counts[r.id]) for r in rollouts]
+    names = _names(session, rollouts)
+    return [_public(session, r, counts[r.id], names) for r in rollouts]
 
 
 @router.get("/{rollout_id}", response_model=RolloutDetail)

@@ -193,3 +193,75 @@ def test_a_paused_rollout_records_reports_but_sends_nothing() -> None:
 def test_a_strategy_out_of_range_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Strategy.model_validate(bad)
+
+
+def test_an_empty_wave_is_skipped_not_aborted() -> None:
+    """Wave 0 held one device, deleted while it deployed (its target row went with it): the
+    rollout goes on with wave 1 instead of aborting on '0 of 0 ACTIVE'."""
+    strategy = Strategy(canary=1)
+    targets = [Target(f"d{i}", 1, TargetState.PENDING, previous_version=1) for i in range(3)]
+    targets.append(Target("d9", 2, TargetState.PENDING, previous_version=1))
+    decision = _run(strategy, targets, [])
+    assert decision.state is RolloutState.IN_PROGRESS
+    assert decision.wave == 1
+    assert decision.deploy == ["d0", "d1", "d2"]
+
+
+def test_a_rollout_whose_devices_are_all_gone_completes() -> None:
+    """No target left at all (every device deleted): nothing can fail, nothing to wait for."""
+    decision = _run(Strategy(canary=1), [], [], wave=2)
+    assert decision.state is RolloutState.COMPLETED
+    assert "no target device" in (decision.reason or "")
+
+
+def test_a_later_active_for_the_same_rev_wins_over_a_failed() -> None:
+    """An agent that reported FAILED and then, re-applying the same rev after a crash, ACTIVE
+    after its health check: the device serves the version, so its target is ACTIVE (the
+    latest verdict on the rev counts, in either direction) and the wave goes on."""
+    strategy = Strategy(canary=1, min_failures=2)
+    targets = _targets(strategy)
+    canary = next(t.device_id for t in targets if t.wave == 0)
+    targets = _sent(targets, [canary])
+    reports = [Report(canary, 5, NEW, "FAILED", "HEALTHCHECK"), Report(canary, 5, NEW, "ACTIVE")]
+    decision = _run(strategy, targets, reports)
+    assert decision.targets[canary].state is TargetState.ACTIVE
+    assert decision.wave == 1
+    failed = [replace(t, state=TargetState.FAILED) if t.device_id == canary else t for t in targets]
+    assert _run(strategy, failed, reports).targets[canary].state is TargetState.ACTIVE
+    again = list(reversed(reports))  # ACTIVE, then FAILED on a re-apply: FAILED now
+    assert _run(strategy, targets, again).targets[canary].state is TargetState.FAILED
+    active = [replace(t, state=TargetState.ACTIVE) if t.device_id == canary else t for t in targets]
+    settled = _run(strategy, active, reports)  # nothing new: nothing written
+    assert canary not in settled.targets
+
+
+def test_a_revert_that_times_out_is_revert_failed() -> None:
+    strategy = Strategy(canary=1, device_timeout_s=30)
+    targets = _targets(strategy, count=2)
+    reverting = [replace(t, state=TargetState.REVERTING, rev=9, started_at=NOW) for t in targets]
+    decision = _run(
+        strategy, reverting, [], state=RolloutState.ABORTING, now=NOW + timedelta(seconds=31)
+    )
+    assert {t.state for t in decision.targets.values()} == {TargetState.REVERT_FAILED}
+    assert all("revert timed out" in (t.reason or "") for t in decision.targets.values())
+    assert decision.state is RolloutState.ABORTED
+
+
+def test_a_device_that_never_took_the_version_is_not_sent_back() -> None:
+    """A target FAILED without a rev (the cloud could not sign it a new one) never ran the
+    version: an abort leaves it alone, and ends without waiting for it."""
+    strategy = Strategy(canary=2)
+    targets = _targets(strategy, count=2)
+    a, b = (t.device_id for t in targets)
+    targets = [
+        replace(targets[0], state=TargetState.FAILED, reason="cannot be moved"),
+        replace(targets[1], state=TargetState.ACTIVE, rev=5),
+    ]
+    decision = _run(strategy, targets, [], state=RolloutState.ABORTING)
+    assert [t.device_id for t in decision.revert] == [b]
+    assert a not in decision.targets
+    done = _run(
+        strategy, [targets[0], replace(targets[1], state=TargetState.REVERTED)], [],
+        state=RolloutState.ABORTING,
+    )  # fmt: skip
+    assert done.state is RolloutState.ABORTED
