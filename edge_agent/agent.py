@@ -143,7 +143,8 @@ class Agent:
         self.cloud.close()
         if isinstance(self.fetcher, HttpDelivery):
             self.fetcher.close()
-        self._telemetry.join(5)
+        if self._telemetry.ident is not None:  # never started: nothing to wait for
+            self._telemetry.join(5)
 
     # -- inference -----------------------------------------------------------------------
 

@@ -105,7 +105,8 @@ class Deployer:
             if self._current is not None:
                 self._current.cancel.set()
         self._queue.put(None)
-        self._thread.join(10)
+        if self._thread.ident is not None:  # never started: nothing to wait for
+            self._thread.join(10)
 
     def idle(self) -> bool:
         return self._queue.empty() and not self.busy.is_set()

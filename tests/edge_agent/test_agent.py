@@ -36,3 +36,11 @@ def test_a_stored_model_that_does_not_load_is_not_reported_active(tmp_path: Path
         assert 'edgefleet_agent_active_version{model="broken"}' not in agent.prometheus()
     finally:
         agent.stop()
+
+
+def test_an_agent_never_started_stops_cleanly(tmp_path: Path) -> None:
+    """A supervisor that builds an agent and then gives up before start (a bad config found
+    later, a signal) still calls stop: it must not raise on threads that never ran."""
+    agent = Agent(agent_settings(tmp_path / "agent"))
+    agent.stop()
+    agent.stop()  # and twice is harmless
