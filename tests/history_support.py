@@ -17,7 +17,7 @@ from shared.mqtt_inbound import Inbound
 from shared.topics import DeviceTopic
 from tests.fleet_harness import wait_for
 
-__all__ = ["AGENT_BOUNDS_MS", "Acks", "feed", "telemetry", "status"]
+__all__ = ["AGENT_BOUNDS_MS", "Acks", "feed", "status", "telemetry"]
 
 # The agent's own bounds (edge_agent.telemetry.LATENCY_BOUNDS_MS), as its windows carry them.
 AGENT_BOUNDS_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]

@@ -174,8 +174,6 @@ def test_history_needs_the_admin_token(client: httpx.Client) -> None:
     """No token, or a wrong one: 401 with a JSON error."""
     for token in (None, "wrong-token-0123456789"):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        answer = httpx.get(
-            client.base_url.join("/v1/history/fleet"), headers=headers, timeout=10
-        )
+        answer = httpx.get(client.base_url.join("/v1/history/fleet"), headers=headers, timeout=10)
         assert answer.status_code == 401
         assert "error" in answer.json()

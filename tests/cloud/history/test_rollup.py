@@ -5,9 +5,7 @@ overflow a sum; and the histogram arithmetic the percentiles rest on."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -22,11 +20,11 @@ from tests.history_support import AGENT_BOUNDS_MS, telemetry
 
 
 @pytest.fixture
-def db(tmp_path: Path, database: Database) -> Iterator[Database]:
+def db(database: Database) -> Database:
     with database.session() as s:
         for device_id in ("d1", "d2"):
             repository.enroll_device(s, device_id=device_id)
-    yield database
+    return database
 
 
 def _window(at: datetime, **counts: object) -> Telemetry:
