@@ -30,7 +30,7 @@ def env(monkeypatch: pytest.MonkeyPatch, fleet_api: FleetApi) -> FleetApi:
 def _page(name: str | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     if name is not None:
-        at.switch_page(f"pages/{name}.py").run()
+        at.switch_page(f"screens/{name}.py").run()
     _clean(at)
     return at
 
@@ -152,7 +152,7 @@ def test_an_api_that_is_down_is_one_message(env: FleetApi, monkeypatch: pytest.M
     for name in (None, "models", "rollouts", "inference", "federated"):
         at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
         if name:
-            at.switch_page(f"pages/{name}.py").run()
+            at.switch_page(f"screens/{name}.py").run()
         assert not at.exception
         assert "API is unavailable" in at.error[0].value, name
 
