@@ -18,6 +18,7 @@ from cloud.cli_dashboard import dashboard
 from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
+from cloud.embedded.dashboard import DEFAULT_PORT
 from cloud.embedded.services import ServiceUrls
 from cloud.launcher import OnReady, run_cloud
 from cloud.roles import Role
@@ -197,13 +198,21 @@ def demo(
     port: Annotated[int, typer.Option(help="API port (0 picks a free one)")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="demo data directory")] = Path(".edgefleet/demo"),
     agents: Annotated[int, typer.Option(help="local edge agents to run", min=0, max=50)] = 2,
+    dashboard_port: Annotated[
+        int, typer.Option(help="dashboard port (taken or 0: a free one); -1: no dashboard")
+    ] = DEFAULT_PORT,
     verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
     local `edge-agent` processes running the INT8 edge model; Ctrl-C stops all."""
     configure_logging(verbose)
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    session = DemoSession(agents, say=_say, banner=_banner)
+    session = DemoSession(
+        agents,
+        say=_say,
+        banner=_banner,
+        dashboard_port=None if dashboard_port < 0 else dashboard_port,
+    )
     _run_until_stopped(
         settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick
     )

@@ -84,12 +84,12 @@ class DashboardProcess:
         """Return once Streamlit answers its health check."""
         self.child.spawn()
         try:
-            self.child.wait_until(self._healthy, timeout=timeout, what="the dashboard")
+            self.child.wait_until(self.healthy, timeout=timeout, what="the dashboard")
         except BaseException:
             self.child.stop()
             raise
 
-    def _healthy(self) -> bool:
+    def healthy(self) -> bool:
         try:
             return httpx.get(f"{self.url}/_stcore/health", timeout=2).status_code == 200
         except httpx.HTTPError:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from shared.messages import Histogram
 
-__all__ = ["BOUNDS_MS", "BUCKETS", "percentile", "rebin"]
+__all__ = ["BOUNDS_MS", "BUCKETS", "percentile", "rebin", "targets"]
 
 # Upper bounds in ms; one more bucket past the last (+inf). They include the agent's own
 # bounds (edge_agent.telemetry.LATENCY_BOUNDS_MS), so an agent's histogram lands here
@@ -21,16 +21,21 @@ BOUNDS_MS: tuple[float, ...] = (
 BUCKETS = len(BOUNDS_MS) + 1
 
 
+def targets(histogram: Histogram) -> list[int]:
+    """For each of ``histogram``'s buckets, the index of ours it goes to."""
+    bounds = tuple(histogram.bounds)
+    found = _TARGETS.get(bounds)
+    if found is None:
+        found = [bisect.bisect_left(BOUNDS_MS, b) for b in bounds] + [BUCKETS - 1]
+        if len(_TARGETS) < 64:  # a fleet uses a handful of bound sets; a hostile one, many
+            _TARGETS[bounds] = found
+    return found
+
+
 def rebin(histogram: Histogram) -> list[int]:
     """``histogram``'s counts on :data:`BOUNDS_MS` (length :data:`BUCKETS`)."""
-    bounds = tuple(histogram.bounds)
-    targets = _TARGETS.get(bounds)
-    if targets is None:
-        targets = [bisect.bisect_left(BOUNDS_MS, b) for b in bounds] + [BUCKETS - 1]
-        if len(_TARGETS) < 64:  # a fleet uses a handful of bound sets; a hostile one, many
-            _TARGETS[bounds] = targets
     counts = [0] * BUCKETS
-    for target, count in zip(targets, histogram.counts, strict=True):
+    for target, count in zip(targets(histogram), histogram.counts, strict=True):
         counts[target] += count
     return counts
 

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import add
 from typing import Any
 
 from sqlalchemy import Insert, Table, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from cloud.history.buckets import BUCKETS, rebin
+from cloud.history.buckets import BOUNDS_MS, BUCKETS, targets
 from cloud.registry.database import Database
 from cloud.registry.tables import Device, TelemetryMinute
 from shared.messages import Telemetry
@@ -36,6 +37,10 @@ COUNTS = (
 )  # fmt: skip
 LATENCY = tuple(f"lat_{i:02d}" for i in range(BUCKETS))
 SUMS = ("windows", *COUNTS, *LATENCY)
+_LATENCY_AT = 1 + len(COUNTS)
+# Where an agent's histogram lands: its buckets are a prefix of ours, then its +inf.
+_AGENT_TARGETS = [*range(len(BOUNDS_MS) - 1), BUCKETS - 1]
+_ZEROS = (0,) * len(SUMS)
 # A window's count past this is a device lying (a billion rows in one window): clamped, so
 # that no device can push a minute's sum past what a BIGINT holds and lose the whole flush.
 _MAX_COUNT = 1_000_000_000
@@ -64,22 +69,17 @@ def _versions(active: dict[str, int]) -> str:
     return kept
 
 
-def _row(telemetry: Telemetry) -> list[int]:
-    counts = telemetry.counts
-    answered = counts.get("answers_edge", 0) + counts.get("answers_cloud", 0)
+def _counts(telemetry: Telemetry) -> list[int]:
+    """``windows`` and COUNTS of one window, clamped."""
+    get = telemetry.counts.get
+    cloud, errors = get("answers_cloud", 0), get("errors", 0)
     values = [
-        1,
-        answered + counts.get("errors", 0),
-        counts.get("answers_cloud", 0),
-        counts.get("degraded", 0),
-        counts.get("errors", 0),
-        counts.get("rows_total", 0),
-        counts.get("rows_hard", 0),
-        counts.get("rows_cloud", 0),
-        counts.get("rows_degraded", 0),
-    ]
-    values += rebin(telemetry.latency_ms) if telemetry.latency_ms else [0] * BUCKETS
-    return [min(v, _MAX_COUNT) for v in values]
+        1, get("answers_edge", 0) + cloud + errors, cloud, get("degraded", 0), errors,
+        get("rows_total", 0), get("rows_hard", 0), get("rows_cloud", 0), get("rows_degraded", 0),
+    ]  # fmt: skip
+    if max(values) > _MAX_COUNT:
+        values = [min(v, _MAX_COUNT) for v in values]
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,19 +155,31 @@ class HistoryWriter:
                     minute = minute_of(now)
                 elif minute < oldest:
                     continue  # past the retention: it would be deleted at once
-                values = _row(telemetry)
                 key = (device_id, minute)
                 row = pending.get(key)
                 if row is None:
                     if len(pending) >= self.max_pending:
                         self.dropped += 1  # the database is away this long: bounded memory
                         continue
-                    pending[key] = [*values, telemetry.active]
-                else:
-                    for index, value in enumerate(values):
-                        row[index] += value
-                    if telemetry.active:  # as the upsert: no models said keeps those known
-                        row[-1] = telemetry.active
+                    row = pending[key] = [*_ZEROS, telemetry.active]
+                elif telemetry.active:  # as the upsert: no models said keeps those known
+                    row[-1] = telemetry.active
+                # Slices and map(add): C loops, a few microseconds a window (B8 measures it).
+                row[:_LATENCY_AT] = map(add, row[:_LATENCY_AT], _counts(telemetry))
+                histogram = telemetry.latency_ms
+                if histogram is not None:
+                    counts = histogram.counts
+                    if max(counts, default=0) > _MAX_COUNT:
+                        counts = [min(c, _MAX_COUNT) for c in counts]
+                    where = targets(histogram)
+                    if where == _AGENT_TARGETS:
+                        # The agent's bounds: bucket i is ours, its +inf is our +inf.
+                        end = _LATENCY_AT + len(counts) - 1
+                        row[_LATENCY_AT:end] = map(add, row[_LATENCY_AT:end], counts)
+                        row[_LATENCY_AT + BUCKETS - 1] += counts[-1]
+                    else:
+                        for target, count in zip(where, counts, strict=True):
+                            row[_LATENCY_AT + target] += count
                 self.added += 1
 
     def flush(self) -> int:
