@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import add
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, func, select
@@ -56,16 +57,25 @@ class HistoryQuery:
 class Point:
     """Sums over a bucket (or the whole range) and what follows from them."""
 
-    devices: int
+    device_minutes: int
     sums: dict[str, int]
     latency: list[int]
+    devices: int | None = None  # distinct devices: for the whole range only
+
+    @classmethod
+    def of(cls, values: list[int], devices: int | None = None) -> Point:
+        """From [device_minutes, *SUMS]."""
+        sums = dict(zip(("windows", *COUNTS), values[1:], strict=False))
+        return cls(values[0], sums, values[1 + len(SUMS) - len(LATENCY) :], devices)
 
     def public(self) -> dict[str, Any]:
         sums = self.sums
         rows = sums["rows_total"]
         requests = sums["requests"]
+        extra = {} if self.devices is None else {"devices": self.devices}
         return {
-            "devices": self.devices,
+            **extra,
+            "device_minutes": self.device_minutes,
             **sums,
             "offload_rate": _rate(sums["rows_hard"], rows),
             "cloud_rate": _rate(sums["rows_cloud"], rows),
@@ -89,7 +99,7 @@ class Series:
             "latency_bounds_ms": list(BOUNDS_MS),
             "totals": self.totals.public(),
             "points": [{"t": t, **p.public()} for t, p in self.points],
-            "versions": [{"t": t, "version": v, "devices": n} for t, v, n in self.versions],
+            "versions": [{"t": t, "version": v, "device_minutes": n} for t, v, n in self.versions],
         }
 
 
@@ -105,29 +115,39 @@ def _at(minute: int) -> datetime:
     return datetime.fromtimestamp(minute * 60, UTC)
 
 
-def _point(row: Any, offset: int) -> Point:
-    values = [int(v or 0) for v in row[offset:]]
-    sums = dict(zip(("windows", *COUNTS), values, strict=False))
-    return Point(int(row[offset - 1] or 0), sums, values[len(SUMS) - len(LATENCY) :])
-
-
 def read_series(session: Session, query: HistoryQuery) -> Series:
-    sums = [func.sum(_T.__table__.c[name]) for name in SUMS]
-    devices = func.count(func.distinct(_T.device_id))
+    """Two statements: the sums per (bucket, models run), which a hash aggregate takes in
+    one pass (no DISTINCT per bucket: each row is one device-minute, so a count is exact),
+    and the distinct devices of the whole range."""
+    table = _T.__table__
     bucket = (_T.minute - _T.minute % query.step).label("bucket")
-    rows = session.execute(
-        query.apply(select(bucket, devices, *sums)).group_by(bucket).order_by(bucket)
+    sums = [func.sum(table.c[name]) for name in SUMS]
+    grouped = session.execute(
+        query.apply(select(bucket, _T.versions, func.count(), *sums)).group_by(bucket, _T.versions)
     ).all()
-    total = session.execute(query.apply(select(devices, *sums))).one()
+    per_bucket: dict[int, list[int]] = {}
     versions: dict[tuple[int, str], int] = {}
-    rows_by_version = session.execute(
-        query.apply(select(bucket, _T.versions, devices)).group_by(bucket, _T.versions)
-    ).all()
-    for at, text, count in rows_by_version:
-        for version in filter(None, str(text).split(",")):
-            versions[(at, version)] = versions.get((at, version), 0) + int(count)
+    for row in grouped:
+        at, text = int(row[0]), str(row[1] or "")
+        values = [int(v or 0) for v in row[2:]]
+        current = per_bucket.get(at)
+        per_bucket[at] = values if current is None else list(map(add, current, values))
+        for version in filter(None, text.split(",")):
+            versions[(at, version)] = versions.get((at, version), 0) + values[0]
+    # Distinct devices: one probe of (device_id, minute) per device, not a DISTINCT over
+    # every row of the range (a day of a 1,000-device fleet is 1.4 M rows).
+    reported = select(_T.minute).where(_T.device_id == Device.id, *query.clauses()).exists()
+    devices = int(
+        session.scalar(
+            select(func.count()).select_from(Device).where(reported, *label_clauses(query.labels))
+        )
+        or 0
+    )
+    total = [0] * (1 + len(SUMS))
+    for values in per_bucket.values():
+        total = list(map(add, total, values))
     return Series(
-        totals=_point(total, 1),
-        points=[(_at(int(row[0])), _point(row, 2)) for row in rows],
+        totals=Point.of(total, devices),
+        points=[(_at(at), Point.of(per_bucket[at])) for at in sorted(per_bucket)],
         versions=[(_at(at), v, n) for (at, v), n in sorted(versions.items())],
     )

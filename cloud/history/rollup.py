@@ -143,7 +143,14 @@ class HistoryWriter:
 
     def add(self, windows: Iterable[tuple[str, Telemetry]]) -> None:
         """Sum telemetry windows into their (device, minute) rows, dated by the window's
-        end (a window an agent kept while offline lands in its own minute, not now's)."""
+        end (a window an agent kept while offline lands in its own minute, not now's).
+        Never raises: the ingest that calls it has stored and must ack the batch anyway."""
+        try:
+            self._add(windows)
+        except Exception:
+            _LOGGER.exception("history: a batch of telemetry windows was not summed")
+
+    def _add(self, windows: Iterable[tuple[str, Telemetry]]) -> None:
         now = time.time()
         newest = minute_of(now + _FUTURE_S)
         oldest = minute_of(now - self.retention_s)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from cloud.registry.tables import DeploymentEvent, Device, TelemetryMinute
@@ -110,8 +110,12 @@ def _degraded_clause(window_s: int) -> ColumnElement[bool]:
 def _json_pairs(session: Session, column: Any, path: str | None) -> Any:
     """A table of (key, value) of a JSON object column, joined laterally per device."""
     if session.get_bind().dialect.name == "postgresql":
+        # json_each_text fails on anything but an object: a row that holds another shape
+        # (written by hand, or by an older cloud) counts for nothing instead (SQLite gives
+        # such a value one row without a key, left out by the callers).
         target = column[path] if path else column
-        return func.json_each_text(target).table_valued("key", "value")
+        whole = case((func.json_typeof(target) == "object", target))
+        return func.json_each_text(whole).table_valued("key", "value")
     args = (column, f"$.{path}") if path else (column,)
     return func.json_each(*args).table_valued("key", "value")
 
@@ -144,7 +148,7 @@ def summary(
             select(active.c.key, active.c.value, func.count())
             .select_from(Device)
             .join(active, true())
-            .where(*where)
+            .where(active.c.key.is_not(None), *where)
             .group_by(active.c.key, active.c.value)
         ).all()
     }
@@ -154,7 +158,7 @@ def summary(
         select(pairs.c.key, pairs.c.value, func.count())
         .select_from(Device)
         .join(pairs, true())
-        .where(*where)
+        .where(pairs.c.key.is_not(None), *where)
         .group_by(pairs.c.key, pairs.c.value)
     ).all():
         by_label.setdefault(str(key), {})[str(value)] = n

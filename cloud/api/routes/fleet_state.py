@@ -4,7 +4,7 @@ one device's state, each aggregated in SQL (``cloud.registry.fleet_queries``).""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -99,6 +99,11 @@ class DevicePage(BaseModel):
     items: list[DeviceState]
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC, as the registry stores it."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
 @router.get("/summary", response_model=FleetSummary)
 def fleet_summary(
     session: SessionDep,
@@ -131,7 +136,8 @@ def fleet_devices(
         raise InvalidInput("version needs model")
     where = DeviceFilter(
         labels=parse_labels(label), model=model, version=version, presence=tuple(presence),
-        seen_after=seen_after, seen_before=seen_before, never_seen=never_seen, text=q or None,
+        seen_after=_utc(seen_after), seen_before=_utc(seen_before), never_seen=never_seen,
+        text=q or None,
     )  # fmt: skip
     total, rows = device_page(session, where=where, sort=sort, limit=limit, offset=offset)
     items = [DeviceState.of(row) for row in rows]

@@ -33,7 +33,10 @@ _MAX_LABELS = 32
 
 
 class HistoryPointPublic(BaseModel):
-    devices: int = Field(description="devices that reported in the bucket")
+    device_minutes: int = Field(
+        description="(device, minute) pairs with telemetry: one device reporting all through "
+        "a 5-minute bucket counts 5"
+    )
     windows: int
     requests: int
     answers_cloud: int
@@ -57,10 +60,14 @@ class HistoryPointAt(HistoryPointPublic):
     t: datetime = Field(description="the bucket's start")
 
 
+class HistoryTotals(HistoryPointPublic):
+    devices: int = Field(description="distinct devices that reported in the range")
+
+
 class VersionCount(BaseModel):
     t: datetime
     version: str = Field(description="model:version")
-    devices: int
+    device_minutes: int = Field(description="minutes of the bucket devices ran it, summed")
 
 
 class HistoryPublic(BaseModel):
@@ -71,7 +78,7 @@ class HistoryPublic(BaseModel):
     labels: dict[str, str]
     model: str | None
     latency_bounds_ms: list[float]
-    totals: HistoryPointPublic
+    totals: HistoryTotals
     points: list[HistoryPointAt]
     versions: list[VersionCount]
 
@@ -103,8 +110,12 @@ def _query(
     labels: dict[str, str] | None = None,
     model: str | None = None,
 ) -> HistoryQuery:
-    end = _aware(end) if end is not None else datetime.now(UTC)
-    start = _aware(start) if start is not None else end - timedelta(hours=1)
+    try:
+        end = _aware(end) if end is not None else datetime.now(UTC)
+        start = _aware(start) if start is not None else end - timedelta(hours=1)
+        start.timestamp(), end.timestamp()
+    except (OverflowError, ValueError):
+        raise InvalidInput("from and to must be instants between the years 1 and 9999") from None
     if start >= end:
         raise InvalidInput("from must be before to")
     if end - start > _MAX_RANGE:

@@ -102,6 +102,18 @@ def test_the_summary_counts_the_fleet_by_presence_state_version_and_label(
     assert lab["deployment"] == {"ACTIVE": 2, "FAILED": 1}
 
 
+def test_a_reported_state_of_another_shape_counts_for_nothing(
+    context: CloudContext, client: httpx.Client
+) -> None:
+    """A row whose reported models are not an object (written by hand, or by an older cloud)
+    does not make the summary fail: PostgreSQL's json_each_text would refuse it."""
+    with context.database.session() as s:
+        device = repository.get_device(s, device_id="gate-1")
+        device.reported = {"active": 5}
+    body = _ok(client.get("/v1/fleet/summary"))
+    assert body["versions"] == {"digits-edge:1": 2, "digits-edge:2": 2, "other:3": 1}
+
+
 def _ids(client: httpx.Client, **params: object) -> list[str]:
     body = _ok(client.get("/v1/fleet/devices", params=params))
     return [item["id"] for item in body["items"]]  # type: ignore[attr-defined]

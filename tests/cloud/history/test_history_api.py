@@ -89,7 +89,7 @@ def test_windows_are_summed_per_minute_and_read_back_per_bucket(
     body = answer.json()
     first, second = body["points"]
     assert datetime.fromisoformat(first["t"]) == T0
-    assert (first["devices"], first["windows"], first["requests"]) == (2, 3, 20)
+    assert (first["device_minutes"], first["windows"], first["requests"]) == (2, 3, 20)
     assert (first["rows_total"], first["rows_hard"], first["rows_cloud"]) == (19, 6, 2)
     assert (first["errors"], first["degraded"], first["rows_degraded"]) == (1, 1, 2)
     assert first["offload_rate"] == pytest.approx(6 / 19, abs=1e-6)
@@ -101,11 +101,11 @@ def test_windows_are_summed_per_minute_and_read_back_per_bucket(
     assert first["p50_ms"] == pytest.approx(percentile(merged, 0.5), abs=1e-3)
     assert 2.0 < first["p50_ms"] <= 5.0  # the 10th of 19 answers lies in (2, 5] ms
     assert 20.0 < first["p99_ms"] <= 50.0
-    assert (second["devices"], second["requests"], second["offload_rate"]) == (2, 11, 0.0)
+    assert (second["device_minutes"], second["requests"], second["offload_rate"]) == (2, 11, 0.0)
     assert body["totals"]["devices"] == 3
     assert body["totals"]["requests"] == 31
     assert body["latency_bounds_ms"] == list(BOUNDS_MS)
-    versions = {(v["t"][:16], v["version"]): v["devices"] for v in body["versions"]}
+    versions = {(v["t"][:16], v["version"]): v["device_minutes"] for v in body["versions"]}
     minute0, minute1 = first["t"][:16], second["t"][:16]
     assert versions == {
         (minute0, "digits-edge:1"): 1, (minute0, "digits-edge:2"): 1,
@@ -159,6 +159,7 @@ def test_filters_by_label_model_and_device(context: CloudContext, client: httpx.
         ({"label": "no-separator"}, "key=value"),
         ({"model": "bad model"}, "model"),
         ({"model": "m:0"}, "model"),
+        ({"to": "0001-01-01T00:30:00Z"}, "instants"),
     ],
 )
 def test_bad_ranges_and_filters_are_refused_clearly(
