@@ -316,6 +316,9 @@ def ingest_cost(url: str, redis_url: str, work: Path, devices: int, count: int, 
     context = CloudContext.open(settings, ServiceUrls(url, "mqtt://127.0.0.1:9", redis_url))
     ids = [f"dev-{i:05d}" for i in range(devices)]
     rates: dict[str, list[float]] = {"without history": [], "with history": []}
+    # CPU of this process (every thread: the ingest, the writer, redis-py) per window: what
+    # the rollup costs, less swayed by the other sessions on the machine than a rate is.
+    cpu: dict[str, list[float]] = {name: [] for name in rates}
     try:
         for _ in range(rounds):
             for name in rates:
@@ -330,20 +333,25 @@ def ingest_cost(url: str, redis_url: str, work: Path, devices: int, count: int, 
                     ingest.submit(Inbound(topic, payload, 0, time.monotonic(), acks))
                 if writer is not None:
                     writer.start()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 ingest.start()
                 while acks.count < count:
                     time.sleep(0.005)
                 rates[name].append(count / (time.perf_counter() - start))
                 ingest.stop()
                 if writer is not None:
-                    writer.stop()
+                    writer.stop()  # its last flush counts too
+                cpu[name].append((time.process_time() - cpu_start) / count * 1e6)
     finally:
         context.close()
     out: dict[str, Any] = {
-        name: {"median_per_s": round(statistics.median(v)), "p10_per_s": round(percentile(v, 10))}
+        name: {"median_per_s": round(statistics.median(v)), "p10_per_s": round(percentile(v, 10)),
+               "cpu_us_per_window": round(statistics.median(cpu[name]), 1)}
         for name, v in rates.items()
-    }
+    }  # fmt: skip
+    out["cpu_ratio_with_vs_without"] = round(
+        out["with history"]["cpu_us_per_window"] / out["without history"]["cpu_us_per_window"], 3
+    )
     out["ratio_with_vs_without"] = round(
         out["with history"]["median_per_s"] / out["without history"]["median_per_s"], 3
     )
