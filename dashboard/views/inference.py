@@ -91,17 +91,25 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f} ms"
 
 
-def _budget(api: ApiClient) -> None:
-    budget = optional(api, BUDGET_PATH)
-    if budget is None:
-        not_available("The cloud offload budget", BUDGET_PATH)
+def _budget(api: ApiClient, path: str = BUDGET_PATH) -> None:
+    """GET /v1/inference/budget: {enabled, queue_bound_ms, budget: {max_offload, reason,
+    until, ...} | null, saturated_replicas}."""
+    view = optional(api, path)
+    if view is None:
+        not_available("The cloud offload budget", path)
         return
-    if not isinstance(budget, dict) or budget.get("max_offload") is None:
-        st.caption("Cloud offload budget: none in force (the cloud keeps up).")
-        return
-    reason = budget.get("reason") or "the cloud is saturated"
-    until = when(budget.get("until")) if budget.get("until") else "further notice"
-    st.warning(
-        f"Cloud offload budget in force: at most {percent(budget['max_offload'])} of rows "
-        f"offloaded ({reason}), until {until}."
-    )
+    budget = view.get("budget") if isinstance(view, dict) else None
+    saturated = view.get("saturated_replicas") or [] if isinstance(view, dict) else []
+    if isinstance(view, dict) and view.get("enabled") is False:
+        st.caption("Cloud offload budget: turned off on this cloud.")
+    elif not isinstance(budget, dict) or budget.get("max_offload") is None:
+        st.caption("Cloud offload budget: none in force (the inference service keeps up).")
+    else:
+        reason = budget.get("reason") or "the inference service is saturated"
+        until = when(budget.get("until")) if budget.get("until") else "further notice"
+        st.warning(
+            f"Cloud offload budget in force: devices offload at most "
+            f"{percent(budget['max_offload'])} of their rows ({reason}), until {until}."
+        )
+    if saturated:
+        st.caption(f"Saturated inference replicas: {', '.join(map(str, saturated))}")
