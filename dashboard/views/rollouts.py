@@ -49,7 +49,13 @@ def render(api: ApiClient) -> None:
 
 
 def _label(rollout: dict[str, Any]) -> str:
-    return f"#{rollout['id']} {rollout['model']}:{rollout['version']} ({rollout['state']})"
+    # No version: an undeploy (the model leaves the devices), where the cloud has those.
+    what = (
+        f"{rollout['model']}:{rollout['version']}"
+        if rollout.get("version")
+        else (f"undeploy {rollout['model']}")
+    )
+    return f"#{rollout['id']} {what} ({rollout['state']})"
 
 
 def _detail(api: ApiClient, rollout_id: int) -> None:
