@@ -167,7 +167,8 @@ def test_fleet_page_counts_are_the_apis(page: Any, live: tuple[Cloud, str, int])
     wait_for(lambda: metric(page, "Online") == str(summary["presence"]["online"]), 20, "Online")
     assert metric(page, "Devices") == str(DEVICES)
     assert metric(page, "Offline") == str(summary["presence"].get("offline", 0))
-    assert metric(page, "Degraded") == str(summary["degraded"]) != "0"
+    # Degraded counts the last 5 minutes: the page and the API read it at the same moment.
+    assert metric(page, "Degraded") == str(summary["degraded"])
     page.get_by_text(f"{DEVICES} devices match").wait_for()
     page.get_by_label("Device id", exact=True).fill("cam-007")
     page.keyboard.press("Enter")
