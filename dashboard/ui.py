@@ -71,7 +71,7 @@ def run_page(title: str, render: Render) -> None:
         return
     try:
         render(_client(config))
-    except Exception as exc:
+    except Exception as exc:  # st.rerun and st.stop raise BaseException: they pass through
         show_error(exc)
 
 
