@@ -38,7 +38,9 @@ def render(api: ApiClient) -> None:
         hide_index=True,
         width="stretch",
     )  # fmt: skip
-    name = str(st.selectbox("Model", names, key="models_name"))
+    # The model with the most versions first: the one with a lineage worth looking at.
+    busiest = max(range(len(models)), key=lambda i: models[i]["latest_version"] or 0)
+    name = str(st.selectbox("Model", names, index=busiest, key="models_name"))
     versions = api.get(f"/v1/models/{name}/versions")
     if not versions:
         st.info(f"{name} has no versions yet.")
@@ -71,7 +73,7 @@ def version_rows(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "size vs parent": f"{v['size'] / parent['size']:.2f}x" if parent else "—",
                 "accuracy": percent(_number(metrics.get("accuracy"))),
                 "parent accuracy": percent(_number(metrics.get("parent_accuracy"))),
-                "drop (pt)": _number(metrics.get("accuracy_drop_pt")),
+                "drop (pt)": _text(_number(metrics.get("accuracy_drop_pt"))),
                 "routing": (
                     f"{routing['policy']} < {threshold:.3f}"
                     if threshold is not None
@@ -82,6 +84,14 @@ def version_rows(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _threshold(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "—"
+
+
+def _text(value: float | None) -> str:
+    return "—" if value is None else f"{value:g}"
 
 
 def _number(value: Any) -> float | None:
@@ -113,31 +123,18 @@ def _accuracy(versions: list[dict[str, Any]]) -> None:
     if not rows:
         st.info("No version was gated against a parent yet.")
         return
-    chart = pd.DataFrame(rows)
-    low = max(0.0, float(chart["accuracy"].min()) - 0.02)
-    st.vega_lite_chart(
-        chart,
-        {
-            "mark": {"type": "bar"},
-            "encoding": {
-                "x": {"field": "pair", "type": "nominal", "title": None},
-                "xOffset": {"field": "precision"},
-                "y": {
-                    "field": "accuracy",
-                    "type": "quantitative",
-                    "scale": {"domain": [low, 1.0]},
-                    "axis": {"format": "%"},
-                },
-                "color": {"field": "precision", "type": "nominal"},
-                "tooltip": [
-                    {"field": "pair"},
-                    {"field": "precision"},
-                    {"field": "accuracy", "format": ".2%"},
-                ],
-            },
-        },
-        height=260,
+    st.bar_chart(
+        pd.DataFrame(rows), x="pair", y="accuracy", color="precision", stack=False, height=240
     )
+    for v in versions:
+        metrics = v.get("metrics") or {}
+        child, parent = _number(metrics.get("accuracy")), _number(metrics.get("parent_accuracy"))
+        if child is not None and parent is not None:
+            st.caption(
+                f"v{v['parent_version']} → v{v['version']}: FP32 {percent(parent)}, "
+                f"{v['precision'].upper()} {percent(child)} "
+                f"({_text(_number(metrics.get('accuracy_drop_pt')))} pt lost)"
+            )
 
 
 def _calibration(versions: list[dict[str, Any]]) -> None:
@@ -153,7 +150,7 @@ def _calibration(versions: list[dict[str, Any]]) -> None:
     curve = pd.DataFrame(routing["curve"])
     st.caption(
         f"{routing['policy']}: the threshold that offloads each share of the calibration split "
-        f"(shipped: {routing.get('threshold')}, target {routing.get('target') or '—'})"
+        f"(shipped: {_threshold(routing.get('threshold'))}, target {routing.get('target') or '—'})"
     )
     st.line_chart(curve, x="offload", y="threshold", height=260)
     report = (version.get("calibration") or {}).get("policies") or {}

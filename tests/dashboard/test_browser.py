@@ -177,8 +177,16 @@ def test_fleet_page_counts_are_the_apis(page: Any, live: tuple[Cloud, str, int])
 
 
 def test_models_page_shows_both_versions(page: Any, live: tuple[Cloud, str, int]) -> None:
-    _cloud, url, _rollout = live
+    """The edge model (the one with a lineage) is shown first: its two versions, and the
+    threshold the INT8 version ships with, as the API has them."""
+    cloud, url, _rollout = live
     _open(page, f"{url}/models", "models", "Routing calibration")
+    versions = cloud.get("/v1/models/digits-edge/versions")
+    page.get_by_text(f"digits-edge: {len(versions)} versions").wait_for()
+    threshold = versions[-1]["routing"]["threshold"]
+    page.get_by_text(f"shipped: {threshold:.4f}", exact=False).wait_for()
+    int8 = versions[-1]["metrics"]
+    page.get_by_text(f"INT8 {int8['accuracy']:.1%}", exact=False).wait_for()
     page.get_by_text("Lineage").first.wait_for()
     _shot(page, "models")
 
