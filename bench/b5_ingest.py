@@ -57,11 +57,14 @@ API_PAUSE_S = 0.5
 # QoS 1 message was acknowledged by the broker.
 PUBLISHER = r"""
 import json, sys, time, threading
+from datetime import datetime, timezone
 import paho.mqtt.client as mqtt
 args = json.loads(sys.argv[1])
 ids, kind, count, rate = args["devices"], args["kind"], args["count"], args["rate"]
 qos = 1 if kind == "status" else 0
-at = "2026-01-01T00:00:00+00:00"
+# Dated now: telemetry windows are summed into the per-minute history (older ones are past
+# its retention and skipped, which would leave that work out of the measurement).
+at = datetime.now(timezone.utc).isoformat()
 def payload(i):
     if kind == "status":
         return json.dumps({"schema_version": 1, "rev": 1, "model": "m", "version": 1,

@@ -14,10 +14,12 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from cloud.cli_broker import app as broker_app
+from cloud.cli_dashboard import dashboard
 from cloud.cli_models import app as models_app
 from cloud.cli_rollouts import app as rollouts_app
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
+from cloud.embedded.dashboard import DEFAULT_PORT
 from cloud.embedded.services import ServiceUrls
 from cloud.launcher import OnReady, run_cloud
 from cloud.roles import Role
@@ -30,6 +32,7 @@ app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
 app.add_typer(broker_app, name="broker")
 app.add_typer(rollouts_app, name="rollout")
+app.command()(dashboard)
 console = Console(soft_wrap=True)
 
 # Our packages log at INFO (DEBUG with --verbose); everything else (httpx, alembic,
@@ -200,13 +203,22 @@ def demo(
     traffic: Annotated[
         float, typer.Option(help="digits per second sent to the agents (0: none)", min=0, max=1000)
     ] = 20.0,
+    dashboard_port: Annotated[
+        int, typer.Option(help="dashboard port (taken or 0: a free one); -1: no dashboard")
+    ] = DEFAULT_PORT,
     verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
     local `edge-agent` processes running the INT8 edge model; Ctrl-C stops all."""
     configure_logging(verbose)
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    session = DemoSession(agents, say=_say, banner=_banner, traffic=traffic)
+    session = DemoSession(
+        agents,
+        say=_say,
+        banner=_banner,
+        traffic=traffic,
+        dashboard_port=None if dashboard_port < 0 else dashboard_port,
+    )
     _run_until_stopped(
         settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick
     )

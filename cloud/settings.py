@@ -52,6 +52,12 @@ class CloudSettings(BaseSettings):
     rollout_tick_s: float = Field(default=0.5, gt=0, le=60)
     # The rollout engine's lease in Redis: a replica that dies is replaced this soon.
     rollout_lease_s: float = Field(default=10.0, ge=1, le=600)
+    # -- telemetry history (cloud.history): per device per minute in SQL -------------------
+    # Minutes older than this are deleted (checked every prune interval); windows are summed
+    # in memory and written every flush interval (what a hard crash may lose of telemetry).
+    history_retention_days: float = Field(default=14.0, gt=0, le=3650)
+    history_prune_interval_s: float = Field(default=600.0, ge=1, le=86400)
+    history_flush_s: float = Field(default=5.0, gt=0, le=300)
     # The broker address devices are told at enrollment (production: the public one).
     device_mqtt_url: str | None = None
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)

@@ -11,6 +11,7 @@ from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
 from cloud.demo.traffic import Traffic, start_traffic
+from cloud.embedded.dashboard import DashboardProcess, dashboard_app
 from cloud.embedded.processes import describe_exit
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
@@ -52,6 +53,7 @@ class DemoSession:
         say: Callable[[str], None],
         banner: Callable[[CloudContext, str], None],
         traffic: float = 0.0,
+        dashboard_port: int | None = None,
     ) -> None:
         self.count = agents
         self.say = say
@@ -61,9 +63,13 @@ class DemoSession:
         # Rows per second sent to the agents once they serve the model (0: none).
         self.traffic_rate = traffic
         self.traffic: Traffic | None = None
+        self.dashboard_port = dashboard_port  # None: no dashboard
+        self.dashboard: DashboardProcess | None = None
+        self._dashboard_said = False
 
     def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         self.banner(context, api_url)
+        self._spawn_dashboard(context, api_url)
         try:
             self._reference(context, stop)
             if self.count and not stop.is_set():
@@ -73,6 +79,7 @@ class DemoSession:
         except OSError as exc:
             raise ServiceUnavailable(f"the demo could not use its files: {exc}") from exc
         if not stop.is_set():
+            self._dashboard_up()
             self.say("Ctrl-C stops everything.")
 
     def _reference(self, context: CloudContext, stop: threading.Event) -> None:
@@ -153,8 +160,49 @@ class DemoSession:
                 say=self.say,
             )  # fmt: skip
 
+    # -- the dashboard: a child process in its own session, started with the demo -------------
+
+    def _spawn_dashboard(self, context: CloudContext, api_url: str) -> None:
+        """Started early (Streamlit takes seconds to import) and waited for at the end."""
+        if self.dashboard_port is None:
+            return
+        if dashboard_app() is None:
+            self.say("No dashboard: Streamlit is not installed (pip install -e '.[dashboard]').")
+            return
+        logs = context.settings.data_dir.resolve() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.dashboard = DashboardProcess(
+            api_url=api_url, token=context.settings.admin_token, port=self.dashboard_port,
+            log_path=logs / "dashboard.log",
+        )  # fmt: skip
+        self.dashboard.child.spawn()
+
+    def _dashboard_up(self) -> None:
+        dashboard = self.dashboard
+        if dashboard is None:
+            return
+        try:
+            dashboard.child.wait_until(dashboard.healthy, timeout=60, what="the dashboard")
+        except ServiceUnavailable as exc:
+            self.say(f"warning: {exc.message}; see {dashboard.child.log_path}. The demo goes on.")
+            dashboard.stop()
+            self.dashboard = None
+            return
+        self.say(
+            f"Dashboard  {dashboard.url}  (Streamlit, over the API; log {dashboard.child.log_path})"
+        )
+
     def tick(self) -> None:
-        """Called about every second: an agent that died is a warning, not the end."""
+        """Called about every second: an agent (or the dashboard) that died is a warning, not
+        the end."""
+        dashboard = self.dashboard
+        code = dashboard.exit_code() if dashboard is not None else None
+        if dashboard is not None and code is not None and not self._dashboard_said:
+            self._dashboard_said = True
+            self.say(
+                f"warning: the dashboard exited ({describe_exit(code)}); see "
+                f"{dashboard.child.log_path}. The rest of the demo goes on."
+            )
         if self.fleet is None or not self._watching:
             return
         for agent, code in self.fleet.newly_dead():
@@ -167,6 +215,9 @@ class DemoSession:
         if self.traffic is not None:
             self.traffic.stop()
             self.say(f"Traffic stopped: {self.traffic.total.rows} rows sent in all")
+        if self.dashboard is not None:
+            self.say("Stopping the dashboard")
+            self.dashboard.stop()
         if self.fleet is not None:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")

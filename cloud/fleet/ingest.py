@@ -22,6 +22,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from cloud.context import CloudContext
 from cloud.fleet.watch import BacklogWatch, Throttle
+from cloud.history.rollup import HistoryWriter
 from cloud.registry.tables import DeploymentEvent, Device
 from shared import topics
 from shared.errors import ProtocolError
@@ -129,8 +130,10 @@ class Ingest:
         max_batch: int = 2_000,
         max_bytes: int = 64 * 1024 * 1024,
         backoff: Backoff | None = None,
+        history: HistoryWriter | None = None,
     ) -> None:
         self.context = context
+        self.history = history  # telemetry summed per minute into SQL (cloud.history)
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.max_batch = max_batch
@@ -346,6 +349,12 @@ class Ingest:
         if not entries:
             return
         self._publish_live(entries)
+        if self.history is not None:
+            self.history.add(
+                (e.device_id, e.message)
+                for e in entries
+                if e.kind is DeviceTopic.TELEMETRY and e.message is not None
+            )
         items = [entry.item for entry in entries]
         ack_all(items)
         self._acked.update(id(item) for item in items)

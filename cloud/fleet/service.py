@@ -8,21 +8,21 @@ import logging
 import re
 import uuid
 
-from sqlalchemy import select
-
 from cloud.context import CloudContext
 from cloud.fleet.access import ArtifactAccess
 from cloud.fleet.chunks import ChunkBroadcaster
 from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
 from cloud.fleet.watch import BROKER_STATS, BrokerWatch
-from cloud.registry.tables import Artifact, DeploymentEvent
+from cloud.history.rollup import HistoryWriter
+from cloud.registry.fleet_queries import device_events, event_public
+from cloud.registry.tables import Artifact
 from cloud.rollout.engine import RolloutEngine
 from cloud.rollout.leader import Leadership
 from cloud.settings import CloudSettings
 from shared import topics
 from shared.errors import EdgeFleetError
-from shared.messages import ArtifactRequest, DesiredState, StatusEvent, decode
+from shared.messages import ArtifactRequest, DesiredState, decode
 from shared.mqtt_link import MqttLink
 from shared.retry import Backoff
 from shared.topics import DeviceTopic
@@ -71,7 +71,14 @@ class FleetService:
             manual_ack=True,
             tls=context.settings.mqtt_tls,
         )
-        self.ingest = Ingest(context)
+        settings = context.settings
+        self.history = HistoryWriter(
+            context.database,
+            flush_s=settings.history_flush_s,
+            retention_s=settings.history_retention_days * 86400,
+            prune_s=settings.history_prune_interval_s,
+        )
+        self.ingest = Ingest(context, history=self.history)
         # The broker's $SYS counters, on a connection of their own: some brokers (rumqttd)
         # close a connection that subscribes to $SYS, and it must not be the ingest's.
         self.broker = BrokerWatch()
@@ -110,6 +117,7 @@ class FleetService:
         )
         for stat in BROKER_STATS:  # Mosquitto's $SYS counters; other brokers stay silent
             self.broker_link.subscribe(stat, self.broker.on_stat, qos=0)
+        self.history.start()
         self.ingest.start()
         self.chunks.start()
         self.desired.start()
@@ -128,6 +136,7 @@ class FleetService:
         # Store and ack what is queued while the link is still up; what arrives meanwhile
         # stays unacknowledged in our session for the next start.
         self.ingest.stop()
+        self.history.stop()
         self.link.stop()
         self.broker_link.stop(timeout=2.0)
         if forget_session:
@@ -184,25 +193,5 @@ class FleetService:
 
     def events(self, device_id: str, limit: int = 100) -> list[dict[str, object]]:
         with self.context.database.session() as s:
-            rows = s.scalars(
-                select(DeploymentEvent)
-                .where(DeploymentEvent.device_id == device_id)
-                .order_by(DeploymentEvent.id.desc())
-                .limit(limit)
-            )
-            return [
-                StatusEvent.model_validate(
-                    {
-                        "rev": r.rev,
-                        "rollout_id": r.rollout_id,
-                        "model": r.model,
-                        "version": r.version,
-                        "state": r.state,
-                        "reason": r.reason,
-                        "bytes_done": r.bytes_done,
-                        "bytes_total": r.bytes_total,
-                        "at": r.at,
-                    }
-                ).model_dump(mode="json")
-                for r in rows
-            ]
+            rows, _next = device_events(s, device_id=device_id, limit=limit)
+            return [event_public(r) for r in rows]

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -29,6 +30,7 @@ __all__ = [
     "ModelVersion",
     "Rollout",
     "RolloutTarget",
+    "TelemetryMinute",
 ]
 
 
@@ -113,7 +115,7 @@ class Device(Base):
     name: Mapped[str] = mapped_column(String(128), default="")
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     token_hash: Mapped[str] = mapped_column(String(128), unique=True)
-    presence: Mapped[str] = mapped_column(String(16), default="unknown")
+    presence: Mapped[str] = mapped_column(String(16), default="unknown", index=True)
     reported: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     desired_rev: Mapped[int] = mapped_column(Integer, default=0)
     # What the device should run: {model: {"version_id": id, "rollout_id": id | None}}.
@@ -124,16 +126,19 @@ class Device(Base):
     desired_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     desired_renew_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
-    last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    last_seen_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
 
 
 class DeploymentEvent(Base):
     """Every status a device reported about a deployment: the history behind the live view."""
 
     __tablename__ = "deployment_events"
+    # A device's events newest first, and its latest one (the fleet summary reads it for
+    # every device), in one index probe each on PostgreSQL too.
+    __table_args__ = (Index("ix_deployment_events_device_latest", "device_id", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
     rev: Mapped[int] = mapped_column(Integer)
     rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     model: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -231,3 +236,45 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(256))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class TelemetryMinute(Base):
+    """What a device's telemetry windows said, summed per minute (``cloud.history``): the
+    history the dashboard charts. Every column but ``versions`` is a sum, so rows written by
+    several fleet replicas for the same minute add up (an upsert adds)."""
+
+    __tablename__ = "telemetry_minutes"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    # Minutes since the Unix epoch (UTC) of the window's end: integer buckets of any size
+    # are one expression on SQLite and PostgreSQL alike (minute - minute % step).
+    minute: Mapped[int] = mapped_column(Integer, primary_key=True, index=True)
+    windows: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    answers_cloud: Mapped[int] = mapped_column(BigInteger, default=0)
+    degraded: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_hard: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_cloud: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_degraded: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The latency histogram on cloud.history.buckets.BOUNDS_MS; lat_13 is past the last bound.
+    lat_00: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_01: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_02: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_03: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_04: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_05: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_06: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_07: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_08: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_09: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_10: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_11: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_12: Mapped[int] = mapped_column(BigInteger, default=0)
+    lat_13: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The models the device ran, ",name:version," each (the last window's), so a filter on
+    # a model is one LIKE on both backends.
+    versions: Mapped[str] = mapped_column(String(1024), default="")

@@ -293,7 +293,8 @@ def test_children_die_when_the_demo_is_killed_hard_and_it_comes_back(
         demo.wait_for(READY_LINE)
         children = demo.tree()[1:]
         assert len(children) >= 5
-        agent = next(p for p in children if "run" in p.cmdline())
+        # `run` processes: the agents, and the dashboard (`python -m streamlit run`).
+        agent = next(p for p in children if "run" in p.cmdline() and "streamlit" not in p.cmdline())
         assert any(Path(arg).name == "edge-agent" for arg in agent.cmdline())
         gone = httpx.delete(
             f"{demo.api_url()}/v1/devices/demo-agent-2",

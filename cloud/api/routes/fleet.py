@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud.api.bounds import INT32_MAX
@@ -15,6 +15,7 @@ from cloud.fleet.desired import stored_state
 from cloud.fleet.keeper import Issued
 from cloud.fleet.service import FleetService
 from cloud.registry import repository
+from cloud.registry.fleet_queries import device_events, event_public
 from shared.errors import NotFound, ServiceUnavailable
 from shared.messages import DesiredState
 
@@ -148,14 +149,24 @@ def retry(device_id: str, request: Request, actor: AdminAuth) -> DesiredIssued:
 @router.get("/{device_id}/events")
 def events(
     device_id: str,
-    request: Request,
+    response: Response,
     session: SessionDep,
     _actor: AdminAuth,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[
+        str | None,
+        Query(pattern=r"^[1-9][0-9]{0,17}$", description="X-Next-Cursor of the page before"),
+    ] = None,
 ) -> list[dict[str, Any]]:
-    """Deployment status events the device reported, newest first."""
+    """Deployment status events the device reported, newest first; when there are older
+    ones, the X-Next-Cursor header holds the ``cursor`` that pages on to them."""
     repository.get_device(session, device_id=device_id)
-    return _fleet(request).events(device_id, limit)
+    rows, following = device_events(
+        session, device_id=device_id, limit=limit, before=int(cursor) if cursor else None
+    )
+    if following is not None:
+        response.headers["X-Next-Cursor"] = str(following)
+    return [event_public(row) for row in rows]
 
 
 @router.get("/{device_id}/live")

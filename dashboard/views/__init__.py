@@ -1,0 +1,1 @@
+"""What each page shows, as functions of the API client."""

@@ -1,0 +1,170 @@
+"""Each dashboard page run by Streamlit's AppTest against a running API with a fleet in it:
+what the page shows is what the API says; the rollout buttons and form act through the API;
+an API that is down, a wrong token or none at all is one clear message, never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cloud.embedded.processes import free_port
+from tests.conftest import ADMIN_TOKEN
+from tests.dashboard.conftest import DEVICES, FleetApi
+
+APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+TIMEOUT = 60
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, fleet_api: FleetApi) -> FleetApi:
+    for name in ("EDGEFLEET_ADMIN_TOKEN", "EDGEFLEET_DASHBOARD_REFRESH_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDGEFLEET_DASHBOARD_API_URL", fleet_api.url)
+    monkeypatch.setenv("EDGEFLEET_DASHBOARD_TOKEN", ADMIN_TOKEN)
+    return fleet_api
+
+
+def _page(name: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    if name is not None:
+        at.switch_page(f"screens/{name}.py").run()
+    _clean(at)
+    return at
+
+
+def _clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def test_fleet_counts_and_table_are_the_apis(env: FleetApi) -> None:
+    """The counts at the top are the summary's; the table is the first page of devices; a
+    label filter narrows both; a device's detail shows its events and its history."""
+    summary: dict[str, Any] = env.get("/v1/fleet/summary")
+    at = _page()
+    presence = summary["presence"]
+    expected = {
+        "Devices": str(DEVICES),
+        "Online": str(presence["online"]),
+        "Offline": str(presence.get("offline", 0) + presence.get("stopped", 0)),
+        "Degraded": str(summary["degraded"]),
+    }
+    assert _metrics(at).items() >= expected.items()
+    assert summary["degraded"] > 0
+    table = at.dataframe[0].value
+    assert len(table) == DEVICES
+    assert list(table["id"][:2]) == ["cam-000", "cam-001"]
+    at.selectbox(key="fleet_label").set_value("site=lab").run()
+    _clean(at)
+    lab: dict[str, Any] = env.get("/v1/fleet/summary", label="site=lab")
+    assert _metrics(at)["Devices"] == str(lab["devices"]) == str(DEVICES // 2)
+    assert set(at.dataframe[0].value["labels"]) <= {"site=lab", "site=lab, tier=canary"}
+    at.text_input(key="fleet_device").set_value("cam-011").run()
+    _clean(at)
+    assert _metrics(at)["Deployment"] == "FAILED"
+    events = at.dataframe[1].value
+    assert list(events["state"]) == ["FAILED", "DOWNLOADING"]
+    assert any("requests" in c.value for c in at.caption)
+
+
+def test_an_unknown_device_is_a_warning_not_an_error(env: FleetApi) -> None:
+    at = _page()
+    at.text_input(key="fleet_device").set_value("nobody").run()
+    _clean(at)
+    assert "nobody" in at.warning[0].value
+
+
+def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) -> None:
+    versions: list[dict[str, Any]] = env.get("/v1/models/digits-edge/versions")  # type: ignore[assignment]
+    at = _page("models")
+    at.selectbox(key="models_name").set_value("digits-edge").run()
+    _clean(at)
+    table = at.dataframe[1].value
+    assert list(table["version"]) == [v["version"] for v in versions] == [1, 2]
+    assert list(table["precision"]) == ["FP32", "INT8"]
+    int8 = versions[1]["metrics"]
+    assert table["accuracy"][1] == f"{int8['accuracy']:.1%}"
+    assert table["parent accuracy"][1] == f"{int8['parent_accuracy']:.1%}"
+    assert at.selectbox(key="models_curve_version").value == 2
+    assert any("threshold that offloads" in c.value for c in at.caption)
+
+
+def test_rollouts_start_pause_resume_and_abort_through_the_api(env: FleetApi) -> None:
+    """Start a rollout with the form (it supersedes the fixture's), then pause, resume and
+    abort it with the buttons: each is the API's state right after."""
+    at = _page("rollouts")
+    at.selectbox(key="rollout_form_model").set_value("digits-edge")
+    at.text_input[0].set_value("site=field")
+    at.number_input(key="rollout_form_version").set_value(2)
+    at.form_submit_button[0].click().run()
+    _clean(at)
+    started = at.success[0].value
+    assert "started" in started, started
+    rollout_id = int(started.split()[1])
+    assert at.selectbox(key="rollouts_id").value == rollout_id
+    assert _metrics(at)["State"] == "IN_PROGRESS"
+    for action, expected in (("pause", "PAUSED"), ("resume", "IN_PROGRESS"), ("abort", "ABORTING")):
+        at.button(key=f"rollout_{action}").click().run()
+        _clean(at)
+        assert env.get(f"/v1/rollouts/{rollout_id}")["state"] == expected
+        assert _metrics(at)["State"] == expected
+    assert at.button(key="rollout_pause").disabled
+
+
+def test_a_bad_selector_in_the_form_is_an_error_on_the_page(env: FleetApi) -> None:
+    at = _page("rollouts")
+    at.text_input[0].set_value("site")
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    assert "not key=value" in at.error[0].value
+
+
+def test_inference_totals_and_budget(env: FleetApi) -> None:
+    """Fleet-wide totals are the history's; the budget endpoint this cloud lacks is a note;
+    one device's scope reads its own history."""
+    history: dict[str, Any] = env.get("/v1/history/fleet")
+    at = _page("inference")
+    metrics = _metrics(at)
+    assert metrics["Requests"] == f"{history['totals']['requests']:,}"
+    assert metrics["Offload rate"] == f"{history['totals']['offload_rate']:.1%}"
+    assert any("not available on this cloud yet" in i.value for i in at.info)
+    at.radio(key="inference_scope").set_value("One device").run()
+    at.text_input(key="inference_device").set_value("cam-003").run()
+    _clean(at)
+    own: dict[str, Any] = env.get("/v1/devices/cam-003/history")
+    assert _metrics(at)["Requests"] == f"{own['totals']['requests']:,}"
+
+
+def test_federated_says_it_is_not_available_here(env: FleetApi) -> None:
+    at = _page("federated")
+    assert "not available on this cloud yet" in at.info[0].value
+
+
+def test_an_api_that_is_down_is_one_message(env: FleetApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEFLEET_DASHBOARD_API_URL", f"http://127.0.0.1:{free_port()}")
+    for name in (None, "models", "rollouts", "inference", "federated"):
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        if name:
+            at.switch_page(f"screens/{name}.py").run()
+        assert not at.exception
+        assert "API is unavailable" in at.error[0].value, name
+
+
+def test_a_wrong_or_missing_token_is_one_message(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFLEET_DASHBOARD_TOKEN", "not-the-admin-token")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "refused the admin token" in at.error[0].value
+    monkeypatch.delenv("EDGEFLEET_DASHBOARD_TOKEN")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert "EDGEFLEET_DASHBOARD_TOKEN" in at.error[0].value
