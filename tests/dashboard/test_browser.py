@@ -198,7 +198,10 @@ def test_inference_page_totals_are_the_historys(page: Any, live: tuple[Cloud, st
     assert metric(page, "Requests") == f"{totals['requests']:,}"
     assert metric(page, "Offload rate") == f"{totals['offload_rate']:.1%}"
     assert metric(page, "p95 latency") == f"{totals['p95_ms']:.1f} ms"
-    assert page.get_by_text("not available on this cloud yet").count() == 1  # no budget here
+    budget = cloud.get("/v1/inference/budget")
+    assert budget["budget"] is None  # nothing saturates this cloud
+    expected = "none in force" if budget["enabled"] else "turned off"
+    assert page.get_by_text(expected, exact=False).count() == 1
     _shot(page, "inference")
 
 

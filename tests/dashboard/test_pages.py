@@ -127,14 +127,18 @@ def test_a_bad_selector_in_the_form_is_an_error_on_the_page(env: FleetApi) -> No
 
 
 def test_inference_totals_and_budget(env: FleetApi) -> None:
-    """Fleet-wide totals are the history's; the budget endpoint this cloud lacks is a note;
-    one device's scope reads its own history."""
+    """Fleet-wide totals are the history's; the budget line says what the cloud's budget
+    route answers (no budget in force on a cloud that keeps up); one device's scope reads its
+    own history."""
     history: dict[str, Any] = env.get("/v1/history/fleet")
+    budget: dict[str, Any] = env.get("/v1/inference/budget")
+    assert budget["budget"] is None
     at = _page("inference")
     metrics = _metrics(at)
     assert metrics["Requests"] == f"{history['totals']['requests']:,}"
     assert metrics["Offload rate"] == f"{history['totals']['offload_rate']:.1%}"
-    assert any("not available on this cloud yet" in i.value for i in at.info)
+    expected = "none in force" if budget["enabled"] else "turned off"
+    assert any(expected in c.value for c in at.caption)
     at.radio(key="inference_scope").set_value("One device").run()
     at.text_input(key="inference_device").set_value("cam-003").run()
     _clean(at)
