@@ -8,6 +8,7 @@ from cloud.api.errors import JsonErrorBodies, install_error_handlers
 from cloud.api.limits import BodySizeLimit, HeadSizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
 from cloud.api.routes import artifacts, audit, devices, health, models, pipeline, rollouts
+from cloud.api.routes import compress as compress_routes
 from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
@@ -27,6 +28,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     install_error_handlers(app)
     for module in (
         health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit,
+        compress_routes,
     ):  # fmt: skip
         app.include_router(module.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.

@@ -9,6 +9,7 @@ from typing import Any
 
 from cloud.context import CloudContext
 from cloud.pipeline.calibrate import RoutingTarget, calibrate
+from cloud.pipeline.compress.measure import compare_latency
 from cloud.pipeline.datasets import EvalData, builtin
 from cloud.pipeline.evaluate import make_session, run_model
 from cloud.pipeline.gate import gate_classifier, gate_embedding
@@ -216,6 +217,7 @@ def quantize_version(
             parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
         )
     metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
+    metrics["latency"] = compare_latency(int8, parent.data, data.test_inputs)
     if warnings:
         metrics["warnings"] = warnings
     calibration, routing = calibrate_routing(context, parent, int8, data, options)

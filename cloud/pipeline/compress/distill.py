@@ -29,7 +29,7 @@ from cloud.pipeline.evaluate import accuracy, run_model
 from cloud.pipeline.reference.graphs import HEAD_BIAS, HEAD_WEIGHT
 from cloud.pipeline.service import ParentVersion, QuantizeOptions
 from cloud.registry import repository
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.messages import TensorSpec
 
 __all__ = ["DistillOptions", "distill_version", "teacher_probabilities"]
@@ -85,6 +85,19 @@ def _check_teacher(teacher: ParentVersion, output: str) -> TensorSpec:
             "student learns from class probabilities"
         )
     return teacher.inputs[0]
+
+
+def _check_student_model(context: CloudContext, name: str) -> None:
+    """Refused before any training: an existing model of another task takes no student."""
+    with context.database.session() as s:
+        try:
+            task = repository.get_model(s, name=name).task
+        except NotFound:
+            return
+    if task != "classification":
+        raise InvalidInput(
+            f"model {name!r} is a {task} model; a student is a classification model: name another"
+        )
 
 
 def teacher_probabilities(
@@ -144,6 +157,7 @@ def distill_version(
     student as the next version of ``student_model`` (a new model is created)."""
     parent = _teacher(context, *teacher)
     spec = _check_teacher(parent, options.teacher_output)
+    _check_student_model(context, student_model)
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     features = data.train_inputs[spec.name].shape[1]
     side, pool = round(features**0.5), options.arch.pool

@@ -30,9 +30,9 @@ __all__ = ["Fp16Options", "PruneOptions", "fp16_version", "prune_version"]
 class PruneOptions:
     method: PruneMethod
     sparsity: float
-    # Edge MLPs: a short training run distilled from the unpruned parent (pruned weights
-    # held at zero). Other graphs, structured only: a least-squares refit of the layers that
-    # read the removed neurons.
+    # Structured: a least-squares refit of the layers that read the removed neurons; then,
+    # for edge MLPs (either method), a short training run distilled from the unpruned
+    # parent, pruned weights held at zero.
     fine_tune: bool = False
     fine_tune_epochs: int = 30
     quantize: bool = False  # INT8 after pruning (static for classifiers, dynamic otherwise)
@@ -86,18 +86,23 @@ def _prune(parent: ParentVersion, data: CompressData, options: PruneOptions) -> 
     if options.method is PruneMethod.MAGNITUDE:
         pruned = magnitude_prune(parent.data, options.sparsity, keep=parent.trainable)
     else:
-        repair = options.fine_tune and not mlp
         pruned = structured_prune(
-            parent.data, options.sparsity, data.train_inputs, keep=parent.trainable, repair=repair
+            parent.data,
+            options.sparsity,
+            data.train_inputs,
+            keep=parent.trainable,
+            repair=options.fine_tune,
         )
     details["pruning"] = pruned.report
     model = pruned.model
     if options.fine_tune:
+        steps = []
+        if options.method is PruneMethod.STRUCTURED:
+            steps.append("least-squares refit of the layers reading pruned neurons")
         if mlp:
             model = _fine_tune(parent, pruned, data, options.fine_tune_epochs)
-            details["fine_tune"] = f"distilled from the parent, {options.fine_tune_epochs} epochs"
-        else:
-            details["fine_tune"] = "least-squares refit of the layers reading pruned neurons"
+            steps.append(f"distilled from the parent, {options.fine_tune_epochs} epochs")
+        details["fine_tune"] = "; ".join(steps)
     precision, source = "fp32", f"prune:{options.method.value}"
     if options.quantize:
         embedding = parent.task == "embedding"
