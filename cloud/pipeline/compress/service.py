@@ -23,7 +23,7 @@ from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.service import ParentVersion, QuantizeOptions, load_parent
 from shared.errors import InvalidInput
 
-__all__ = ["Fp16Options", "PruneOptions", "fp16_version", "prune_version"]
+__all__ = ["Fp16Options", "PruneOptions", "fp16_version", "prune_candidate", "prune_version"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,8 @@ def _fine_tune(parent: ParentVersion, pruned: Pruned, data: CompressData, epochs
     return tuned.to_onnx(parent.model.replace("-", "_"), input_name=name)
 
 
-def _prune(parent: ParentVersion, data: CompressData, options: PruneOptions) -> Child:
+def prune_candidate(parent: ParentVersion, data: CompressData, options: PruneOptions) -> Child:
+    """The pruned (fine-tuned, quantized) candidate of ``parent``, not yet gated."""
     mlp = _is_mlp(parent.data)
     details: dict[str, Any] = {"method": options.method.value, "sparsity": options.sparsity}
     if options.fine_tune and not mlp and options.method is PruneMethod.MAGNITUDE:
@@ -133,7 +134,7 @@ def prune_version(
     """Prune ``model:version`` (FP32), gate the child against it, register it as a child."""
     parent = load_parent(context, model, version, action="prune")
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
-    child = _prune(parent, data, options)
+    child = prune_candidate(parent, data, options)
     return _finish(context, parent, child, data, options.gate, actor)
 
 
