@@ -2,6 +2,7 @@
 FP16 and combinations, for digits-edge, digits-edge-weak and MiniLM.
 
     python -m bench b7_compression [--quick] [--no-minilm]
+    python -m bench b7_compression --int8-check   # MiniLM FP32 vs INT8 only, batch 1, 2 threads
 
 Every variant is made by the pipeline's own code (cloud/pipeline/compress, quantize). Per
 model, all variants take turns round by round in one process (1 and 2 threads, batch 1 and
@@ -217,7 +218,43 @@ def run_model_family(family: str, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def int8_check(rounds: int = 30) -> dict[str, Any]:
+    """The MiniLM target alone (INT8 >= 2x ORT FP32 at batch 1 on 2 threads, cosine >= 0.99),
+    timed longer than the full run can afford: FP32, INT8 unfused and INT8 fused in turns."""
+    from cloud.pipeline.reference import minilm
+
+    fp32 = minilm.export_minilm()
+    models = {
+        "FP32": fp32,
+        "INT8 (unfused)": quantize(fp32, method=QuantMethod.DYNAMIC, fuse=False),
+        "INT8 (fused)": quantize(fp32, method=QuantMethod.DYNAMIC),
+    }
+    test = minilm.eval_data().test_inputs
+    reference = run_model(fp32, test, output=minilm.OUTPUT, batch_size=32)
+    feed = {k: v[:1].copy() for k, v in minilm.tokenize(minilm.sentences(64, seed=1)).items()}
+    sessions = {n: make_session(m, threads=2) for n, m in models.items()}
+    engines = {n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}
+    load = os.getloadavg()
+    samples = interleaved(engines, rounds=rounds, calls=20, warmup=5)
+    out: dict[str, Any] = {"loadavg_before": [round(x, 2) for x in load]}
+    base = summarize(samples["FP32"], 1)["p50_ms"]
+    for name, values in samples.items():
+        stats = summarize(values, 1)
+        cos = cosine_rows(reference, run_model(models[name], test, output=minilm.OUTPUT))
+        out[name] = {**stats, "speedup": round(base / stats["p50_ms"], 3),
+                     "cosine_mean": round(float(cos.mean()), 5)}  # fmt: skip
+        row = out[name]
+        print(f"{name:16s} p50 {stats['p50_ms']:8.3f} ms  p99 {stats['p99_ms']:8.3f} ms  "
+              f"speedup {row['speedup']:.2f}x  cosine {row['cosine_mean']:.4f}")  # fmt: skip
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print("load average before / after:", out["loadavg_before"], out["loadavg_after"])
+    return out
+
+
 def main(argv: list[str]) -> None:
+    if "--int8-check" in argv:
+        print("wrote", write("b7_minilm_int8", int8_check()))
+        return
     quick = "--quick" in argv
     families = ["digits-edge", "digits-edge-weak"]
     if "--no-minilm" not in argv:
