@@ -81,4 +81,11 @@ def compress_data(
         return _split(from_npz(upload, inputs, seed=seed), seed)
     if dataset is None:
         raise InvalidInput("this version has no recorded dataset; upload one (.npz)")
-    return _builtin(dataset)
+    data = _builtin(dataset)
+    wanted = sorted(s.name for s in inputs)
+    if wanted and wanted != sorted(data.train_inputs):
+        raise InvalidInput(
+            f"the built-in dataset {dataset!r} gives inputs {sorted(data.train_inputs)}, the "
+            f"model takes {wanted}; upload a dataset (.npz)"
+        )
+    return data
