@@ -151,7 +151,7 @@ def _group(graph: Graph, producer: Linear, keep: Collection[str]) -> Group | Non
             taken.add(id(node))
             linear = graph.linear(node) if index == 0 else None
             if linear is not None:
-                if weights_in(graph, linear) != group.channels:
+                if _in_width(graph, linear) != group.channels:
                     return None
                 if not graph.only_reader(linear.weight, node):
                     return None
@@ -181,7 +181,7 @@ def _group(graph: Graph, producer: Linear, keep: Collection[str]) -> Group | Non
     return group if group.consumers else None
 
 
-def weights_in(graph: Graph, linear: Linear) -> int:
+def _in_width(graph: Graph, linear: Linear) -> int:
     value = graph.constant(linear.weight)
     assert value is not None
     return int(value.shape[linear.in_axis])

@@ -3,8 +3,9 @@ temperature-softened probabilities plus the hard labels, exported with the edge 
 outputs (probabilities, embedding, trainable head) and registered with its teacher named.
 
 Lineage: the student is a version of its own model, so ``parent_id`` (which the registry
-keeps within one model) cannot point at a teacher in another; the teacher is recorded in
-the student's metrics (``teacher``: model and version) and in the audit log's subject.
+keeps within one model) cannot point at a teacher in another, and ``source`` holds 32
+characters; the teacher is recorded in the student's metrics (``teacher``: model and
+version), which the API returns and the compression report shows. No migration needed.
 """
 
 from __future__ import annotations

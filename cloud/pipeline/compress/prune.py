@@ -18,7 +18,7 @@ from cloud.pipeline.compress.channels import Graph, Group, find_groups
 from cloud.pipeline.evaluate import make_session
 from shared.errors import InvalidInput
 
-__all__ = ["PruneMethod", "Pruned", "magnitude_prune", "structured_prune"]
+__all__ = ["PruneMethod", "Pruned", "magnitude_prune", "structured_prune", "tensor"]
 
 Array = npt.NDArray[Any]
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1}  # op -> index of its weight input
