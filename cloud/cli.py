@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from cloud import cli_compress  # noqa: F401 - adds distill, prune, fp16, report to `model`
 from cloud.cli_broker import app as broker_app
 from cloud.cli_dashboard import dashboard
 from cloud.cli_models import app as models_app

@@ -19,6 +19,7 @@ from cloud.api.routes import (
     pipeline,
     rollouts,
 )
+from cloud.api.routes import compress as compress_routes
 from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
@@ -38,7 +39,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     install_error_handlers(app)
     for module in (
         health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit, budget,
-        fleet_state, history,
+        fleet_state, history, compress_routes,
     ):  # fmt: skip
         app.include_router(module.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.

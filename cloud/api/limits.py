@@ -27,7 +27,8 @@ class BodySizeLimit:
         self.uploads = uploads
 
     def _limit(self, path: str) -> int:
-        return self.uploads if path.endswith(("/versions", "/quantize")) else self.default
+        uploads = ("/versions", "/quantize", "/prune", "/fp16", "/distill")  # model or dataset
+        return self.uploads if path.endswith(uploads) else self.default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

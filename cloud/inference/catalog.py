@@ -52,10 +52,14 @@ class Catalog:
         *,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        fp16: bool = False,
     ) -> None:
         self.database = database
         self.ttl_s = ttl_s
         self.clock = clock
+        # "latest" may name an FP16 version only where the GPU runs it: on the CPU,
+        # onnxruntime computes FP16 nodes through casts, slower than the FP32 parent.
+        self.fp16 = fp16
         self._lock = threading.Lock()
         self._models: dict[str, tuple[float, dict[int, VersionInfo]]] = {}
 
@@ -68,7 +72,13 @@ class Catalog:
         if not versions:
             raise NotFound(f"model {model!r} has no versions")
         if version is None:
-            return versions[max(versions)]
+            latest = self._latest(versions)
+            if latest is None:
+                raise NotFound(
+                    f"model {model!r} has only FP16 versions, served as 'latest' on CUDA "
+                    "only; name a version"
+                )
+            return latest
         info = versions.get(version)
         if info is None:
             raise NotFound(f"model {model!r} has no version {version}")
@@ -81,7 +91,11 @@ class Catalog:
         if cached is None or self.clock() - cached[0] >= self.ttl_s or not cached[1]:
             return None
         versions = cached[1]
-        return versions[max(versions)] if version is None else versions.get(version)
+        return self._latest(versions) if version is None else versions.get(version)
+
+    def _latest(self, versions: dict[int, VersionInfo]) -> VersionInfo | None:
+        servable = [n for n, v in versions.items() if self.fp16 or v.precision != "fp16"]
+        return versions[max(servable)] if servable else None
 
     def _versions(self, model: str, *, fresh: bool) -> dict[int, VersionInfo]:
         now = self.clock()

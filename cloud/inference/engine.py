@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-__all__ = ["Engine", "open_engine", "select_providers"]
+__all__ = ["Engine", "open_engine", "select_providers", "serves_fp16"]
 
 _LOGGER = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -27,6 +27,11 @@ def select_providers(wanted: Sequence[str], available: Sequence[str]) -> list[st
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def serves_fp16(wanted: Sequence[str], available: Sequence[str]) -> bool:
+    """Whether sessions run on a GPU provider, where FP16 versions pay off."""
+    return select_providers(wanted, available)[0] in (_CUDA, _TENSORRT)
 
 
 def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:

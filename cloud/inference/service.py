@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
+import onnxruntime as ort
 
 from cloud.context import CloudContext
 from cloud.inference.auth import Caller, TokenCache
 from cloud.inference.batcher import BatchConfig, BatcherClosed
 from cloud.inference.catalog import Catalog, VersionInfo, parse_version
-from cloud.inference.engine import Engine, open_engine
+from cloud.inference.engine import Engine, open_engine, serves_fp16
 from cloud.inference.guards import RateLimiter, ResultCache, input_digest
 from cloud.inference.metrics import InferenceMetrics
 from cloud.inference.pool import OpenEngine, SessionPool
@@ -78,7 +79,11 @@ class InferenceService:
         self.settings = settings
         self.context = context
         self.metrics = InferenceMetrics()
-        self.catalog = Catalog(context.database, ttl_s=settings.inference_catalog_ttl_s)
+        self.catalog = Catalog(
+            context.database,
+            ttl_s=settings.inference_catalog_ttl_s,
+            fp16=serves_fp16(settings.inference_providers, ort.get_available_providers()),
+        )
         self.tokens = TokenCache(
             context.database, admin_token=settings.admin_token,
             ttl_s=settings.inference_token_ttl_s,

@@ -1,5 +1,6 @@
-"""The accuracy gate: an INT8 candidate is registered only if it keeps its FP32 parent's
-quality on held-out data (accuracy for classifiers; cosine and neighbours for embeddings)."""
+"""The accuracy gate: an INT8 (pruned, FP16, distilled) candidate is registered only if it
+keeps its parent's quality on held-out data (accuracy for classifiers; cosine and
+neighbours for embeddings)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,16 @@ def gate_classifier(
     *,
     output: str = "probabilities",
     max_drop_pt: float = 0.5,
+    parent_output: str | None = None,
+    candidate_label: str = "INT8",
+    parent_label: str = "FP32",
 ) -> dict[str, float]:
-    """Accuracy of both on held-out data; raise :class:`GateFailed` if INT8 drops too much."""
+    """Accuracy of both on held-out data; raise :class:`GateFailed` if the candidate
+    (``int8``) drops too much below its parent (``fp32``)."""
     if len(labels) == 0:
         raise InvalidInput("the gate needs labelled held-out data")
-    parent = accuracy(run_model(make_session(fp32), inputs, output=output), labels)
+    parent_probs = run_model(make_session(fp32), inputs, output=parent_output or output)
+    parent = accuracy(parent_probs, labels)
     candidate = accuracy(run_model(make_session(int8), inputs, output=output), labels)
     drop_pt = (parent - candidate) * 100
     metrics = {
@@ -39,7 +45,8 @@ def gate_classifier(
     }
     if drop_pt > max_drop_pt:
         raise GateFailed(
-            f"INT8 candidate refused: accuracy {candidate:.2%} vs FP32 {parent:.2%} "
+            f"{candidate_label} candidate refused: accuracy {candidate:.2%} vs {parent_label} "
+            f"{parent:.2%} "
             f"({drop_pt:.2f} pt drop > {max_drop_pt} pt allowed) on {len(labels)} held-out examples"
         )
     return metrics
@@ -61,6 +68,7 @@ def gate_embedding(
     output: str,
     min_cosine: float = 0.99,
     min_neighbour_agreement: float = 0.75,
+    candidate_label: str = "INT8",
 ) -> dict[str, float]:
     """Mean cosine to FP32 and nearest-neighbour agreement; raise if either is too low.
 
@@ -79,8 +87,8 @@ def gate_embedding(
     }
     if metrics["cosine_mean"] < min_cosine or agreement < min_neighbour_agreement:
         raise GateFailed(
-            f"INT8 candidate refused: mean cosine to FP32 {cosines.mean():.4f} (need >= "
-            f"{min_cosine}), nearest-neighbour agreement {agreement:.2%} (need >= "
+            f"{candidate_label} candidate refused: mean cosine to FP32 {cosines.mean():.4f} "
+            f"(need >= {min_cosine}), nearest-neighbour agreement {agreement:.2%} (need >= "
             f"{min_neighbour_agreement:.0%}) on {len(parent)} held-out examples"
         )
     return metrics

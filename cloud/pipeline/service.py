@@ -9,6 +9,7 @@ from typing import Any
 
 from cloud.context import CloudContext
 from cloud.pipeline.calibrate import RoutingTarget, calibrate
+from cloud.pipeline.compress.measure import compare_latency
 from cloud.pipeline.datasets import EvalData, builtin
 from cloud.pipeline.evaluate import make_session, run_model
 from cloud.pipeline.gate import gate_classifier, gate_embedding
@@ -19,7 +20,15 @@ from cloud.registry import repository
 from shared.errors import Conflict, GateFailed, InvalidInput
 from shared.messages import CloudModelRef, RoutingPolicy, RoutingSpec, TensorSpec
 
-__all__ = ["LargerThanParent", "QuantizeOptions", "load_version_bytes", "quantize_version"]
+__all__ = [
+    "LargerThanParent",
+    "ParentVersion",
+    "QuantizeOptions",
+    "calibrate_routing",
+    "load_parent",
+    "load_version_bytes",
+    "quantize_version",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ class LargerThanParent(GateFailed):
 
 
 @dataclass(frozen=True, slots=True)
-class _Parent:
+class ParentVersion:
     model: str
     version: int
     task: str
@@ -76,12 +85,15 @@ def load_version_bytes(context: CloudContext, model: str, version: int) -> bytes
     return context.artifacts.path(sha).read_bytes()
 
 
-def _parent(context: CloudContext, model: str, version: int) -> _Parent:
+def load_parent(
+    context: CloudContext, model: str, version: int, *, action: str = "quantize"
+) -> ParentVersion:
+    """An FP32 version and its bytes (Conflict for any other precision)."""
     with context.database.session() as s:
         row = repository.get_version(s, model_name=model, version=version)
         if row.precision != "fp32":
-            raise Conflict(f"{model}:{version} is {row.precision}; quantize an fp32 version")
-        return _Parent(
+            raise Conflict(f"{model}:{version} is {row.precision}; {action} an fp32 version")
+        return ParentVersion(
             model=model,
             version=version,
             task=row.model.task,
@@ -94,9 +106,15 @@ def _parent(context: CloudContext, model: str, version: int) -> _Parent:
         )
 
 
-def _routing(
-    context: CloudContext, parent: _Parent, int8: bytes, data: EvalData, options: QuantizeOptions
+def calibrate_routing(
+    context: CloudContext,
+    parent: ParentVersion,
+    int8: bytes,
+    data: EvalData,
+    options: QuantizeOptions,
 ) -> tuple[dict[str, Any], RoutingSpec | None]:
+    """The calibration report and routing spec of a child (``int8``: its bytes) of
+    ``parent``; none when the model has no probabilities output or the data no labels."""
     probs_name = options.probabilities_output
     if probs_name not in parent.outputs or data.calib_labels is None:
         return {}, None
@@ -168,7 +186,7 @@ def quantize_version(
     parent (or ``options.allow_larger`` says to register it anyway, with a warning kept in
     the version's metrics and in the audit log).
     """
-    parent = _parent(context, model, version)
+    parent = load_parent(context, model, version)
     if data is None:
         if parent.dataset is None:
             raise InvalidInput(
@@ -199,9 +217,10 @@ def quantize_version(
             parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
         )
     metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
+    metrics["latency"] = compare_latency(int8, parent.data, data.test_inputs)
     if warnings:
         metrics["warnings"] = warnings
-    calibration, routing = _routing(context, parent, int8, data, options)
+    calibration, routing = calibrate_routing(context, parent, int8, data, options)
     health = golden_examples(int8, data.test_inputs)
     with context.database.session() as s:
         row = register_version(

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.pipeline.datasets import EvalData
+from cloud.pipeline.fusion import TransformerHints
 from shared.errors import MissingExtra
 
 __all__ = ["OUTPUT", "eval_data", "export_minilm", "sentences", "tokenize"]
@@ -93,13 +94,18 @@ def eval_data(count: int = 128) -> EvalData:
     )
 
 
-def load_torch_model() -> Any:
-    """The PyTorch module that the ONNX graph reproduces (also the B1 eager baseline)."""
+def load_torch_model(*, eager_attention: bool = False) -> Any:
+    """The PyTorch module that the ONNX graph reproduces (also the B1 eager baseline).
+
+    ``eager_attention`` spells attention out as MatMul/Softmax/MatMul (transformers' "eager"
+    implementation) instead of scaled_dot_product_attention: the form onnxruntime's
+    transformer optimizer recognises and fuses; the numbers are the same."""
     model_dir = _model_dir()
     import torch
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager"} if eager_attention else {}
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     encoder.eval()
 
     class SentenceEmbedding(torch.nn.Module):
@@ -117,10 +123,13 @@ def load_torch_model() -> Any:
 
 
 def export_minilm() -> bytes:
+    """The ONNX graph, with the hints (architecture, heads, width) that let the INT8 step
+    fuse attention and layer norm (cloud.pipeline.fusion)."""
     _model_dir()  # a clear MissingExtra before anything imports torch
+    import onnx
     import torch
 
-    module = load_torch_model()
+    module = load_torch_model(eager_attention=True)
     example = tokenize(sentences(2))
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -141,4 +150,9 @@ def export_minilm() -> bytes:
             opset_version=17,
             dynamo=False,
         )
-    return buffer.getvalue()
+    config = module.encoder.config
+    hints = TransformerHints("bert", config.num_attention_heads, config.hidden_size)
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(model, hints.metadata())
+    data: bytes = model.SerializeToString()
+    return data

@@ -1,0 +1,1 @@
+"""Compression beyond INT8: distillation, pruning and FP16, each behind the accuracy gate."""

@@ -1,0 +1,214 @@
+"""Compression over REST against a running API: distil, prune and convert to FP16, each
+child gated against its parent and registered with its figures; refusals are 4xx with the
+reason (and the gate's figures) and change nothing."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+
+from cloud.pipeline.reference.digits import digits_splits
+from tests.cloud.api.helpers import snapshot
+from tests.conftest import RunningApi, seed_reference_cache
+
+GATE_REFUSAL = (
+    r"structured-pruned \(90%\) candidate refused: accuracy \d+\.\d\d% vs FP32 parent "
+    r"\d+\.\d\d% \(\d+\.\d\d pt drop > 0\.5 pt allowed\) on 360 held-out examples"
+)
+
+
+@pytest.fixture
+def reference(api: RunningApi, reference_onnx: dict[str, bytes]) -> RunningApi:
+    """digits-cloud:1, digits-edge:1 (FP32) and :2 (INT8) registered."""
+    seed_reference_cache(api.context.settings, reference_onnx)
+    with api.client() as c:
+        r = c.post("/v1/reference-models", json={"models": ["digits-edge"]})
+        assert r.status_code == 201, r.text
+    return api
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _post(api: RunningApi, path: str, options: str, files: dict | None = None):  # type: ignore[no-untyped-def]
+    with api.client() as c:
+        c.timeout = 300
+        return c.post(path, data={"options": options}, files=files)
+
+
+def test_a_distilled_student_is_registered_with_its_teacher_named(reference: RunningApi) -> None:
+    """mlp:16,16 from the cloud SVM: a new model whose version 1 has the edge interface,
+    the teacher in its metrics (not as parent: that is another model), the gate's figures
+    against the teacher, the hard-label baseline, its size and latency beside the teacher's,
+    and routing calibrated against the teacher, with the APGR of that routing."""
+    r = _post(
+        reference, "/v1/models/digits-student/distill",
+        '{"student": "mlp:16,16", "teacher": "digits-cloud:1"}',
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["model"], body["version"], body["parent_version"]) == ("digits-student", 1, None)
+    assert (body["precision"], body["source"]) == ("fp32", "distill")
+    assert [o["name"] for o in body["outputs"]] == ["probabilities", "embedding"]
+    assert body["outputs"][1]["shape"] == [-1, 16]
+    assert body["trainable"] == ["head.weight", "head.bias"]
+    metrics = body["metrics"]
+    assert metrics["teacher"] == {"model": "digits-cloud", "version": 1}
+    assert metrics["accuracy_drop_pt"] <= 2.0
+    assert metrics["accuracy"] >= 0.95
+    assert 0 < metrics["compression"]["hard_label_accuracy"] <= 1
+    assert metrics["compression"]["arch"] == "mlp:16,16"
+    assert metrics["size_ratio"] < 0.05  # 1.5 thousand weights against the SVM's 160 thousand
+    assert metrics["latency"]["latency_ratio"] > 0
+    assert body["routing"]["cloud_model"] == {"name": "digits-cloud", "version": 1}
+    assert 0 < metrics["apgr"] <= 1.5
+
+
+def test_distillation_from_an_uploaded_dataset(reference: RunningApi) -> None:
+    s = digits_splits(0)
+    data = _npz(x=np.concatenate([s.x_train, s.x_test]), y=np.concatenate([s.y_train, s.y_test]))
+    r = _post(
+        reference, "/v1/models/uploaded-student/distill",
+        '{"student": "mlp:32,16", "teacher": "digits-cloud:1", "epochs": 60, "baseline": false}',
+        files={"dataset": ("d.npz", data, "application/octet-stream")},
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["metrics"]["gate_examples"] == round(0.2 * (len(s.y_train) + len(s.y_test)))
+    assert "hard_label_accuracy" not in body["metrics"]["compression"]
+
+
+def test_bad_distillation_requests_are_4xx_and_change_nothing(reference: RunningApi) -> None:
+    before = snapshot(reference.context)
+    cases = [
+        ('{"student": "mlp:16", "teacher": "nope:1"}', 404, "unknown model 'nope'"),
+        ('{"student": "mlp:16", "teacher": "digits-cloud:7"}', 404, "no version 7"),
+        ('{"student": "cnn:3x3", "teacher": "digits-cloud:1"}', 400, "architecture"),
+        ('{"student": "mlp:16", "teacher": "digits-cloud:1", "teacher_output": "logits"}', 400,
+         "has no output 'logits'"),
+        ('{"student": "mlp:16", "teacher": "digits-edge:1", "teacher_output": "embedding"}',
+         400, "not class probabilities"),
+        ('{"student": "mlp:16:pool3", "teacher": "digits-cloud:1"}', 400, "architecture"),
+        ('{"student": "mlp:16", "teacher": "digits-cloud"}', 400, "options"),
+        ('{"student": "mlp:16", "teacher": "digits-cloud:1", "alpha": 2}', 400, "options"),
+    ]  # fmt: skip
+    for options, code, reason in cases:
+        r = _post(reference, "/v1/models/student/distill", options)
+        assert r.status_code == code, (options, r.text)
+        assert reason in r.json()["error"], (options, r.text)
+    # An existing model of another task cannot take a student.
+    with reference.client() as c:
+        c.post("/v1/models", json={"name": "vectors", "task": "embedding"})
+    before = snapshot(reference.context)
+    r = _post(
+        reference,
+        "/v1/models/vectors/distill",
+        '{"student": "mlp:8", "teacher": "digits-cloud:1", "epochs": 2}',
+    )
+    assert r.status_code == 400
+    assert "embedding model" in r.json()["error"]
+    assert snapshot(reference.context) == before
+
+
+def test_structured_pruning_at_half_is_smaller_and_passes_the_gate(reference: RunningApi) -> None:
+    """50 % of the edge MLP's neurons removed, fine-tuned from its parent: under half the
+    bytes, within the gate, routing recalibrated; then pruned and quantized in one go."""
+    options = (
+        '{"sparsity": 0.5, "method": "structured", "fine_tune": true, '
+        '"cloud_model": "digits-cloud:1"}'
+    )
+    r = _post(reference, "/v1/models/digits-edge/versions/1/prune", options)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["version"], body["parent_version"]) == (3, 1)
+    assert (body["precision"], body["source"]) == ("fp32", "prune:structured")
+    metrics = body["metrics"]
+    assert metrics["accuracy_drop_pt"] <= 0.5
+    assert metrics["size_ratio"] < 0.5
+    assert metrics["compression"]["pruning"]["achieved_sparsity"] == 0.5
+    assert "distilled from the parent" in metrics["compression"]["fine_tune"]
+    assert body["outputs"][1]["shape"] == [-1, 16]  # the embedding shrank with its layer
+    assert body["routing"]["threshold"] is not None
+    assert metrics["latency"]["parent_p50_ms"] > 0
+    both = _post(
+        reference, "/v1/models/digits-edge/versions/1/prune",
+        '{"sparsity": 0.5, "fine_tune": true, "quantize": true}',
+    )  # fmt: skip
+    assert both.status_code == 201, both.text
+    assert (both.json()["precision"], both.json()["source"]) == ("int8", "prune:structured+int8")
+    assert both.json()["size"] < body["size"]
+
+
+def test_a_child_that_loses_too_much_is_refused_with_the_figures(reference: RunningApi) -> None:
+    before = snapshot(reference.context)
+    r = _post(reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.9}')
+    assert r.status_code == 422
+    assert re.search(GATE_REFUSAL, r.json()["error"]), r.json()["error"]
+    assert snapshot(reference.context) == before
+
+
+def test_bad_pruning_requests_are_4xx_and_change_nothing(reference: RunningApi) -> None:
+    before = snapshot(reference.context)
+    cases = [
+        ("digits-edge/versions/1", '{"sparsity": 1.0}', 400, "sparsity"),
+        ("digits-edge/versions/1", '{"sparsity": -0.2}', 400, "sparsity"),
+        ("digits-edge/versions/1", '{"sparsity": 0.5, "method": "random"}', 400, "method"),
+        ("digits-edge/versions/1", "{}", 400, "sparsity"),
+        ("digits-edge/versions/2", '{"sparsity": 0.5}', 409, "prune an fp32 version"),
+        ("digits-edge/versions/9", '{"sparsity": 0.5}', 404, "no version 9"),
+        ("digits-cloud/versions/1", '{"sparsity": 0.5}', 400, "no neurons"),
+        ("digits-cloud/versions/1", '{"sparsity": 0.5, "method": "magnitude", '
+         '"fine_tune": true}', 400, "fine-tuning after magnitude pruning"),
+    ]  # fmt: skip
+    for where, options, code, reason in cases:
+        r = _post(reference, f"/v1/models/{where}/prune", options)
+        assert r.status_code == code, (where, options, r.text)
+        assert reason in r.json()["error"], (where, options, r.text)
+    assert snapshot(reference.context) == before
+
+
+def test_fp16_keeps_the_io_types_and_passes_the_gate(reference: RunningApi) -> None:
+    r = _post(reference, "/v1/models/digits-cloud/versions/1/fp16", "{}")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["precision"], body["parent_version"], body["source"]) == ("fp16", 1, "fp16")
+    assert [(t["name"], t["datatype"]) for t in body["inputs"] + body["outputs"]] == [
+        ("input", "FP32"), ("probabilities", "FP32"),
+    ]  # fmt: skip
+    assert body["metrics"]["accuracy_drop_pt"] <= 0.5
+    assert 0.45 < body["metrics"]["size_ratio"] < 0.6
+    assert body["routing"] is None
+    again = _post(reference, "/v1/models/digits-cloud/versions/2/fp16", "{}")
+    assert again.status_code == 409
+
+
+def test_the_compression_report_lists_every_version(reference: RunningApi) -> None:
+    """After a pruned child: each version's size ratio and latency ratio to its parent, its
+    accuracy, and with a cloud model named, the APGR of every classifier version."""
+    assert _post(
+        reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.3, "fine_tune": true}'
+    ).status_code == 201  # fmt: skip
+    with reference.client() as c:
+        r = c.get("/v1/models/digits-edge/compression", params={"cloud_model": "digits-cloud:1"})
+        assert r.status_code == 200, r.text
+        rows = {v["version"]: v for v in r.json()["versions"]}
+        assert c.get("/v1/models/nope/compression").status_code == 404
+        assert c.get("/v1/models/digits-edge/compression?cloud_model=x:0").status_code == 400
+        assert c.get("/v1/models/digits-edge/compression?cloud_model=x").status_code == 422
+    assert set(rows) == {1, 2, 3}
+    assert rows[1]["size_ratio"] is None
+    assert rows[1]["latency_ratio"] is None
+    for version in (2, 3):
+        assert rows[version]["parent_version"] == 1
+        assert 0 < rows[version]["size_ratio"] < 1
+        assert rows[version]["latency_ratio"] > 0
+        assert rows[version]["accuracy"] > 0.9
+    for row in rows.values():
+        assert 0 < row["apgr"] <= 1.5
+        assert row["apgr_cloud_model"] == "digits-cloud:1"
