@@ -21,7 +21,6 @@ from shared.topics import DeviceTopic
 from tests.conftest import ADMIN_TOKEN, serve_in_thread
 from tests.history_support import feed, status, telemetry
 
-NOW = datetime.now(UTC)
 # id: (labels, presence, active models, latest deployment state, degraded answers)
 FLEET: dict[str, tuple[dict[str, str], str, dict[str, int], str | None, bool]] = {
     "cam-1": ({"site": "lab", "tier": "canary"}, "online", {"digits-edge": 2}, "ACTIVE", False),
@@ -34,6 +33,9 @@ FLEET: dict[str, tuple[dict[str, str], str, dict[str, int], str | None, bool]] =
 
 
 def _reports() -> list[tuple[str, DeviceTopic, bytes]]:
+    # Dated when the fixture runs, not when the module was imported: "degraded" means in the
+    # last minutes, and a long suite reaches this test well after the import.
+    now = datetime.now(UTC)
     reports = []
     for device_id, (_labels, presence, active, state, degraded) in FLEET.items():
         if presence != "unknown":
@@ -43,13 +45,13 @@ def _reports() -> list[tuple[str, DeviceTopic, bytes]]:
             reports.append((device_id, DeviceTopic.REPORTED, json.dumps(reported)))
             reports.append(
                 (device_id, DeviceTopic.TELEMETRY,
-                 telemetry(NOW, edge=5, rows=5, degraded=int(degraded),
+                 telemetry(now, edge=5, rows=5, degraded=int(degraded),
                            degraded_rows=int(degraded), active=active))
             )  # fmt: skip
         if state is not None:
             # Earlier states first: the latest one is what counts.
-            reports.append((device_id, DeviceTopic.STATUS, status(NOW, "QUEUED")))
-            reports.append((device_id, DeviceTopic.STATUS, status(NOW, state)))
+            reports.append((device_id, DeviceTopic.STATUS, status(now, "QUEUED")))
+            reports.append((device_id, DeviceTopic.STATUS, status(now, state)))
     return [(d, k, p.encode() if isinstance(p, str) else p) for d, k, p in reports]
 
 
@@ -127,7 +129,7 @@ def test_the_device_list_filters_sorts_and_pages(client: httpx.Client) -> None:
     assert _ids(client, model="other") == ["cam-4"]
     assert _ids(client, q="gate") == ["gate-1"]
     assert _ids(client, never_seen=True) == ["gate-1"]
-    later = (NOW + timedelta(hours=1)).isoformat()
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert _ids(client, seen_after=later) == []
     assert len(_ids(client, seen_before=later)) == 5
     assert _ids(client, sort="-id")[:2] == ["gate-1", "cam-5"]
@@ -156,7 +158,10 @@ def test_events_page_by_cursor_and_the_plain_call_still_works(
     no cursor; the call without one still answers the newest 100 as a plain list."""
     feed(
         context,
-        [("cam-1", DeviceTopic.STATUS, status(NOW, "DOWNLOADING", rev=10 + i)) for i in range(250)],
+        [
+            ("cam-1", DeviceTopic.STATUS, status(datetime.now(UTC), "DOWNLOADING", rev=10 + i))
+            for i in range(250)
+        ],
     )
     revs: list[int] = []
     cursor: str | None = None
