@@ -13,6 +13,7 @@ from edge_agent import __version__
 from edge_agent.config import AgentSettings
 from edge_agent.delivery import HttpDelivery, MqttDelivery
 from edge_agent.deployer import Deployer
+from edge_agent.learning import Learning
 from edge_agent.local_api import LocalApi
 from edge_agent.model_store import ModelStore
 from edge_agent.router import Answer, CloudClient, Router
@@ -86,6 +87,8 @@ class Agent:
         )
         self.router = Router(self.runtime, cloud=self.cloud, override=settings.routing_override)
         self.fetcher = fetcher
+        # Federated learning (issue 11): the sample buffer and the SuperNode, when turned on.
+        self.learning = Learning(settings, self.runtime, self.meter) if settings.federated else None
         self.api: LocalApi | None = None
         self._stop = threading.Event()
         self._telemetry_wake = threading.Event()
@@ -104,6 +107,8 @@ class Agent:
         self.deployer.start()
         self.link.start()
         self._telemetry.start()
+        if self.learning is not None:
+            self.learning.start()
         if serve_api:
             self.api = LocalApi(self, self.settings.api_host, self.settings.api_port)
             self.api.start()
@@ -128,6 +133,8 @@ class Agent:
         if self.api is not None:
             self.api.stop()
         self.deployer.stop()
+        if self.learning is not None:
+            self.learning.stop()
         self.link.stop()
         self.cloud.close()
         if isinstance(self.fetcher, HttpDelivery):
@@ -155,6 +162,8 @@ class Agent:
         self.meter.count("rows_cloud", answer.cloud_rows)
         self.meter.count("rows_degraded", answer.degraded_rows)
         self.meter.observe_ms(answer.latency_ms)
+        if self.learning is not None and answer.cloud_rows:
+            self.learning.on_answer(model, inputs, answer)
         return answer
 
     # -- reporting -----------------------------------------------------------------------
@@ -190,7 +199,10 @@ class Agent:
     def close_telemetry_window(self) -> None:
         """End the current telemetry window and queue it (sent by ``send_telemetry``)."""
         active = {name: m.version for name, m in self.runtime.models().items()}
-        self.outbox.put(self.meter.snapshot(active).model_dump_json().encode())
+        window = self.meter.snapshot(active)
+        if self.learning is not None:
+            window = window.model_copy(update={"learning": self.learning.state()})
+        self.outbox.put(window.model_dump_json().encode())
 
     def send_telemetry(self) -> int:
         """Send the queued windows, oldest first, as far as the link takes them."""
