@@ -7,7 +7,16 @@ from fastapi import FastAPI
 from cloud.api.errors import JsonErrorBodies, install_error_handlers
 from cloud.api.limits import BodySizeLimit, HeadSizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
-from cloud.api.routes import artifacts, audit, devices, health, models, pipeline, rollouts
+from cloud.api.routes import (
+    artifacts,
+    audit,
+    devices,
+    federated,
+    health,
+    models,
+    pipeline,
+    rollouts,
+)
 from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
@@ -26,7 +35,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     app.state.metrics = ApiMetrics(context, fleet)
     install_error_handlers(app)
     for module in (
-        health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit,
+        health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit, federated,
     ):  # fmt: skip
         app.include_router(module.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.

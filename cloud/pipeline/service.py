@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from cloud.context import CloudContext
 from cloud.pipeline.calibrate import RoutingTarget, calibrate
 from cloud.pipeline.datasets import EvalData, builtin
@@ -16,10 +18,21 @@ from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
+from cloud.registry.tables import ModelVersion
 from shared.errors import Conflict, GateFailed, InvalidInput
-from shared.messages import CloudModelRef, RoutingPolicy, RoutingSpec, TensorSpec
+from shared.messages import CloudModelRef, HealthCheckSpec, RoutingPolicy, RoutingSpec, TensorSpec
 
-__all__ = ["LargerThanParent", "QuantizeOptions", "load_version_bytes", "quantize_version"]
+__all__ = [
+    "Int8Candidate",
+    "LargerThanParent",
+    "Parent",
+    "QuantizeOptions",
+    "load_parent",
+    "load_version_bytes",
+    "prepare_int8",
+    "quantize_version",
+    "register_int8",
+]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +71,9 @@ class LargerThanParent(GateFailed):
 
 
 @dataclass(frozen=True, slots=True)
-class _Parent:
+class Parent:
+    """A version to quantize: its bytes and what the registry says of it."""
+
     model: str
     version: int
     task: str
@@ -76,12 +91,12 @@ def load_version_bytes(context: CloudContext, model: str, version: int) -> bytes
     return context.artifacts.path(sha).read_bytes()
 
 
-def _parent(context: CloudContext, model: str, version: int) -> _Parent:
+def load_parent(context: CloudContext, model: str, version: int) -> Parent:
     with context.database.session() as s:
         row = repository.get_version(s, model_name=model, version=version)
         if row.precision != "fp32":
             raise Conflict(f"{model}:{version} is {row.precision}; quantize an fp32 version")
-        return _Parent(
+        return Parent(
             model=model,
             version=version,
             task=row.model.task,
@@ -95,7 +110,7 @@ def _parent(context: CloudContext, model: str, version: int) -> _Parent:
 
 
 def _routing(
-    context: CloudContext, parent: _Parent, int8: bytes, data: EvalData, options: QuantizeOptions
+    context: CloudContext, parent: Parent, int8: bytes, data: EvalData, options: QuantizeOptions
 ) -> tuple[dict[str, Any], RoutingSpec | None]:
     probs_name = options.probabilities_output
     if probs_name not in parent.outputs or data.calib_labels is None:
@@ -153,28 +168,24 @@ def _routing(
     )
 
 
-def quantize_version(
-    context: CloudContext,
-    *,
-    model: str,
-    version: int,
-    data: EvalData | None,
-    options: QuantizeOptions,
-    actor: str,
-) -> int:
-    """Quantize ``model:version``, gate it, calibrate routing, register it as a child version.
+@dataclass(frozen=True, slots=True)
+class Int8Candidate:
+    """An INT8 child that passed the gate and the size rule, calibrated, not registered yet."""
 
-    Nothing is written unless the candidate passes the gate and is no larger than its
-    parent (or ``options.allow_larger`` says to register it anyway, with a warning kept in
-    the version's metrics and in the audit log).
-    """
-    parent = _parent(context, model, version)
-    if data is None:
-        if parent.dataset is None:
-            raise InvalidInput(
-                f"{model}:{version} has no recorded dataset; upload evaluation data (.npz)"
-            )
-        data = builtin(parent.dataset)
+    data: bytes
+    method: QuantMethod
+    metrics: dict[str, Any]
+    calibration: dict[str, Any]
+    routing: RoutingSpec | None
+    health: HealthCheckSpec
+    warnings: list[str]
+
+
+def prepare_int8(
+    context: CloudContext, parent: Parent, data: EvalData, options: QuantizeOptions
+) -> Int8Candidate:
+    """Quantize ``parent``, gate it, calibrate routing; writes nothing (raises
+    :class:`GateFailed` when the candidate is refused)."""
     embedding = parent.task == "embedding"
     method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
     int8 = quantize(
@@ -183,7 +194,7 @@ def quantize_version(
         calibration=data.quantization_inputs,
         trainable=parent.trainable,
     )
-    warnings = _size_warnings(model, version, len(int8), len(parent.data), options)
+    warnings = _size_warnings(parent.model, parent.version, len(int8), len(parent.data), options)
     if embedding:
         scores = gate_embedding(
             parent.data,
@@ -203,27 +214,60 @@ def quantize_version(
         metrics["warnings"] = warnings
     calibration, routing = _routing(context, parent, int8, data, options)
     health = golden_examples(int8, data.test_inputs)
+    return Int8Candidate(int8, method, metrics, calibration, routing, health, warnings)
+
+
+def register_int8(
+    session: Session, context: CloudContext, parent: Parent, candidate: Int8Candidate, actor: str
+) -> ModelVersion:
+    """Register ``candidate`` as the child of ``parent`` (in the caller's unit of work)."""
+    return register_version(
+        session,
+        context.artifacts,
+        model_name=parent.model,
+        blocks=[candidate.data],
+        max_bytes=len(candidate.data),
+        precision="int8",
+        actor=actor,
+        parent_version=parent.version,
+        metrics=candidate.metrics,
+        calibration=candidate.calibration,
+        routing=candidate.routing,
+        trainable=parent.trainable,
+        healthcheck=candidate.health,
+        source=f"quantize:{candidate.method.value}",
+        dataset=parent.dataset,
+        warnings=candidate.warnings,
+    )
+
+
+def quantize_version(
+    context: CloudContext,
+    *,
+    model: str,
+    version: int,
+    data: EvalData | None,
+    options: QuantizeOptions,
+    actor: str,
+) -> int:
+    """Quantize ``model:version``, gate it, calibrate routing, register it as a child version.
+
+    Nothing is written unless the candidate passes the gate and is no larger than its
+    parent (or ``options.allow_larger`` says to register it anyway, with a warning kept in
+    the version's metrics and in the audit log).
+    """
+    parent = load_parent(context, model, version)
+    if data is None:
+        if parent.dataset is None:
+            raise InvalidInput(
+                f"{model}:{version} has no recorded dataset; upload evaluation data (.npz)"
+            )
+        data = builtin(parent.dataset)
+    candidate = prepare_int8(context, parent, data, options)
     with context.database.session() as s:
-        row = register_version(
-            s,
-            context.artifacts,
-            model_name=model,
-            blocks=[int8],
-            max_bytes=len(int8),
-            precision="int8",
-            actor=actor,
-            parent_version=version,
-            metrics=metrics,
-            calibration=calibration,
-            routing=routing,
-            trainable=parent.trainable,
-            healthcheck=health,
-            source=f"quantize:{method.value}",
-            dataset=parent.dataset,
-            warnings=warnings,
-        )
+        row = register_int8(s, context, parent, candidate, actor)
         s.flush()
-        _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, metrics)
+        _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, candidate.metrics)
         return row.version
 
 

@@ -36,8 +36,10 @@ def upgrade() -> None:
         )
         batch_op.create_foreign_key(
             batch_op.f("fk_federated_runs_result_int8_version_id_model_versions"),
-            "model_versions", ["result_int8_version_id"], ["id"],
-        )  # fmt: skip
+            "model_versions",
+            ["result_int8_version_id"],
+            ["id"],
+        )
         batch_op.create_foreign_key(
             batch_op.f("fk_federated_runs_rollout_id_rollouts"), "rollouts", ["rollout_id"], ["id"]
         )
@@ -58,9 +60,11 @@ def upgrade() -> None:
         sa.Column("detail", sa.JSON(), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
-            ["run_id"], ["federated_runs.id"],
-            name=op.f("fk_federated_rounds_run_id_federated_runs"), ondelete="CASCADE",
-        ),  # fmt: skip
+            ["run_id"],
+            ["federated_runs.id"],
+            name=op.f("fk_federated_rounds_run_id_federated_runs"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_federated_rounds")),
         sa.UniqueConstraint("run_id", "round", name="uq_federated_rounds_run_round"),
     )
@@ -82,7 +86,13 @@ def downgrade() -> None:
             type_="foreignkey",
         )
         for column in (
-            "updated_at", "submitted_at", "created_by", "rollout_id",
-            "result_int8_version_id", "selector", "flower_run_id", "reason",
-        ):  # fmt: skip
+            "updated_at",
+            "submitted_at",
+            "created_by",
+            "rollout_id",
+            "result_int8_version_id",
+            "selector",
+            "flower_run_id",
+            "reason",
+        ):
             batch_op.drop_column(column)
