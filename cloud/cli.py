@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from cloud.cli_broker import app as broker_app
+from cloud.cli_federated import app as federated_app
 from cloud.cli_models import app as models_app
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
@@ -28,6 +29,7 @@ __all__ = ["OWN_LOGGERS", "app", "broker_note", "configure_logging", "main"]
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
 app.add_typer(broker_app, name="broker")
+app.add_typer(federated_app, name="federated")
 console = Console(soft_wrap=True)
 
 # Our packages log at INFO (DEBUG with --verbose); everything else (httpx, alembic,

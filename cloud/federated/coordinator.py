@@ -46,9 +46,10 @@ def run_files(context: CloudContext, run_id: int) -> RunFiles:
     return RunFiles((context.settings.data_dir / "federated" / "runs" / str(run_id)).resolve())
 
 
-def flower_cli(context: CloudContext, settings: FederatedSettings) -> FlowerCli:
+def flower_cli(data_dir: Path, settings: FederatedSettings) -> FlowerCli:
+    """The flwr CLI against the configured SuperLink, with its home under the data dir."""
     return FlowerCli(
-        context.settings.data_dir / "federated" / "flwr-home",
+        data_dir / "federated" / "flwr-home",
         address=settings.resolved_address,
         root_certificates=settings.ssl_ca_certfile if settings.tls else None,
     )
@@ -78,7 +79,7 @@ class Coordinator:
         self.settings = settings
         self.interval_s = interval_s
         self.on_rollout = on_rollout
-        self.cli = flower_cli(context, settings)
+        self.cli = flower_cli(context.settings.data_dir, settings)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._status_at: dict[int, float] = {}

@@ -1,0 +1,181 @@
+"""Federated learning in tests: a device's data dir as the agent leaves it (an installed model
+and a sample buffer), drifted digits, and an in-process Flower Grid that hands each message
+to the real ClientApp (the transport only is replaced; the real federation runs in
+tests/integration/test_federated_*.py)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from cloud.federated.drift import mixed_drift
+from cloud.pipeline.reference.digits import digits_splits
+from edge_agent.federated.client_app import app as client_app
+from edge_agent.samples import LabelSource, SampleBuffer
+from shared.messages import ArtifactRef, Manifest, TensorSpec
+
+__all__ = [
+    "LocalGrid",
+    "add_samples",
+    "device_dir",
+    "drifted_shards",
+    "edge_model",
+    "flower_identity",
+]
+
+MODEL = "digits-edge"
+
+
+@functools.cache
+def edge_model() -> bytes:
+    """The digits-edge FP32 reference model (a couple of seconds, once per process)."""
+    from cloud.pipeline.reference.digits import build_edge
+
+    return build_edge(digits_splits(0))
+
+
+def flower_identity() -> None:
+    """What Flower's own processes set before a Message can be made."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    TaskIdentity.task_id = 1
+
+
+def _manifest(data: bytes, version: int) -> Manifest:
+    chunk = 64 * 1024
+    chunks = [hashlib.sha256(data[i : i + chunk]).hexdigest() for i in range(0, len(data), chunk)]
+    return Manifest(
+        model=MODEL,
+        version=version,
+        precision="fp32",
+        artifact=ArtifactRef(
+            sha256=hashlib.sha256(data).hexdigest(), size=len(data), chunk_size=chunk,
+            chunks=chunks,
+        ),
+        inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])],
+        outputs=[
+            TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 10]),
+            TensorSpec(name="embedding", datatype="FP32", shape=[-1, 32]),
+        ],
+        trainable=["head.weight", "head.bias"],
+    )  # fmt: skip
+
+
+def device_dir(root: Path, model: bytes, *, device_id: str = "dev-1", version: int = 1) -> Path:
+    """A data dir where ``model`` is the active version of digits-edge, as the agent's
+    ModelStore would have left it, with an empty sample buffer."""
+    data_dir = root / device_id
+    store = data_dir / "store"
+    (store / "blobs").mkdir(parents=True, exist_ok=True)
+    manifest = _manifest(model, version)
+    (store / "blobs" / manifest.artifact.sha256).write_bytes(model)
+    state = {
+        "rev_applied": 1,
+        "active": {MODEL: {"manifest": manifest.model_dump(mode="json"), "rollout_id": None}},
+        "previous": {},
+    }
+    (store / "state.json").write_text(json.dumps(state))
+    SampleBuffer(data_dir / "samples.db", max_samples=100_000, max_bytes=1 << 30).close()
+    return data_dir
+
+
+def add_samples(
+    data_dir: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    version: int = 1,
+    source: LabelSource = LabelSource.FEEDBACK,
+) -> None:
+    buffer = SampleBuffer(data_dir / "samples.db", max_samples=100_000, max_bytes=1 << 30)
+    try:
+        buffer.add(MODEL, version, {"input": x.astype(np.float32)}, y.tolist(), source)
+    finally:
+        buffer.close()
+
+
+def drifted_shards(
+    count: int, *, degrees: float = 20.0, share: float = 0.5, per_device: int | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The training split, split among ``count`` devices (all digits on each), half of
+    each device's images rotated: a field where some cameras are tilted."""
+    splits = digits_splits(0)
+    order = np.random.default_rng(5).permutation(len(splits.y_train))
+    shards = []
+    for i, part in enumerate(np.array_split(order, count)):
+        part = part[:per_device] if per_device is not None else part
+        x = mixed_drift(splits.x_train[part], "rotated", degrees, share, seed=100 + i)
+        shards.append((x, splits.y_train[part]))
+    return shards
+
+
+class LocalGrid(Grid):
+    """Nodes are data dirs; a message is answered by the real ClientApp in this process.
+    Nodes in ``silent`` say who they are, then never answer a train message (a SuperNode
+    that died mid-round)."""
+
+    def __init__(self, nodes: dict[int, tuple[Path, str]], silent: Iterable[int] = ()) -> None:
+        flower_identity()
+        self.nodes = nodes
+        self.silent = set(silent)
+        self.sent: list[Message] = []
+        self.timeouts: list[float | None] = []
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=n) for n in self.nodes]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        self.timeouts.append(timeout)
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            if node not in self.nodes:
+                continue
+            if node in self.silent and message.metadata.message_type == "train":
+                continue
+            data_dir, device_id = self.nodes[node]
+            context = Context(
+                run_id=1, node_id=node, state=RecordDict(), run_config={},
+                node_config={"data-dir": str(data_dir), "device-id": device_id},
+            )  # fmt: skip
+            replies.append(client_app(message, context))
+        return replies
