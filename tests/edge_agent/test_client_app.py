@@ -79,7 +79,8 @@ def test_train_sends_back_the_head_trained_on_the_buffer(device: Path) -> None:
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 60
     assert metrics["train-loss"] < metrics["loss-before"]
-    assert metrics["samples-feedback"] == 60 and metrics["samples-cloud"] == 0
+    assert metrics["samples-feedback"] == 60
+    assert metrics["samples-cloud"] == 0
 
     samples = SampleBuffer.open_existing(device / "samples.db").load("digits-edge")
     plan = RoundPlan(
@@ -123,14 +124,17 @@ def test_a_device_without_learning_refuses(tmp_path: Path) -> None:
     data_dir = device_dir(tmp_path, edge_model())
     (data_dir / "samples.db").unlink()
     reply = app(_train_message(), _context(data_dir))
-    assert reply.has_error() and "learning is off" in (reply.error.reason or "")
+    assert reply.has_error()
+    assert "learning is off" in (reply.error.reason or "")
 
 
 def test_a_malformed_round_config_is_refused_not_crashed(device: Path) -> None:
     reply = app(_train_message(_config(epochs=0)), _context(device))
-    assert reply.has_error() and "refused" in (reply.error.reason or "")
+    assert reply.has_error()
+    assert "refused" in (reply.error.reason or "")
     reply = app(_train_message(_config(versions="not json")), _context(device))
-    assert reply.has_error() and "configuration" in (reply.error.reason or "")
+    assert reply.has_error()
+    assert "configuration" in (reply.error.reason or "")
 
 
 def test_query_says_who_the_device_is(device: Path) -> None:

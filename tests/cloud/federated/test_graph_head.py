@@ -20,7 +20,8 @@ def test_the_reference_edge_head_is_found_and_replaced() -> None:
     """A new head written in gives probabilities = softmax(embedding @ W + b)."""
     head = find_head(edge_model(), TRAINABLE, "embedding")
     assert (head.weight_name, head.bias_name, head.layout) == ("head.weight", "head.bias", "in_out")
-    assert head.weight.shape == (32, 10) and head.classes == 10
+    assert head.weight.shape == (32, 10)
+    assert head.classes == 10
     rng = np.random.default_rng(0)
     new = {"head.weight": rng.normal(size=(32, 10)), "head.bias": rng.normal(size=10)}
     model = replace_head(edge_model(), new)

@@ -90,7 +90,8 @@ def test_each_round_is_the_example_weighted_mean_of_the_updates(
 ) -> None:
     files = _files(tmp_path)
     outcome = run_rounds(LocalGrid(fleet), _plan(), files, sleep=lambda _s: None)
-    assert outcome.state == "COMPLETED" and outcome.rounds == 2
+    assert outcome.state == "COMPLETED"
+    assert outcome.rounds == 2
     head = _base_head()
     for server_round in (1, 2):
         expected = _expected_round(fleet, head, server_round)
