@@ -30,13 +30,13 @@ from edge_agent.federated.supervisor import (
     SupernodeConfig,
     SupernodeState,
     SupernodeSupervisor,
+    write_node_config,
 )
 from edge_agent.router import Answer
 from edge_agent.runtime import LoadedModel, Runtime
 from edge_agent.samples import LabelSource, SampleBuffer
 from edge_agent.telemetry import Meter
 from shared.errors import Conflict, InvalidInput, TensorError
-from shared.fsutil import atomic_write
 from shared.messages import LearningState
 from shared.tensors import decode_request
 
@@ -96,14 +96,9 @@ class Learning:
             _LOGGER.error("federated learning: %s", self._missing)
             return None
         home = settings.data_dir / "flower"
-        home.mkdir(parents=True, exist_ok=True)
-        node_config = home / "node.toml"
-        # A TOML file, not a command-line string: paths may hold any character.
-        toml = (
-            f"device-id = {json.dumps(settings.device_id)}\n"
-            f"data-dir = {json.dumps(str(settings.data_dir.resolve()))}\n"
+        node_config = write_node_config(
+            home / "node.toml", device_id=settings.device_id, data_dir=settings.data_dir
         )
-        atomic_write(node_config, toml.encode(), mode=0o600)
         assert settings.federated_superlink is not None
         return SupernodeSupervisor(
             SupernodeConfig(

@@ -8,8 +8,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -18,19 +22,36 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from cloud.embedded.processes import free_port
+from cloud.federated.bundle import write_app
+from cloud.federated.coordinator import flower_cli
 from cloud.federated.drift import mixed_drift
+from cloud.federated.flower import FlowerCli, flower_command
+from cloud.federated.plan import RunFiles, RunPlan
+from cloud.federated.settings import FederatedSettings
+from cloud.federated.superlink import SuperLink
 from cloud.pipeline.reference.digits import digits_splits
 from edge_agent.federated.client_app import app as client_app
+from edge_agent.federated.supervisor import (
+    SupernodeConfig,
+    SupernodeSupervisor,
+    write_node_config,
+)
 from edge_agent.samples import LabelSource, SampleBuffer
 from shared.messages import ArtifactRef, Manifest, TensorSpec
+from shared.retry import Backoff
+from tests.pki import Pki
 
 __all__ = [
+    "Federation",
     "LocalGrid",
     "add_samples",
     "device_dir",
     "drifted_shards",
     "edge_model",
+    "federation",
     "flower_identity",
+    "wait_until",
 ]
 
 MODEL = "digits-edge"
@@ -179,3 +200,84 @@ class LocalGrid(Grid):
             )  # fmt: skip
             replies.append(client_app(message, context))
         return replies
+
+
+# -- a real federation: SuperLink, SuperNodes, a submitted run ------------------------------
+
+
+@dataclass
+class Federation:
+    """A running SuperLink and what talks to it."""
+
+    link: SuperLink
+    settings: FederatedSettings
+    cli: FlowerCli
+    cloud_dir: Path
+    ca_file: Path | None
+
+    def supernode(
+        self, data_dir: Path, device_id: str, *, key: Path | None = None
+    ) -> SupernodeSupervisor:
+        """The agent's supervisor running a real `flower-supernode` for this device."""
+        home = data_dir / "flower"
+        supervisor = SupernodeSupervisor(
+            SupernodeConfig(
+                command=[flower_command("flower-supernode")],
+                superlink=self.settings.resolved_address,
+                node_config_file=write_node_config(
+                    home / "node.toml", device_id=device_id, data_dir=data_dir
+                ),
+                home=home,
+                log_path=data_dir / "logs" / "supernode.log",
+                root_certificates=self.ca_file,
+                insecure=self.ca_file is None,
+                private_key=key,
+                connect_timeout_s=10.0,
+            ),
+            backoff=Backoff(base=0.5, cap=2.0),
+        )
+        supervisor.start()
+        return supervisor
+
+    def submit(self, plan: RunPlan, base: dict[str, np.ndarray]) -> RunFiles:
+        """What the coordinator does: the plan and base head in a run dir, then `flwr run`."""
+        files = RunFiles(self.cloud_dir / "federated" / "runs" / str(plan.run_id))
+        files.write_plan(plan)
+        files.write_head("base", base)
+        config = files.root / "run-config.toml"
+        config.write_text(f'run-dir = "{files.root}"\n')
+        self.cli.run(write_app(self.cloud_dir / "federated" / "app"), config)
+        return files
+
+
+@contextmanager
+def federation(root: Path, *, pki: Pki | None = None, auth: bool = False) -> Iterator[Federation]:
+    """A SuperLink on a free port: TLS and SuperNode authentication with ``pki``, else the
+    dev-mode plain-HTTP one."""
+    tls: dict[str, object] = {}
+    if pki is not None:
+        tls = {"ssl_certfile": pki.server_cert, "ssl_keyfile": pki.server_key,
+               "ssl_ca_certfile": pki.ca_file}  # fmt: skip
+    settings = FederatedSettings(host="127.0.0.1", port=free_port(), supernode_auth=auth, **tls)
+    cloud_dir = root / "cloud"
+    link = SuperLink(settings, data_dir=cloud_dir, dev_mode=pki is None)
+    link.start()
+    try:
+        yield Federation(
+            link, settings, flower_cli(cloud_dir, settings), cloud_dir,
+            pki.ca_file if pki is not None else None,
+        )  # fmt: skip
+    finally:
+        link.stop()
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.2
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -62,9 +62,13 @@ class SuperLink:
         folder.mkdir(parents=True, exist_ok=True)
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir.resolve() / "logs" / "superlink.out"
+        argv = superlink_argv(settings, data_dir=data_dir, dev_mode=dev_mode)
         env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(folder / "superlink-home")}
+        # It starts `flower-superexec`, which starts `flwr-serverapp`, by name: from its
+        # own installation, whatever PATH the cloud was started with.
+        env["PATH"] = os.pathsep.join([str(Path(argv[0]).parent), env.get("PATH", "")])
         self.child = ChildProcess(
-            superlink_argv(settings, data_dir=data_dir, dev_mode=dev_mode),
+            argv,
             log_path=self.log_path,
             env=env,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -26,9 +27,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from shared.fsutil import atomic_write
 from shared.retry import Backoff
 
-__all__ = ["SupernodeConfig", "SupernodeState", "SupernodeStatus", "SupernodeSupervisor"]
+__all__ = [
+    "SupernodeConfig",
+    "SupernodeState",
+    "SupernodeStatus",
+    "SupernodeSupervisor",
+    "write_node_config",
+]
 
 _LOGGER = logging.getLogger(__name__)
 _CONNECTED = "SuperNode ID:"
@@ -61,6 +69,17 @@ def _die_with_agent() -> None:
     """In the child before exec: SIGTERM when the agent dies, even by SIGKILL."""
     if _PRCTL is not None:
         _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+def write_node_config(path: Path, *, device_id: str, data_dir: Path) -> Path:
+    """What the ClientApp is told about its device (node config ``device-id``, ``data-dir``),
+    as a TOML file: a path may hold any character, which a command-line string may not."""
+    toml = (
+        f"device-id = {json.dumps(device_id)}\ndata-dir = {json.dumps(str(data_dir.resolve()))}\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, toml.encode(), mode=0o600)
+    return path
 
 
 class SupernodeState(StrEnum):
@@ -119,6 +138,9 @@ class _Run:
     connected_at: float | None = None
     node_id: int | None = None
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=8))
+    # Why it could not connect, as Flower said it (the line after "Failed to initialize").
+    failure: str | None = None
+    _detail_next: bool = False
 
 
 class SupernodeSupervisor:
@@ -214,13 +236,12 @@ class SupernodeSupervisor:
     def _exit_reason(self, run: _Run) -> str:
         process = self._process
         code = process.returncode if process is not None else None
-        lines = list(run.last_lines)
+        if run.failure is not None:
+            return f"the SuperLink {self.config.superlink} refused or was out of reach: " + (
+                run.failure
+            )[:300]
         if run.connected_at is None:
-            for i, line in enumerate(lines):
-                if _CONNECT_FAILED in line:
-                    detail = " ".join(lines[i + 1 : i + 2]).strip()
-                    return f"cannot reach the SuperLink {self.config.superlink}: {detail}"[:300]
-            last = lines[-1] if lines else "no output"
+            last = run.last_lines[-1] if run.last_lines else "no output"
             return f"exited with code {code} before connecting: {last}"[:300]
         return f"exited with code {code} after being connected"
 
@@ -232,7 +253,11 @@ class SupernodeSupervisor:
             config.log_path.replace(config.log_path.with_name(config.log_path.name + ".1"))
         port = config.runtime_port or _free_port()
         env = {**os.environ, **_FLWR_ENV, "FLWR_HOME": str(config.home)}
-        self._set(state=SupernodeState.STARTING, reason=None, node_id=None)
+        # It starts `flower-superexec`, which starts `flwr-clientapp`, by name: from the
+        # SuperNode's own installation (maybe a venv of its own), whatever our PATH is.
+        env["PATH"] = os.pathsep.join([str(Path(config.command[0]).parent), env.get("PATH", "")])
+        # The reason of the last exit stays until it connects: what telemetry should show.
+        self._set(state=SupernodeState.STARTING, node_id=None)
         process = subprocess.Popen(
             config.argv(port),
             stdin=subprocess.DEVNULL,
@@ -246,19 +271,36 @@ class SupernodeSupervisor:
         if self._stop.is_set():
             self._terminate(5.0)
         run = _Run()
+        pump = threading.Thread(target=self._pump, args=(process, run), daemon=True)
+        pump.start()
+        # Exited, not reaped yet: its process group cannot have been reused. What it started
+        # there (its SuperExec, a ClientApp) goes with it, or it would keep our pipe open.
+        try:
+            os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ChildProcessError, ProcessLookupError):
+            pass  # reaped by stop() already, which took the group down itself
+        process.wait()
+        pump.join(10)
+        return run
+
+    def _pump(self, process: subprocess.Popen[bytes], run: _Run) -> None:
+        """Copy the SuperNode's output to its log, and learn its state from it."""
         assert process.stdout is not None
-        with config.log_path.open("ab") as log, process.stdout:
+        with self.config.log_path.open("ab") as log, process.stdout:
             for raw in process.stdout:
                 log.write(raw)
                 log.flush()
                 self._on_line(run, raw.decode("utf-8", "replace").strip())
-        process.wait()
-        return run
 
     def _on_line(self, run: _Run, line: str) -> None:
         if not line:
             return
         run.last_lines.append(line)
+        if run._detail_next:
+            run.failure, run._detail_next = line, False
+        if _CONNECT_FAILED in line:
+            run.failure, run._detail_next = line, True
         if _CONNECTED in line and run.connected_at is None:
             run.connected_at = time.monotonic()
             with contextlib.suppress(ValueError):
