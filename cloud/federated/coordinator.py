@@ -191,7 +191,20 @@ class Coordinator:
         if time.monotonic() < self._submit_at.get(run.id, 0.0):
             return
         files = run_files(self.context, run.id)
-        self._plan(run, files)
+        try:
+            self._plan(run, files)
+        except Exception as exc:
+            # Not something a later look would fix (the base's graph, the disk): say so.
+            _LOGGER.exception("federated run %s: could not be prepared", run.id)
+            with self.context.database.session() as s:
+                set_state(
+                    s,
+                    run.id,
+                    expect=(RunState.PENDING,),
+                    to=RunState.FAILED,
+                    reason=f"the run could not be prepared: {type(exc).__name__}: {exc}"[:2000],
+                )
+            return
         app = write_app(self.context.settings.data_dir.resolve() / "federated" / "app")
         run_config = files.root / "run-config.toml"
         run_config.write_text(f'run-dir = "{_toml_path(files.root)}"\n')

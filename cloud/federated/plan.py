@@ -126,6 +126,7 @@ class RunFiles:
         return RunPlan.model_validate_json(self.plan.read_bytes())
 
     def write_head(self, name: str, head: dict[str, Array]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **head)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
         atomic_write(self.root / f"{name}.npz", buffer.getvalue())

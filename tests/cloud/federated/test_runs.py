@@ -285,3 +285,26 @@ def test_a_result_the_gate_refuses_registers_nothing(
     with api.context.database.session() as s:
         assert [v.version for v in repository.list_versions(s, model_name=MODEL)] == [1, 2]
         assert s.scalars(select(Rollout)).all() == []
+
+
+def test_a_run_the_superlink_does_not_take_fails_with_the_reason(
+    api_with_coordinator: tuple[RunningApi, Coordinator],
+) -> None:
+    """No SuperLink listens: the coordinator prepares the run's directory (plan, base head),
+    `flwr run` is refused, and once the run has waited its wait_for_clients_s it fails,
+    saying why (found by the end-to-end test: the base head was written before its folder
+    existed, and the run stayed PENDING forever)."""
+    api, coordinator = api_with_coordinator
+    run_id = _start(api, wait_for_clients_s=1).json()["id"]
+    with api.context.database.session() as s:
+        run = s.get(FederatedRun, run_id)
+        assert run is not None
+        run.created_at = datetime.now(UTC) - timedelta(minutes=1)
+    coordinator.tick()
+    files = run_files(api.context, run_id)
+    assert files.read_plan().devices == ["cam-0", "cam-1", "cam-2"]
+    assert set(files.read_head("base")) == {"head.weight", "head.bias"}
+    with api.client() as c:
+        failed = c.get(f"/v1/federated/runs/{run_id}").json()
+    assert failed["state"] == "FAILED"
+    assert "the SuperLink did not take the run" in failed["reason"]
