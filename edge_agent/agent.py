@@ -133,13 +133,14 @@ class Agent:
         if self.api is not None:
             self.api.stop()
         self.deployer.stop()
-        if self.learning is not None:
-            self.learning.stop()
         self.link.stop()
         self.cloud.close()
         if isinstance(self.fetcher, HttpDelivery):
             self.fetcher.close()
         self._telemetry.join(5)
+        # Last: the telemetry thread reads the buffer's state until it has ended.
+        if self.learning is not None:
+            self.learning.stop()
 
     # -- inference -----------------------------------------------------------------------
 
