@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from cloud.embedded.processes import free_port
 from cloud.federated.bundle import write_app
 from cloud.federated.coordinator import flower_cli
-from cloud.federated.drift import mixed_drift
+from cloud.federated.drift import device_shards
 from cloud.federated.flower import FlowerCli, flower_command
 from cloud.federated.plan import RunFiles, RunPlan
 from cloud.federated.settings import FederatedSettings
@@ -128,16 +128,8 @@ def add_samples(
 def drifted_shards(
     count: int, *, degrees: float = 20.0, share: float = 0.5, per_device: int | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The training split, split among ``count`` devices (all digits on each), half of
-    each device's images rotated: a field where some cameras are tilted."""
-    splits = digits_splits(0)
-    order = np.random.default_rng(5).permutation(len(splits.y_train))
-    shards = []
-    for i, part in enumerate(np.array_split(order, count)):
-        part = part[:per_device] if per_device is not None else part
-        x = mixed_drift(splits.x_train[part], "rotated", degrees, share, seed=100 + i)
-        shards.append((x, splits.y_train[part]))
-    return shards
+    """Each device's local data: half-rotated digits from the training split."""
+    return device_shards(count, degrees=degrees, share=share, per_device=per_device)
 
 
 class LocalGrid(Grid):

@@ -10,6 +10,7 @@ import httpx
 from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.demo.federated import DemoFederation
 from cloud.embedded.processes import describe_exit
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
@@ -50,10 +51,13 @@ class DemoSession:
         *,
         say: Callable[[str], None],
         banner: Callable[[CloudContext, str], None],
+        federated: bool = False,
     ) -> None:
         self.count = agents
         self.say = say
         self.banner = banner
+        # The SuperLink always; with `federated`, one round on the agents (issue 11).
+        self.federation = DemoFederation(enabled=federated, say=say)
         self.fleet: LocalAgents | None = None
         self._watching = False
 
@@ -100,6 +104,7 @@ class DemoSession:
             self.say("No local agents: `edge-agent` is not installed (pip install -e '.[edge]').")
             return
         data_dir = context.settings.data_dir.resolve()
+        self.federation.start(context)
         self.fleet = LocalAgents(
             command=command,
             api_url=api_url,
@@ -107,6 +112,7 @@ class DemoSession:
             data_dir=data_dir,
             count=self.count,
             say=self.say,
+            extra_env=self.federation.agent_env(),
         )
         without_login = _without_broker_login(context, [a.device_id for a in self.fleet.agents])
         self.say(f"Local edge agents (`edge-agent run`, one device each, under {data_dir}/agents):")
@@ -141,9 +147,14 @@ class DemoSession:
                     f"  {agent.device_id}: not active after {_ACTIVE_TIMEOUT_S:g}s; see "
                     f"GET {api_url}/v1/devices/{agent.device_id}/events and {agent.log_path}"
                 )
+        serving = [(a.device_id, a.api_url) for a in active if a.api_url]
+        self.federation.run_round(
+            api_url=api_url, admin_token=context.settings.admin_token, agents=serving, stop=stop
+        )
 
     def tick(self) -> None:
         """Called about every second: an agent that died is a warning, not the end."""
+        self.federation.tick()
         if self.fleet is None or not self._watching:
             return
         for agent, code in self.fleet.newly_dead():
@@ -157,3 +168,4 @@ class DemoSession:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")
             self.fleet.stop()
+        self.federation.stop()

@@ -13,7 +13,7 @@ import numpy.typing as npt
 from cloud.pipeline.datasets import EvalData
 from shared.errors import InvalidInput
 
-__all__ = ["DRIFT_DATASET", "drift_eval_data", "drifted", "mixed_drift"]
+__all__ = ["DRIFT_DATASET", "device_shards", "drift_eval_data", "drifted", "mixed_drift"]
 
 Array = npt.NDArray[Any]
 DRIFT_DATASET = re.compile(r"^builtin:digits-(rotated|noisy)-(\d{1,3}(?:\.\d+)?)$")
@@ -78,3 +78,26 @@ def drift_eval_data(name: str) -> EvalData | None:
     calib = drifted(splits.x_calib, kind, amount, seed=1)
     test = drifted(splits.x_test, kind, amount, seed=2)
     return EvalData({"input": calib}, splits.y_calib, {"input": test}, splits.y_test)
+
+
+def device_shards(
+    count: int,
+    *,
+    degrees: float = 20.0,
+    share: float = 0.5,
+    per_device: int | None = None,
+    seed: int = 5,
+) -> list[tuple[Array, Array]]:
+    """The reference training split shared among ``count`` devices (every digit on each),
+    ``share`` of each device's images rotated by ``degrees``: a field where some cameras
+    are tilted. Never the held-out split the gate reads."""
+    from cloud.pipeline.reference.digits import digits_splits
+
+    splits = digits_splits(0)
+    order = np.random.default_rng(seed).permutation(len(splits.y_train))
+    shards = []
+    for i, part in enumerate(np.array_split(order, count)):
+        part = part[:per_device] if per_device is not None else part
+        x = mixed_drift(splits.x_train[part], "rotated", degrees, share, seed=100 + i)
+        shards.append((x, splits.y_train[part].astype(np.int64)))
+    return shards

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import psutil
 
-from cloud.embedded.processes import ChildProcess
+from cloud.embedded.processes import ChildProcess, port_open
 from cloud.federated.flower import FLWR_ENV, flower_command
 from cloud.federated.settings import FederatedSettings
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, ServiceUnavailable
 
 __all__ = ["SuperLink", "superlink_argv"]
 
@@ -79,6 +79,11 @@ class SuperLink:
 
     def start(self) -> None:
         host, _, port = self.address.rpartition(":")
+        if port_open(host.strip("[]"), int(port)):
+            # Waiting for the port would find the other server and call it ours.
+            raise ServiceUnavailable(
+                f"{self.address} is taken by another process: set EDGEFLEET_FEDERATED_PORT"
+            )
         self.child.start(host=host.strip("[]"), port=int(port), timeout=_START_TIMEOUT_S)
         _LOGGER.info("SuperLink on %s (log %s)", self.address, self.log_path)
 
