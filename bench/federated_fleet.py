@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,12 @@ def canary_timing(root: Path, *, agents: int, rounds: int) -> dict[str, Any]:
         _wait(canary_active, 300, "the canary")
         active_s = time.monotonic() - started
         rounds_s = sum(r["wall_s"] for r in done["round_metrics"])
+        stamps = {k: datetime.fromisoformat(done[k]) for k in ("created_at", "submitted_at",
+                                                               "finished_at")}  # fmt: skip
+        last_round = datetime.fromisoformat(done["round_metrics"][-1]["at"])
         return {
+            "submit_s": round((stamps["submitted_at"] - stamps["created_at"]).total_seconds(), 1),
+            "finalize_s": round((stamps["finished_at"] - last_round).total_seconds(), 1),
             "agents": agents, "rounds": rounds, "start_to_registered_s": round(registered_s, 1),
             "start_to_canary_active_s": round(active_s, 1), "rounds_wall_s": round(rounds_s, 1),
             "identify_s": done["round_metrics"][0]["detail"].get("waited_s"),
