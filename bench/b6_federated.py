@@ -6,10 +6,12 @@ real SuperNodes on loopback, R rounds of the head.
 Per round: wall time, bytes down and up (the heads Flower carried, as serialized) and
 Flower's own traffic count for the run. After R rounds: accuracy on the drifted distribution
 (what the devices see: half the digits tilted 20 degrees) and on fully tilted and clean
-digits, before and after, against centralized fine-tuning of the same head on the union of
-the devices' data for the same number of passes (the upper bound); recovery = (federated -
-before) / (centralized - before). Then, once, the whole loop through the cloud (`run_cloud`,
-as `edgefleet demo` runs it) with real `edge-agent` processes: time from POST
+digits (the 720 calibration and test digits, which no device holds), before and after,
+against centralized fine-tuning of the same head on the union of the devices' data, trained
+to convergence (50 epochs: the upper bound); recovery = (federated - before) /
+(centralized - before). Each K is repeated with other data (which device holds which digit,
+which are tilted): medians. Then, once, the whole loop through the cloud (`run_cloud`, as
+`edgefleet demo` runs it) with real `edge-agent` processes: time from POST
 /v1/federated/runs to the new INT8 version ACTIVE on the canary device.
 
 The devices serve the FP32 reference digits-edge here (their embedding is what the head
@@ -38,15 +40,17 @@ from bench.federated_fleet import (
 from cloud.embedded.processes import free_port
 from cloud.federated.coordinator import flower_cli
 from cloud.federated.drift import device_shards, drifted, mixed_drift
-from cloud.federated.plan import RunFiles
+from cloud.federated.plan import RunFiles, TrainSettings
 from cloud.federated.settings import FederatedSettings
 from cloud.federated.superlink import SuperLink
 from cloud.pipeline.reference.digits import build_edge, digits_splits
 from edge_agent.federated.head import TrainConfig, evaluate_head, train_head
 
 ROUNDS = 3
-EPOCHS = 5
+EPOCHS = TrainSettings().epochs  # the runs' default local epochs
+CENTRAL_EPOCHS = 50
 DEGREES = 20.0
+SEEDS = (5, 6, 7)
 
 
 def _accuracy(head: dict[str, np.ndarray], vectors: np.ndarray, labels: np.ndarray) -> float:
@@ -55,30 +59,30 @@ def _accuracy(head: dict[str, np.ndarray], vectors: np.ndarray, labels: np.ndarr
 
 def _eval_sets(model: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     splits = digits_splits(0)
-    x = splits.x_test
+    x = np.concatenate([splits.x_calib, splits.x_test])
+    labels = np.concatenate([splits.y_calib, splits.y_test])
     sets = {
         "drifted": mixed_drift(x, "rotated", DEGREES, 0.5, seed=7),
         "tilted": drifted(x, "rotated", DEGREES),
         "clean": x,
     }
-    return {name: (embeddings(model, data), splits.y_test) for name, data in sets.items()}
+    return {name: (embeddings(model, data), labels) for name, data in sets.items()}
 
 
 def _central(model: bytes, shards: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The same head trained on the union of the devices' data, as many passes as the
-    federation made over each sample (rounds x local epochs)."""
+    """The same head trained on the union of the devices' data, to convergence."""
     head = base_head(model)
     x = np.concatenate([s[0] for s in shards])
     y = np.concatenate([s[1] for s in shards])
     update = train_head(
         head["head.weight"], head["head.bias"], embeddings(model, x), y,
-        TrainConfig(epochs=ROUNDS * EPOCHS, seed=1),
+        TrainConfig(epochs=CENTRAL_EPOCHS, seed=1),
     )  # fmt: skip
     return {"head.weight": update.weight, "head.bias": update.bias}
 
 
-def _federate(model: bytes, clients: int, rounds: int, root: Path) -> dict[str, Any]:
-    shards = device_shards(clients, degrees=DEGREES)
+def _federate(model: bytes, clients: int, rounds: int, root: Path, seed: int) -> dict[str, Any]:
+    shards = device_shards(clients, degrees=DEGREES, seed=seed)
     settings = FederatedSettings(
         host="127.0.0.1", port=free_port(), wait_for_clients_s=300, round_timeout_s=300
     )
@@ -98,7 +102,43 @@ def _federate(model: bytes, clients: int, rounds: int, root: Path) -> dict[str, 
         link.stop()
     if outcome.state != "COMPLETED":
         raise RuntimeError(f"K={clients}: the run ended {outcome.state}: {outcome.reason}")
-    return _report(model, clients, rounds, shards, files, run_s, connect_s, traffic)
+    report = _report(model, clients, rounds, shards, files, run_s, connect_s, traffic)
+    return {"seed": seed, **report}
+
+
+def _median_of(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for K: medians over the repeats, and each repeat's recovery."""
+    first = repeats[0]
+    accuracy = {
+        name: {
+            key: round(statistics.median(r["accuracy"][name][key] for r in repeats), 4)
+            for key in ("before", "federated", "centralized")
+        }
+        for name in first["accuracy"]
+    }
+    recovery = {
+        name: round(statistics.median(r["recovery"][name] for r in repeats), 3)
+        for name in first["recovery"]
+    }
+    return {
+        "clients": first["clients"],
+        "repeats": len(repeats),
+        "round_wall_s_median": round(
+            statistics.median(w for r in repeats for w in r["round_wall_s"]), 2
+        ),
+        "identify_s_median": round(statistics.median(r["identify_s"] for r in repeats), 2),
+        "bytes_down_per_round": first["bytes_down_per_round"],
+        "bytes_up_per_round": first["bytes_up_per_round"],
+        "flower_traffic_median": {
+            k: int(statistics.median(r["flower_traffic"][k] for r in repeats))
+            for k in ("inbound", "outbound")
+        },
+        "accuracy": accuracy,
+        "recovery": recovery,
+        "recovery_each": {
+            name: [r["recovery"][name] for r in repeats] for name in first["recovery"]
+        },
+    }
 
 
 def _report(
@@ -126,8 +166,11 @@ def _report(
         }
         for name, (v, y) in evals.items()
     }
-    drift = accuracy["drifted"]
-    gained = drift["centralized"] - drift["before"]
+    recovery = {
+        name: round((a["federated"] - a["before"]) / (a["centralized"] - a["before"]), 3)
+        for name, a in accuracy.items()
+        if name != "clean" and a["centralized"] != a["before"]
+    }
     reports = files.read_rounds()
     return {
         "clients": clients,
@@ -142,7 +185,7 @@ def _report(
         "bytes_up_per_round": reports[0].bytes_up,
         "flower_traffic": {"inbound": traffic.inbound_bytes, "outbound": traffic.outbound_bytes},
         "accuracy": accuracy,
-        "recovery": round((drift["federated"] - drift["before"]) / gained, 3) if gained else None,
+        "recovery": recovery,
     }
 
 
@@ -150,22 +193,29 @@ def main(argv: list[str]) -> None:
     quick = "--quick" in argv
     fleet = (2,) if quick else (2, 5, 10)
     rounds = 2 if quick else ROUNDS
+    seeds = SEEDS[:1] if quick else SEEDS
     model = build_edge(digits_splits(0))
-    results: dict[str, Any] = {"rounds": rounds, "local_epochs": EPOCHS, "drift_degrees": DEGREES}
+    results: dict[str, Any] = {
+        "rounds": rounds, "local_epochs": EPOCHS, "central_epochs": CENTRAL_EPOCHS,
+        "drift_degrees": DEGREES, "seeds": list(seeds),
+    }  # fmt: skip
     load_before = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-b6-") as tmp:
         for clients in fleet:
-            print(f"  K={clients}: {rounds} rounds")
-            run = _federate(model, clients, rounds, Path(tmp) / f"k{clients}")
-            runs.append(run)
-            print(
-                f"    round {run['round_wall_s_median']:.1f}s (median), "
-                f"{run['bytes_down_per_round']} B down / {run['bytes_up_per_round']} B up; "
-                f"drifted accuracy {run['accuracy']['drifted']['before']:.3f} -> "
-                f"{run['accuracy']['drifted']['federated']:.3f} (centralized "
-                f"{run['accuracy']['drifted']['centralized']:.3f}), recovery {run['recovery']}"
-            )
+            repeats = []
+            for seed in seeds:
+                print(f"  K={clients}, data seed {seed}: {rounds} rounds")
+                run = _federate(model, clients, rounds, Path(tmp) / f"k{clients}-{seed}", seed)
+                repeats.append(run)
+                drift = run["accuracy"]["drifted"]
+                print(
+                    f"    round {run['round_wall_s_median']:.1f}s (median), "
+                    f"{run['bytes_down_per_round']} B down / {run['bytes_up_per_round']} B up; "
+                    f"drifted accuracy {drift['before']:.3f} -> {drift['federated']:.3f} "
+                    f"(centralized {drift['centralized']:.3f}), recovery {run['recovery']}"
+                )
+            runs.append({**_median_of(repeats), "each": repeats})
         results["runs"] = runs
         print(f"  start-to-canary: {2} agents, {rounds} rounds, through the cloud")
         results["canary"] = canary_timing(Path(tmp) / "canary", agents=2, rounds=rounds)

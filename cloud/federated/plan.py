@@ -34,7 +34,9 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(default=5, ge=1, le=1000)
+    # Device buffers are small (a few hundred samples): 10 passes a round make progress that
+    # 5 do not (B6: 3 rounds, 5 devices recover ~0.86 instead of ~0.8 of the centralized gain).
+    epochs: int = Field(default=10, ge=1, le=1000)
     learning_rate: float = Field(default=0.02, gt=0, le=10)
     batch_size: int = Field(default=32, ge=1, le=65536)
     optimizer: Literal["adam", "sgd"] = "adam"

@@ -206,7 +206,9 @@ def run_rounds(
         aggregated, metrics = None, None
         if len(exchange.updates) >= plan.min_clients:
             aggregated, metrics = strategy.aggregate_train(server_round, replies)
-        files.append_round(exchange.report(fleet, metrics, started, started - waited))
+        files.append_round(
+            exchange.report(fleet, metrics, started, started - waited, aggregated is not None)
+        )
         if aggregated is None:
             reason = exchange.shortfall(fleet, plan)
             return _end(files, Outcome(state="TOO_FEW_CLIENTS", reason=reason, rounds=done))
@@ -240,7 +242,12 @@ class _Exchange:
         return [n for n in self.nodes if n not in answered]
 
     def report(
-        self, fleet: _Fleet, metrics: MetricRecord | None, started: float, waited_s: float
+        self,
+        fleet: _Fleet,
+        metrics: MetricRecord | None,
+        started: float,
+        waited_s: float,
+        aggregated: bool,
     ) -> RoundReport:
         loss = metrics.get("train-loss") if metrics is not None else None
         updates = [
@@ -265,6 +272,7 @@ class _Exchange:
             bytes_down=sum(_payload_bytes(m.content) for m in self.messages),
             bytes_up=sum(_payload_bytes(r.content) for r in self.updates),
             detail={
+                "aggregated": aggregated,
                 "waited_s": round(waited_s, 3),
                 "updates": updates,
                 "refused": refused,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cloud.artifacts.store import ArtifactStore
@@ -84,6 +84,11 @@ def create_run(
     base = _base(session, request.model, request.base_version)
     if not base.trainable:
         raise InvalidInput(f"{request.model}:{base.version} lists no trainable tensors")
+    if base.dataset is None:
+        raise InvalidInput(
+            f"{request.model}:{base.version} has no held-out data recorded: the result of a "
+            "run could not be gated"
+        )
     head = find_head(
         artifacts.path(base.artifact_sha256).read_bytes(), list(base.trainable), EMBEDDING_OUTPUT
     )
@@ -211,11 +216,11 @@ def _version_number(session: Session, version_id: int | None) -> int | None:
 
 def public(session: Session, run: FederatedRun) -> RunPublic:
     model = session.get(Model, run.model_id)
-    done = session.scalar(
-        select(func.count())
-        .select_from(FederatedRound)
-        .where(FederatedRound.run_id == run.id, FederatedRound.clients > 0)
-    )
+    # A round that ended the run short (too few updates) is reported, but was not done.
+    details = session.scalars(
+        select(FederatedRound.detail).where(FederatedRound.run_id == run.id)
+    ).all()
+    done = sum(1 for d in details if d.get("aggregated", True))
     base = _version_number(session, run.base_version_id)
     return RunPublic(
         id=run.id,

@@ -25,7 +25,7 @@ Layout = Literal["in_out", "out_in"]
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 10
     learning_rate: float = 0.02
     batch_size: int = 32
     optimizer: Literal["adam", "sgd"] = "adam"

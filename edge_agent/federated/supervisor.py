@@ -237,9 +237,10 @@ class SupernodeSupervisor:
         process = self._process
         code = process.returncode if process is not None else None
         if run.failure is not None:
-            return f"the SuperLink {self.config.superlink} refused or was out of reach: " + (
-                run.failure
-            )[:300]
+            return (
+                f"the SuperLink {self.config.superlink} refused or was out of reach: "
+                + (run.failure)[:300]
+            )
         if run.connected_at is None:
             last = run.last_lines[-1] if run.last_lines else "no output"
             return f"exited with code {code} before connecting: {last}"[:300]

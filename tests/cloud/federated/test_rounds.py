@@ -157,6 +157,7 @@ def test_refusals_that_leave_too_few_updates_end_the_run_with_the_reasons(
     assert "1 refused" in (outcome.reason or "")
     assert "dev-0: 40 usable samples" in (outcome.reason or "")
     assert files.read_rounds()[0].refused == 1
+    assert files.read_rounds()[0].detail["aggregated"] is False
 
 
 def test_fedprox_sends_its_mu_to_the_devices(
