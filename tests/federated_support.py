@@ -6,7 +6,6 @@ tests/integration/test_federated_*.py)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,23 +72,18 @@ def flower_identity() -> None:
 
 
 def _manifest(data: bytes, version: int) -> Manifest:
-    chunk = 64 * 1024
-    chunks = [hashlib.sha256(data[i : i + chunk]).hexdigest() for i in range(0, len(data), chunk)]
     return Manifest(
         model=MODEL,
         version=version,
         precision="fp32",
-        artifact=ArtifactRef(
-            sha256=hashlib.sha256(data).hexdigest(), size=len(data), chunk_size=chunk,
-            chunks=chunks,
-        ),
+        artifact=ArtifactRef.of(data, 64 * 1024),
         inputs=[TensorSpec(name="input", datatype="FP32", shape=[-1, 64])],
         outputs=[
             TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 10]),
             TensorSpec(name="embedding", datatype="FP32", shape=[-1, 32]),
         ],
         trainable=["head.weight", "head.bias"],
-    )  # fmt: skip
+    )
 
 
 def device_dir(root: Path, model: bytes, *, device_id: str = "dev-1", version: int = 1) -> Path:

@@ -15,7 +15,7 @@ from cloud.federated.coordinator import Coordinator
 from cloud.federated.schemas import RunCreate, RunDetail, RunPublic, RunState
 from cloud.federated.settings import FederatedSettings
 from cloud.federated.store import create_run, detail, get_run, list_runs, public
-from shared.errors import Conflict, ServiceUnavailable
+from shared.errors import Conflict
 
 __all__ = ["router"]
 
@@ -66,13 +66,13 @@ def get_federated_run(run_id: RunId, session: SessionDep, _admin: AdminAuth) -> 
 
 @router.post("/{run_id}/cancel", response_model=RunDetail)
 def cancel_federated_run(
-    run_id: RunId, session: SessionDep, _admin: AdminAuth, request: Request
+    run_id: RunId, session: SessionDep, context: ContextDep, _admin: AdminAuth, request: Request
 ) -> RunDetail:
     """Stop a pending or running run (its Flower run too); 409 once it is past that."""
     run = get_run(session, run_id)
-    coordinator = _coordinator(request)
-    if coordinator is None:
-        raise ServiceUnavailable("federated runs are not coordinated by this process")
+    # A replica that does not coordinate (not started here) can still cancel: SQL and
+    # `flwr stop` are all it takes.
+    coordinator = _coordinator(request) or Coordinator(context, FederatedSettings())
     if not coordinator.cancel(run_id):
         raise Conflict(
             f"federated run {run_id} is {run.state}: only a pending or running run stops"
