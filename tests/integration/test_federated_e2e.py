@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from cloud.api.app import create_app
@@ -175,3 +176,33 @@ def test_drifted_devices_to_a_new_version_active_on_the_canary(
             120, "the canary to serve the new version",
         )  # fmt: skip
         cloud.wait_state(canary.device_id, "ACTIVE", new_int8, timeout=60)
+
+
+def test_the_demo_runs_a_federated_round_and_shows_the_new_version_going_out(
+    tmp_path: Path, reference_onnx: dict[str, bytes]
+) -> None:
+    """`edgefleet demo --federated`: its SuperLink and two agents with SuperNodes, tilted
+    digits labelled on each, one round, the new version registered and ACTIVE on the canary;
+    then a clean stop with no process left behind."""
+    from tests.integration.test_demo import start_demo, stop_demo
+
+    demo = start_demo(
+        tmp_path, reference_onnx, "--federated", "--agents", "2", "--duration", "1",
+        env={"EDGEFLEET_FEDERATED_PORT": str(free_port())},
+    )  # fmt: skip
+    try:
+        demo.wait_for("SuperLink  127.0.0.1:", timeout=180)
+        demo.wait_for("150 samples kept on the device", timeout=180)
+        tree = demo.tree()  # the agents and their SuperNodes are up by now
+        assert sum("flower-supernode" in " ".join(p.cmdline()) for p in tree) == 2
+        demo.wait_for("round 1: 2 devices, 300 examples", timeout=300)
+        demo.wait_for("(INT8) registered", timeout=120)
+        demo.wait_for("canary demo-agent-", timeout=180)
+        demo.rest(timeout=120)
+        assert demo.proc.returncode == 0, demo.text
+        assert "runs digits-edge:4" in demo.text
+        demo.assert_no_traceback()
+        _gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert alive == [], demo.text
+    finally:
+        stop_demo(demo)
