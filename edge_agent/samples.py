@@ -155,6 +155,7 @@ class SampleBuffer:
         """The agent's buffer, for reading (the ClientApp); refused if there is none."""
         if not path.is_file():
             raise InvalidInput(f"no sample buffer at {path}: is learning on in the agent?")
+        # A reader never adds, so never evicts: the agent's bounds are the agent's business.
         return cls(path, max_samples=1 << 62, max_bytes=1 << 62)
 
     def close(self) -> None:
