@@ -25,7 +25,7 @@ from cloud.pipeline.evaluate import accuracy, make_session, run_model
 from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.register import register_version
 from cloud.pipeline.service import (
-    Parent,
+    ParentVersion,
     QuantizeOptions,
     load_parent,
     prepare_int8,
@@ -136,7 +136,7 @@ def finalize_run(context: CloudContext, run_id: int, files: RunFiles) -> RunStat
         model, base_version = base_row.model.name, base_row.version
         selector = dict(run.selector)
     gate = GateOptions.model_validate(config.get("gate") or {})
-    base = load_parent(context, model, base_version)
+    base = load_parent(context, model, base_version, action="federate")
     try:
         if base.dataset is None:
             raise GateFailed(f"{model}:{base_version} has no held-out data recorded to gate on")
@@ -167,7 +167,7 @@ def _register(
     run_id: int,
     config: dict[str, Any],
     selector: dict[str, str],
-    candidate: Parent,
+    candidate: ParentVersion,
     scores: dict[str, Any],
     int8: Any,
     held_out: EvalData,

@@ -25,8 +25,9 @@ from shared.messages import CloudModelRef, HealthCheckSpec, RoutingPolicy, Routi
 __all__ = [
     "Int8Candidate",
     "LargerThanParent",
-    "Parent",
+    "ParentVersion",
     "QuantizeOptions",
+    "calibrate_routing",
     "load_parent",
     "load_version_bytes",
     "prepare_int8",
@@ -71,9 +72,7 @@ class LargerThanParent(GateFailed):
 
 
 @dataclass(frozen=True, slots=True)
-class Parent:
-    """A version to quantize: its bytes and what the registry says of it."""
-
+class ParentVersion:
     model: str
     version: int
     task: str
@@ -91,12 +90,15 @@ def load_version_bytes(context: CloudContext, model: str, version: int) -> bytes
     return context.artifacts.path(sha).read_bytes()
 
 
-def load_parent(context: CloudContext, model: str, version: int) -> Parent:
+def load_parent(
+    context: CloudContext, model: str, version: int, *, action: str = "quantize"
+) -> ParentVersion:
+    """An FP32 version and its bytes (Conflict for any other precision)."""
     with context.database.session() as s:
         row = repository.get_version(s, model_name=model, version=version)
         if row.precision != "fp32":
-            raise Conflict(f"{model}:{version} is {row.precision}; quantize an fp32 version")
-        return Parent(
+            raise Conflict(f"{model}:{version} is {row.precision}; {action} an fp32 version")
+        return ParentVersion(
             model=model,
             version=version,
             task=row.model.task,
@@ -109,9 +111,15 @@ def load_parent(context: CloudContext, model: str, version: int) -> Parent:
         )
 
 
-def _routing(
-    context: CloudContext, parent: Parent, int8: bytes, data: EvalData, options: QuantizeOptions
+def calibrate_routing(
+    context: CloudContext,
+    parent: ParentVersion,
+    int8: bytes,
+    data: EvalData,
+    options: QuantizeOptions,
 ) -> tuple[dict[str, Any], RoutingSpec | None]:
+    """The calibration report and routing spec of a child (``int8``: its bytes) of
+    ``parent``; none when the model has no probabilities output or the data no labels."""
     probs_name = options.probabilities_output
     if probs_name not in parent.outputs or data.calib_labels is None:
         return {}, None
@@ -182,7 +190,7 @@ class Int8Candidate:
 
 
 def prepare_int8(
-    context: CloudContext, parent: Parent, data: EvalData, options: QuantizeOptions
+    context: CloudContext, parent: ParentVersion, data: EvalData, options: QuantizeOptions
 ) -> Int8Candidate:
     """Quantize ``parent``, gate it, calibrate routing; writes nothing (raises
     :class:`GateFailed` when the candidate is refused)."""
@@ -212,13 +220,17 @@ def prepare_int8(
     metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
     if warnings:
         metrics["warnings"] = warnings
-    calibration, routing = _routing(context, parent, int8, data, options)
+    calibration, routing = calibrate_routing(context, parent, int8, data, options)
     health = golden_examples(int8, data.test_inputs)
     return Int8Candidate(int8, method, metrics, calibration, routing, health, warnings)
 
 
 def register_int8(
-    session: Session, context: CloudContext, parent: Parent, candidate: Int8Candidate, actor: str
+    session: Session,
+    context: CloudContext,
+    parent: ParentVersion,
+    candidate: Int8Candidate,
+    actor: str,
 ) -> ModelVersion:
     """Register ``candidate`` as the child of ``parent`` (in the caller's unit of work)."""
     return register_version(
