@@ -17,6 +17,7 @@ import numpy as np
 
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.demo.federated import send_feedback
 from cloud.embedded.processes import free_port
 from cloud.federated.bundle import write_app
 from cloud.federated.drift import device_shards
@@ -146,18 +147,6 @@ def submit(
     return files, cli.run(write_app(cloud_dir / "federated" / "app"), config)
 
 
-def _feedback(url: str, x: np.ndarray, y: np.ndarray) -> None:
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for start in range(0, len(y), 50):
-            rows = x[start : start + 50]
-            body = {
-                "model": MODEL, "labels": [int(v) for v in y[start : start + 50]],
-                "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
-                            "data": [float(v) for v in rows.reshape(-1)]}],
-            }  # fmt: skip
-            client.post("/v1/feedback", json=body).raise_for_status()
-
-
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -208,7 +197,7 @@ def canary_timing(root: Path, *, agents: int, rounds: int) -> dict[str, Any]:
             raise RuntimeError("the agents did not activate digits-edge:2")
         for agent, (x, y) in zip(fleet.agents, device_shards(agents, per_device=200), strict=True):
             assert agent.api_url is not None
-            _feedback(agent.api_url, x, y)
+            send_feedback(agent.api_url, x, y)
 
         def connected(device_id: str) -> bool:
             live = admin.get(f"/v1/devices/{device_id}/live").json()

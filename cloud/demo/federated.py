@@ -23,7 +23,7 @@ from cloud.federated.settings import FederatedSettings
 from cloud.federated.superlink import SuperLink
 from shared.errors import EdgeFleetError
 
-__all__ = ["DemoFederation"]
+__all__ = ["DemoFederation", "send_feedback"]
 
 _MODEL = "digits-edge"
 _PER_DEVICE = 150
@@ -105,7 +105,7 @@ class DemoFederation:
             for (device_id, url), (x, y) in zip(
                 agents, device_shards(len(agents), per_device=_PER_DEVICE), strict=True
             ):
-                stored = _feedback(url, x, y)
+                stored = send_feedback(url, x, y)
                 self.say(f"  {device_id}: {stored} samples kept on the device")
             with httpx.Client(
                 base_url=api_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
@@ -182,13 +182,14 @@ def _json(response: httpx.Response) -> Any:
     )
 
 
-def _feedback(url: str, x: Any, y: Any) -> int:
+def send_feedback(url: str, x: Any, y: Any, *, model: str = _MODEL) -> int:
+    """Label rows ``x`` with ``y`` on an agent's local API, 50 at a time; rows stored."""
     stored = 0
     with httpx.Client(base_url=url, timeout=30) as client:
         for start in range(0, len(y), 50):
             rows = x[start : start + 50]
             body = {
-                "model": _MODEL,
+                "model": model,
                 "labels": [int(v) for v in y[start : start + 50]],
                 "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
                             "data": [float(v) for v in rows.reshape(-1)]}],
