@@ -16,6 +16,7 @@ from rich.console import Console
 from cloud import cli_compress  # noqa: F401 - adds distill, prune, fp16, report to `model`
 from cloud.cli_broker import app as broker_app
 from cloud.cli_dashboard import dashboard
+from cloud.cli_federated import app as federated_app
 from cloud.cli_models import app as models_app
 from cloud.cli_rollouts import app as rollouts_app
 from cloud.context import CloudContext
@@ -33,6 +34,7 @@ app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
 app.add_typer(broker_app, name="broker")
 app.add_typer(rollouts_app, name="rollout")
+app.add_typer(federated_app, name="federated")
 app.command()(dashboard)
 console = Console(soft_wrap=True)
 
@@ -207,6 +209,9 @@ def demo(
     dashboard_port: Annotated[
         int, typer.Option(help="dashboard port (taken or 0: a free one); -1: no dashboard")
     ] = DEFAULT_PORT,
+    federated: Annotated[
+        bool, typer.Option(help="run one federated round on the agents with drifted data")
+    ] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
@@ -219,6 +224,7 @@ def demo(
         banner=_banner,
         traffic=traffic,
         dashboard_port=None if dashboard_port < 0 else dashboard_port,
+        federated=federated,
     )
     _run_until_stopped(
         settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick

@@ -15,6 +15,8 @@ from starlette.types import ASGIApp
 
 from cloud.api.app import create_app, create_health_app
 from cloud.context import CloudContext
+from cloud.federated.coordinator import Coordinator
+from cloud.federated.settings import FederatedSettings
 from cloud.fleet.service import FleetService
 from cloud.inference.app import WithInference, create_inference_app
 from cloud.inference.budget import BudgetLoop, budget_loop_for
@@ -40,10 +42,13 @@ class RoleParts:
     inference: InferenceService | None = None
     grpc: GrpcServer | None = None
     budget: BudgetLoop | None = None
+    federated: Coordinator | None = None
 
     def start(self) -> None:
         if self.fleet is not None:
             self.fleet.start()
+        if self.federated is not None:
+            self.federated.start()
         if self.grpc is not None:
             self.grpc.start()
         if self.budget is not None:
@@ -53,6 +58,8 @@ class RoleParts:
         """After the HTTP server stopped: the budget loop, gRPC, the inference sessions, the
         fleet loops (the budget publishes through the fleet's link in role ``all``)."""
         steps: list[tuple[str, Callable[[], None]]] = []
+        if self.federated is not None:
+            steps.append(("stopping the federated coordinator", self.federated.stop))
         if self.budget is not None:
             steps.append(("stopping the offload budget", self.budget.stop))
         if self.grpc is not None:
@@ -69,7 +76,7 @@ def build_role(context: CloudContext, role: Role) -> RoleParts:
     fleet = FleetService(context) if role is not Role.INFERENCE else None
     if role is Role.API:
         assert fleet is not None
-        return RoleParts(create_app(context, fleet), fleet)
+        return _with_federated(context, RoleParts(create_app(context, fleet), fleet))
     if role is Role.FLEET:
         assert fleet is not None
         return RoleParts(create_health_app(context, fleet), fleet)
@@ -83,5 +90,17 @@ def build_role(context: CloudContext, role: Role) -> RoleParts:
     if role is Role.INFERENCE:
         return RoleParts(inference_app, None, service, grpc, budget)
     assert fleet is not None
-    app = WithInference(create_app(context, fleet), inference_app)
-    return RoleParts(app, fleet, service, grpc, budget)
+    api = create_app(context, fleet)
+    parts = RoleParts(WithInference(api, inference_app), fleet, service, grpc, budget)
+    return _with_federated(context, parts, api)
+
+
+def _with_federated(context: CloudContext, parts: RoleParts, api: object = None) -> RoleParts:
+    """The API's processes coordinate federated runs (issue 11): one acts at a time."""
+    assert parts.fleet is not None
+    parts.federated = Coordinator(
+        context, FederatedSettings(), on_rollout=parts.fleet.rollouts.wake
+    )
+    app = api if api is not None else parts.app
+    app.state.federated = parts.federated  # type: ignore[attr-defined]
+    return parts

@@ -14,6 +14,7 @@ from edge_agent.budget import BudgetFollower
 from edge_agent.config import AgentSettings
 from edge_agent.delivery import HttpDelivery, MqttDelivery
 from edge_agent.deployer import Deployer
+from edge_agent.learning import Learning
 from edge_agent.local_api import LocalApi
 from edge_agent.model_store import ModelStore
 from edge_agent.router import Answer, CircuitBreaker, CloudClient, Router
@@ -96,6 +97,8 @@ class Agent:
             self.runtime, cloud=self.cloud, override=settings.routing_override, budget=self.budget
         )
         self.fetcher = fetcher
+        # Federated learning (issue 11): the sample buffer and the SuperNode, when turned on.
+        self.learning = Learning(settings, self.runtime, self.meter) if settings.federated else None
         self.api: LocalApi | None = None
         self._stop = threading.Event()
         self._telemetry_wake = threading.Event()
@@ -115,6 +118,8 @@ class Agent:
         self.deployer.start()
         self.link.start()
         self._telemetry.start()
+        if self.learning is not None:
+            self.learning.start()
         if serve_api:
             self.api = LocalApi(self, self.settings.api_host, self.settings.api_port)
             self.api.start()
@@ -145,6 +150,9 @@ class Agent:
             self.fetcher.close()
         if self._telemetry.ident is not None:  # never started: nothing to wait for
             self._telemetry.join(5)
+        # Last: the telemetry thread reads the buffer's state until it has ended.
+        if self.learning is not None:
+            self.learning.stop()
 
     # -- inference -----------------------------------------------------------------------
 
@@ -169,6 +177,8 @@ class Agent:
         if answer.over_budget_rows:
             self.meter.count("rows_over_budget", answer.over_budget_rows)
         self.meter.observe_ms(answer.latency_ms)
+        if self.learning is not None and answer.cloud_rows:
+            self.learning.on_answer(model, inputs, answer)
         return answer
 
     # -- reporting -----------------------------------------------------------------------
@@ -205,6 +215,8 @@ class Agent:
         """End the current telemetry window and queue it (sent by ``send_telemetry``)."""
         active = {name: m.version for name, m in self.runtime.models().items()}
         window = self.meter.snapshot(active, budget=self.budget.report(self.router.specs()))
+        if self.learning is not None:
+            window = window.model_copy(update={"learning": self.learning.state()})
         self.outbox.put(window.model_dump_json().encode())
 
     def send_telemetry(self) -> int:

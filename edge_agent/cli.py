@@ -206,6 +206,21 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def federated_key(args: argparse.Namespace) -> int:
+    """Make (once) the SuperNode key for SuperNode authentication; print its public half."""
+    from edge_agent.federated.node_key import ensure_node_key
+
+    path = Path(args.key) if args.key else Path(args.data_dir) / "flower" / "node_key"
+    public = ensure_node_key(path)
+    print(public.read_text().strip())
+    print(
+        f"private key {path} (set federated_node_key to it); register {public} with the "
+        "SuperLink: edgefleet federated register-node " + str(public),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-agent", description="EdgeFleet edge agent")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -245,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_run.set_defaults(fn=run)
     sub.add_parser("status", help="what the device runs").set_defaults(fn=status)
+    p_key = sub.add_parser("federated-key", help="make this device's SuperNode key (once)")
+    p_key.add_argument("--key", help="private key path (default: DATA_DIR/flower/node_key)")
+    p_key.set_defaults(fn=federated_key)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

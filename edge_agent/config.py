@@ -74,6 +74,50 @@ class AgentSettings(BaseSettings):
         default=10.0, gt=0, le=3600, description="open breaker: seconds before one trial call"
     )
     routing_override: RoutingSpec | None = None
+    # -- federated learning (edge_agent.learning): off unless turned on ------------------------
+    federated: bool = Field(
+        default=False, description="keep a sample buffer to learn from (and run a SuperNode)"
+    )
+    federated_superlink: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.\[\]:-]+:\d{1,5}$",
+        description="host:port of the SuperLink's Fleet API; unset: a buffer, no SuperNode",
+    )
+    federated_root_certificates: Path | None = Field(
+        default=None, description="CA of the SuperLink's TLS certificate (unset: system store)"
+    )
+    federated_insecure: bool = Field(
+        default=False, description="plain HTTP to the SuperLink: development only"
+    )
+    federated_node_key: Path | None = Field(
+        default=None,
+        description="SuperNode authentication: this device's EC private key (OpenSSH format), "
+        "its public key registered with the SuperLink",
+    )
+    federated_supernode: Path | None = Field(
+        default=None,
+        description="the flower-supernode to run (e.g. from a venv of its own); unset: the "
+        "one beside this Python, else on PATH",
+    )
+    federated_runtime_port: int = Field(default=0, ge=0, le=65535)
+    federated_connect_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    samples_max: int = Field(default=2000, ge=1, le=1_000_000)
+    samples_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _federated(self) -> AgentSettings:
+        if self.federated_insecure and self.federated_root_certificates is not None:
+            raise ValueError(
+                "federated_insecure and federated_root_certificates exclude each other"
+            )
+        if self.federated_insecure and self.federated_node_key is not None:
+            raise ValueError(
+                "SuperNode authentication (federated_node_key) needs TLS: drop federated_insecure"
+            )
+        for path in (self.federated_root_certificates, self.federated_node_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        return self
 
     @field_validator("device_id")
     @classmethod

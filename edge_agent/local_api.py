@@ -14,7 +14,7 @@ from edge_agent.http_server import (
     error_response,
     json_response,
 )
-from shared.errors import EdgeFleetError, TensorError
+from shared.errors import Conflict, EdgeFleetError, TensorError
 from shared.tensors import HEADER_LENGTH, InferResponse, decode_request, encode_response
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ __all__ = ["LocalApi"]
 
 _LOGGER = logging.getLogger(__name__)
 _INFER_SUFFIX = "/infer"
+_FEEDBACK = "/v1/feedback"  # labelled inputs for federated learning (edge_agent.learning)
 
 
 def _header_length(request: Request) -> int | None:
@@ -83,6 +84,8 @@ class _Routes:
 
     def _post(self, request: Request) -> Response:
         path = request.path
+        if path == _FEEDBACK:
+            return self._feedback(request)
         if not (path.startswith("/v2/models/") and path.endswith(_INFER_SUFFIX)):
             return error_response(404, f"no route {path}")
         model = path.removeprefix("/v2/models/").removesuffix(_INFER_SUFFIX)
@@ -127,6 +130,13 @@ class _Routes:
         )
         payload, headers = encode_response(response, binary=binary)
         return Response(200, payload, headers)
+
+    def _feedback(self, request: Request) -> Response:
+        learning = self.agent.learning
+        if learning is None:
+            raise Conflict("learning is off on this device (federated is false): nothing kept")
+        stored = learning.feedback(request.body, _header_length(request), self.max_rows)
+        return json_response(200, stored)
 
 
 class LocalApi:

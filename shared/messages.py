@@ -41,6 +41,7 @@ __all__ = [
     "HealthCheckSpec",
     "Histogram",
     "LearnedRouter",
+    "LearningState",
     "Manifest",
     "Message",
     "Part",
@@ -371,6 +372,21 @@ class BudgetReport(Part):
     fixed: list[Name] = Field(default_factory=list, max_length=MAX_MODELS)
 
 
+class LearningState(Part):
+    """Federated learning on the device (issue 11): its sample buffer and its SuperNode."""
+
+    samples: int = Field(ge=0, le=INT64_MAX)
+    capacity: int = Field(ge=0, le=INT64_MAX)
+    sample_bytes: int = Field(default=0, ge=0, le=INT64_MAX)
+    by_source: dict[Key, Annotated[int, Field(ge=0, le=INT64_MAX)]] = Field(
+        default_factory=dict, max_length=16
+    )
+    # off | starting | connected | backoff | stopped | missing
+    supernode: Key = "off"
+    supernode_restarts: int = Field(default=0, ge=0, le=INT64_MAX)
+    supernode_reason: str | None = Field(default=None, max_length=500)
+
+
 class Telemetry(Message):
     window_s: float = Field(gt=0)
     counts: dict[Key, Annotated[int, Field(ge=0)]] = Field(
@@ -383,6 +399,8 @@ class Telemetry(Message):
     at: datetime
     # Added after the first release: None (no budget in force) is what older agents mean.
     budget: BudgetReport | None = None
+    # Absent from agents without learning (and from those older than it).
+    learning: LearningState | None = None
 
 
 class ArtifactRequest(Message):

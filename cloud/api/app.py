@@ -12,6 +12,7 @@ from cloud.api.routes import (
     audit,
     budget,
     devices,
+    federated,
     fleet_state,
     health,
     history,
@@ -39,7 +40,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
     install_error_handlers(app)
     for module in (
         health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit, budget,
-        fleet_state, history, compress_routes,
+        fleet_state, history, compress_routes, federated,
     ):  # fmt: skip
         app.include_router(module.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.

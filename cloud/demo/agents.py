@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ class LocalAgents:
         count: int,
         say: Callable[[str], None] = _LOGGER.info,
         enroll_timeout: float = _ENROLL_TIMEOUT_S,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.command = command
         self.api_url = api_url
@@ -95,6 +96,7 @@ class LocalAgents:
         self.log_dir = data_dir / "logs"
         self.say = say
         self.enroll_timeout = enroll_timeout
+        self.extra_env = dict(extra_env or {})
         self.agents = [self._agent(f"demo-agent-{i}") for i in range(1, count + 1)]
         self._admin = httpx.Client(
             base_url=api_url, headers={"Authorization": f"Bearer {admin_token}"}, timeout=30
@@ -107,6 +109,7 @@ class LocalAgents:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
         # Unbuffered, so the log file says what the agent did up to the moment it stopped.
         env |= {"PYTHONUNBUFFERED": "1", "EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "5"}
+        env |= self.extra_env  # e.g. federated learning's settings (cloud.demo.federated)
         argv = [
             *self.command, "--data-dir", str(home), "run",
             "--port", "0", "--ready-file", str(home / "ready.json"),

@@ -10,6 +10,7 @@ import httpx
 from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.demo.federated import DemoFederation
 from cloud.demo.traffic import Traffic, start_traffic
 from cloud.embedded.dashboard import DashboardProcess, dashboard_app
 from cloud.embedded.processes import describe_exit
@@ -54,10 +55,13 @@ class DemoSession:
         banner: Callable[[CloudContext, str], None],
         traffic: float = 0.0,
         dashboard_port: int | None = None,
+        federated: bool = False,
     ) -> None:
         self.count = agents
         self.say = say
         self.banner = banner
+        # The SuperLink always; with `federated`, one round on the agents (issue 11).
+        self.federation = DemoFederation(enabled=federated, say=say)
         self.fleet: LocalAgents | None = None
         self._watching = False
         # Rows per second sent to the agents once they serve the model (0: none).
@@ -112,6 +116,7 @@ class DemoSession:
             self.say("No local agents: `edge-agent` is not installed (pip install -e '.[edge]').")
             return
         data_dir = context.settings.data_dir.resolve()
+        self.federation.start(context)
         self.fleet = LocalAgents(
             command=command,
             api_url=api_url,
@@ -119,6 +124,7 @@ class DemoSession:
             data_dir=data_dir,
             count=self.count,
             say=self.say,
+            extra_env=self.federation.agent_env(),
         )
         without_login = _without_broker_login(context, [a.device_id for a in self.fleet.agents])
         self.say(f"Local edge agents (`edge-agent run`, one device each, under {data_dir}/agents):")
@@ -159,6 +165,10 @@ class DemoSession:
                 context, urls, model=DEMO_MODEL, version=version, rate=self.traffic_rate,
                 say=self.say,
             )  # fmt: skip
+        serving = [(a.device_id, a.api_url) for a in active if a.api_url]
+        self.federation.run_round(
+            api_url=api_url, admin_token=context.settings.admin_token, agents=serving, stop=stop
+        )
 
     # -- the dashboard: a child process in its own session, started with the demo -------------
 
@@ -203,6 +213,7 @@ class DemoSession:
                 f"warning: the dashboard exited ({describe_exit(code)}); see "
                 f"{dashboard.child.log_path}. The rest of the demo goes on."
             )
+        self.federation.tick()
         if self.fleet is None or not self._watching:
             return
         for agent, code in self.fleet.newly_dead():
@@ -222,3 +233,4 @@ class DemoSession:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")
             self.fleet.stop()
+        self.federation.stop()

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from cloud.context import CloudContext
 from cloud.pipeline.calibrate import RoutingTarget, calibrate
 from cloud.pipeline.compress.measure import compare_latency
@@ -17,17 +19,21 @@ from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
+from cloud.registry.tables import ModelVersion
 from shared.errors import Conflict, GateFailed, InvalidInput
-from shared.messages import CloudModelRef, RoutingPolicy, RoutingSpec, TensorSpec
+from shared.messages import CloudModelRef, HealthCheckSpec, RoutingPolicy, RoutingSpec, TensorSpec
 
 __all__ = [
+    "Int8Candidate",
     "LargerThanParent",
     "ParentVersion",
     "QuantizeOptions",
     "calibrate_routing",
     "load_parent",
     "load_version_bytes",
+    "prepare_int8",
     "quantize_version",
+    "register_int8",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -171,6 +177,84 @@ def calibrate_routing(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Int8Candidate:
+    """An INT8 child that passed the gate and the size rule, calibrated, not registered yet."""
+
+    data: bytes
+    method: QuantMethod
+    metrics: dict[str, Any]
+    calibration: dict[str, Any]
+    routing: RoutingSpec | None
+    health: HealthCheckSpec
+    warnings: list[str]
+
+
+def prepare_int8(
+    context: CloudContext, parent: ParentVersion, data: EvalData, options: QuantizeOptions
+) -> Int8Candidate:
+    """Quantize ``parent``, gate it, calibrate routing; writes nothing (raises
+    :class:`GateFailed` when the candidate is refused)."""
+    embedding = parent.task == "embedding"
+    method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
+    int8 = quantize(
+        parent.data,
+        method=method,
+        calibration=data.quantization_inputs,
+        trainable=parent.trainable,
+    )
+    warnings = _size_warnings(parent.model, parent.version, len(int8), len(parent.data), options)
+    if embedding:
+        scores = gate_embedding(
+            parent.data,
+            int8,
+            data.test_inputs,
+            output=parent.outputs[0],
+            min_cosine=options.min_cosine,
+        )
+    else:
+        if data.test_labels is None:
+            raise InvalidInput("a classifier's evaluation data needs labels 'y'")
+        scores = gate_classifier(
+            parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
+        )
+    metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
+    metrics["latency"] = compare_latency(int8, parent.data, data.test_inputs)
+    if warnings:
+        metrics["warnings"] = warnings
+    calibration, routing = calibrate_routing(context, parent, int8, data, options)
+    health = golden_examples(int8, data.test_inputs)
+    return Int8Candidate(int8, method, metrics, calibration, routing, health, warnings)
+
+
+def register_int8(
+    session: Session,
+    context: CloudContext,
+    parent: ParentVersion,
+    candidate: Int8Candidate,
+    actor: str,
+) -> ModelVersion:
+    """Register ``candidate`` as the child of ``parent`` (in the caller's unit of work)."""
+    return register_version(
+        session,
+        context.artifacts,
+        model_name=parent.model,
+        blocks=[candidate.data],
+        max_bytes=len(candidate.data),
+        precision="int8",
+        actor=actor,
+        parent_version=parent.version,
+        metrics=candidate.metrics,
+        calibration=candidate.calibration,
+        routing=candidate.routing,
+        trainable=parent.trainable,
+        healthcheck=candidate.health,
+        source=f"quantize:{candidate.method.value}",
+        dataset=parent.dataset,
+        warnings=candidate.warnings,
+    )
+
+
 def quantize_version(
     context: CloudContext,
     *,
@@ -193,56 +277,11 @@ def quantize_version(
                 f"{model}:{version} has no recorded dataset; upload evaluation data (.npz)"
             )
         data = builtin(parent.dataset)
-    embedding = parent.task == "embedding"
-    method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
-    int8 = quantize(
-        parent.data,
-        method=method,
-        calibration=data.quantization_inputs,
-        trainable=parent.trainable,
-    )
-    warnings = _size_warnings(model, version, len(int8), len(parent.data), options)
-    if embedding:
-        scores = gate_embedding(
-            parent.data,
-            int8,
-            data.test_inputs,
-            output=parent.outputs[0],
-            min_cosine=options.min_cosine,
-        )
-    else:
-        if data.test_labels is None:
-            raise InvalidInput("a classifier's evaluation data needs labels 'y'")
-        scores = gate_classifier(
-            parent.data, int8, data.test_inputs, data.test_labels, max_drop_pt=options.max_drop_pt
-        )
-    metrics: dict[str, Any] = {**scores, "size_ratio": round(len(int8) / len(parent.data), 4)}
-    metrics["latency"] = compare_latency(int8, parent.data, data.test_inputs)
-    if warnings:
-        metrics["warnings"] = warnings
-    calibration, routing = calibrate_routing(context, parent, int8, data, options)
-    health = golden_examples(int8, data.test_inputs)
+    candidate = prepare_int8(context, parent, data, options)
     with context.database.session() as s:
-        row = register_version(
-            s,
-            context.artifacts,
-            model_name=model,
-            blocks=[int8],
-            max_bytes=len(int8),
-            precision="int8",
-            actor=actor,
-            parent_version=version,
-            metrics=metrics,
-            calibration=calibration,
-            routing=routing,
-            trainable=parent.trainable,
-            healthcheck=health,
-            source=f"quantize:{method.value}",
-            dataset=parent.dataset,
-            warnings=warnings,
-        )
+        row = register_int8(s, context, parent, candidate, actor)
         s.flush()
-        _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, metrics)
+        _LOGGER.info("registered %s:%s (int8, %s)", model, row.version, candidate.metrics)
         return row.version
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -25,6 +26,7 @@ __all__ = [
     "Base",
     "DeploymentEvent",
     "Device",
+    "FederatedRound",
     "FederatedRun",
     "Model",
     "ModelVersion",
@@ -212,6 +214,10 @@ class RolloutTarget(Base):
 
 
 class FederatedRun(Base):
+    """A federated update of a model's head (``cloud.federated``): submitted to the SuperLink
+    as a Flower run, its rounds recorded, and its result gated, registered (FP32 in
+    ``result_version_id``, INT8 in ``result_int8_version_id``) and maybe rolled out."""
+
     __tablename__ = "federated_runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -220,11 +226,53 @@ class FederatedRun(Base):
     result_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id"), nullable=True
     )
-    state: Mapped[str] = mapped_column(String(16), default="PENDING")
+    state: Mapped[str] = mapped_column(String(16), default="PENDING", index=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # Why the run is in its state (a failure, a refusal by the gate, too few devices).
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Flower's run id: an unsigned 64-bit number, kept as text.
+    flower_run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result_int8_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id"), nullable=True
+    )
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(64), default="admin")
+    submitted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+
+    rounds: Mapped[list[FederatedRound]] = relationship(
+        back_populates="run", order_by="FederatedRound.round"
+    )
+
+
+class FederatedRound(Base):
+    """One round of a federated run, as the ServerApp reported it."""
+
+    __tablename__ = "federated_rounds"
+    __table_args__ = (UniqueConstraint("run_id", "round", name="uq_federated_rounds_run_round"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("federated_runs.id", ondelete="CASCADE"), index=True
+    )
+    round: Mapped[int] = mapped_column(Integer)
+    clients: Mapped[int] = mapped_column(Integer)  # replies aggregated
+    dropped: Mapped[int] = mapped_column(Integer, default=0)  # asked, no reply in time
+    refused: Mapped[int] = mapped_column(Integer, default=0)  # replied with a refusal
+    examples: Mapped[int] = mapped_column(Integer, default=0)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_s: Mapped[float] = mapped_column(Float, default=0.0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)  # server -> devices
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)  # devices -> server
+    # Per device: node, device id, examples, loss, or why it did not take part.
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+    run: Mapped[FederatedRun] = relationship(back_populates="rounds")
 
 
 class AuditEvent(Base):
