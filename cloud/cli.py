@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cloud.cli_broker import app as broker_app
 from cloud.cli_models import app as models_app
+from cloud.cli_simulate import simulate
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
 from cloud.embedded.services import ServiceUrls
@@ -28,6 +29,7 @@ __all__ = ["OWN_LOGGERS", "app", "broker_note", "configure_logging", "main"]
 app = typer.Typer(help="EdgeFleet cloud control plane.", no_args_is_help=True)
 app.add_typer(models_app, name="model")
 app.add_typer(broker_app, name="broker")
+app.command()(simulate)
 console = Console(soft_wrap=True)
 
 # Our packages log at INFO (DEBUG with --verbose); everything else (httpx, alembic,

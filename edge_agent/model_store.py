@@ -187,6 +187,15 @@ class ModelStore:
         with self._lock:
             return frozenset(self._chunks(ref))
 
+    def has_chunk(self, ref: ArtifactRef, index: int) -> bool:
+        with self._lock:
+            return index in self._chunks(ref)
+
+    def complete(self, ref: ArtifactRef) -> bool:
+        """Every chunk is on disk (not yet checked as a whole: see :meth:`finish`)."""
+        with self._lock:
+            return len(self._chunks(ref)) == len(ref.chunks)
+
     def missing_chunks(self, ref: ArtifactRef) -> list[int]:
         with self._lock:
             done = self._chunks(ref)

@@ -8,6 +8,7 @@ from cloud.api.errors import JsonErrorBodies, install_error_handlers
 from cloud.api.limits import BodySizeLimit, HeadSizeLimit
 from cloud.api.metrics import ApiMetrics, MetricsMiddleware
 from cloud.api.routes import artifacts, audit, devices, health, models, pipeline, rollouts
+from cloud.api.routes import device_batch as device_batch_routes
 from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
@@ -29,6 +30,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
         health, models, pipeline, devices, fleet_routes, rollouts, artifacts, audit,
     ):  # fmt: skip
         app.include_router(module.router)
+    app.include_router(device_batch_routes.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.
     app.add_middleware(JsonErrorBodies, scrub=app.state.scrub_paths)
     app.add_middleware(
