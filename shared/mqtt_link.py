@@ -100,8 +100,9 @@ class MqttLink:
         """``clean_session=False`` with a stable ``client_id`` keeps the session (subscriptions
         and unacknowledged QoS 1 messages) on the broker while we are away; ``manual_ack``
         lets :meth:`subscribe_inbound` handlers ack once they have stored a message;
-        ``on_published`` is called (on the network thread) whenever the broker acknowledges
-        one of our QoS 1 messages, so :attr:`in_flight` went down.
+        ``on_published`` is called (on the network thread) whenever paho is done with one of
+        our messages — a QoS 1 one acknowledged by the broker, a QoS 0 one written — so
+        :attr:`in_flight` may have gone down.
 
         An ``mqtts://`` URL connects over TLS with ``tls`` (None: the system's trust store);
         its files are read here, so a bad one is a ValueError now, not in the network thread.
@@ -385,7 +386,6 @@ class MqttLink:
                     if now - seen < _EARLY_ACK_S:
                         break
                     del self._acked_early[early]
-                return
         if self.on_published is not None:
             self._safely(self.on_published)
 

@@ -9,11 +9,11 @@ the rest of this pass and the start of the next. An ask nobody repeats within ``
 stops being sent: the device that made it is gone, or will ask again. A repeated ask that
 comes within ``grace_s`` of the chunk's sending is not taken (see ``Pacing.grace_s``).
 
-The first pass starts at the first ask (on a reel idle for ``settle_s``). A later pass waits
-for the devices still joining (a rollout's wave reaches its devices over seconds): it starts
-once no device made its first ask for ``settle_s``, or ``max_wait_s`` after it became due, and
-at most once per ``pass_interval_s`` — so the devices that joined during a pass share one
-more pass, instead of each bringing one of its own.
+A pass waits for the devices still joining (a rollout's wave reaches its devices over
+seconds): it starts once no device made its first ask for ``settle_s``, or ``max_wait_s``
+after it became due, and at most once per ``pass_interval_s`` — so the devices of a wave
+share a pass, and those that joined during one share the next, instead of each bringing one
+of its own. A device alone waits ``settle_s`` for its pass.
 
 Pure bookkeeping (no I/O, no threads, no clock of its own): the broadcaster calls it under
 its lock."""
@@ -63,7 +63,7 @@ class Reel:
         cannot make us hold more than it has)."""
         added = 0
         if not self._order and now - self.touched >= pacing.settle_s:
-            self.pass_started = None  # idle a while: a fresh first pass, from the first index
+            self.pass_started = None  # idle a while: the next pass starts from the first index
         self.touched = max(self.touched, now)
         if first:
             self.last_join = max(self.last_join, now)
@@ -96,9 +96,7 @@ class Reel:
         return self._order[position]
 
     def wait_for_pass(self, now: float, pacing: Pacing) -> float:
-        """Seconds until a new pass may start (0: now); the first pass never waits."""
-        if self.pass_started is None:
-            return 0.0
+        """Seconds until a new pass may start (0: now)."""
         if self.due_since is None:
             self.due_since = now
         joining = min(
