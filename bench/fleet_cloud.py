@@ -26,6 +26,7 @@ from cloud.embedded.processes import free_port, port_open, wait_for_port
 from cloud.pipeline.golden import golden_examples
 from cloud.pipeline.reference.digits import digits_splits
 from cloud.pipeline.reference.graphs import mlp_classifier
+from cloud.simulate.broken import broken_copy
 
 __all__ = ["TOKEN", "BenchCloud", "big_model", "broker_config", "peak_rss_mib"]
 
@@ -190,21 +191,13 @@ class BenchCloud:
 
     def register(self, model: str, data: bytes, *, broken: bool = False) -> dict[str, Any]:
         """Upload ``data`` as the next version of ``model`` with golden examples from digits;
-        ``broken``: golden outputs that cannot match (its health check fails everywhere)."""
+        ``broken``: a copy whose golden outputs cannot match (cloud/simulate/broken.py)."""
         with contextlib.suppress(RuntimeError):
             self.call("POST", "/v1/models", json={"name": model})
-        spec = golden_examples(data, {"input": digits_splits(0).x_test})
         if broken:
-            spec = spec.model_copy(
-                update={
-                    "golden": [
-                        g.model_copy(
-                            update={"outputs": {k: [0.5] * len(v) for k, v in g.outputs.items()}}
-                        )
-                        for g in spec.golden
-                    ]
-                }
-            )
+            data, spec = broken_copy(data)
+        else:
+            spec = golden_examples(data, {"input": digits_splits(0).x_test})
         metadata = {"precision": "fp32", "healthcheck": spec.model_dump(mode="json")}
         row: dict[str, Any] = self.call(
             "POST", f"/v1/models/{model}/versions",

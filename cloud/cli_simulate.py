@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
 from cloud.cli_models import DEFAULT_API, ApiOption, TokenOption
 from cloud.launcher import stop_on_signals
 from cloud.settings import DEV_ADMIN_TOKEN
+from cloud.simulate.broken import register_broken
 from cloud.simulate.fleet import Faults, FleetStatus, SimulatedFleet
 from shared.errors import EdgeFleetError
 
@@ -82,6 +84,14 @@ def simulate(
         float, typer.Option(help="a slow device's delay per chunk", min=0, max=10_000)
     ] = 50.0,
     seed: Annotated[int, typer.Option(help="which devices get which fault")] = 0,
+    broken_version: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODEL",
+            help="first register a copy of MODEL's newest version whose golden outputs are "
+            "wrong (it fails every device's health check): roll it out to see a canary stop it",
+        ),
+    ] = None,
     duration: Annotated[float | None, typer.Option(help="stop after N seconds")] = None,
 ) -> None:
     """Enroll N devices and run them as real agents (their MQTT, delivery, verification,
@@ -103,6 +113,15 @@ def simulate(
         raise typer.Exit(2) from None
     with stop_on_signals(stop):
         try:
+            if broken_version is not None:
+                with httpx.Client(
+                    base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=120
+                ) as client:
+                    row = register_broken(client, broken_version)
+                console.print(
+                    f"registered {broken_version}:{row['version']}: its health check fails "
+                    "on every device"
+                )
             enrolled = fleet.enroll()
             console.print(f"{agents} devices ({enrolled} enrolled now) under {root}")
             fleet.start()

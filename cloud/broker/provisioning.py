@@ -164,27 +164,24 @@ class DynsecAccounts:
     def provision_devices(self, devices: Sequence[tuple[str, str]]) -> None:
         """Many logins over one admin connection, ``_BATCH`` devices a message. A name the
         broker already has a login for is replaced if enrollment made it (as one at a time
-        does), refused (Conflict) if not; on any failure the logins made are removed."""
+        does), refused (Conflict) if not; on any failure the logins made are removed.
+
+        Names the broker knows are found first and replaced one by one, their login deleted
+        before their role: Mosquitto 2.0.11 crashes when a role still held by a login is
+        deleted and made again (seen here)."""
         made: list[str] = []
         try:
             with self.connect() as dynsec:
                 dynsec.run([_template_role()])
-                for start in range(0, len(devices), _BATCH):
-                    batch = devices[start : start + _BATCH]
-                    commands = [c for d, p in batch for c in _create_device(d, p)]
-                    taken: list[tuple[str, str]] = []
-                    for command, answer in zip(commands, dynsec.request(commands), strict=True):
-                        error = answer.get("error")
-                        if command.name != "createClient":
-                            if error and error not in command.tolerate:
-                                raise DynsecRefused(command.name, str(error), command.subject)
-                        elif error == "Client already exists":
-                            taken.append((command.subject, str(command.args["password"])))
-                        elif error:
-                            raise DynsecRefused(command.name, str(error), command.subject)
-                        else:
-                            made.append(command.subject)
-                    for device_id, password in taken:
+                listed = dynsec.run([Command("listClients", {"verbose": False, "count": -1})])
+                known = set(listed[0].get("clients") or [])
+                fresh = [(d, p) for d, p in devices if d not in known]
+                for start in range(0, len(fresh), _BATCH):
+                    batch = fresh[start : start + _BATCH]
+                    made += [d for d, _p in batch]  # before: a refused message did the rest
+                    dynsec.run([c for d, p in batch for c in _create_device(d, p)])
+                for device_id, password in devices:
+                    if device_id in known:
                         self._replace(dynsec, device_id, password)
                         made.append(device_id)
         except BaseException:

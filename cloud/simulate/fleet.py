@@ -26,7 +26,7 @@ from cloud.embedded.processes import ChildProcess, describe_exit, run_all
 from shared.errors import EdgeFleetError, InvalidInput, ServiceUnavailable
 from shared.fsutil import atomic_write
 
-__all__ = ["AGENTS_PER_WORKER", "Faults", "FleetStatus", "SimulatedFleet"]
+__all__ = ["AGENTS_PER_WORKER", "Faults", "FleetStatus", "SimulatedFleet", "answer"]
 
 _LOGGER = logging.getLogger(__name__)
 AGENTS_PER_WORKER = 100
@@ -145,18 +145,18 @@ class SimulatedFleet:
         for start in range(0, len(new), _BULK):
             batch = new[start : start + _BULK]
             body = {"devices": [{"device_id": d, "labels": self.labels} for d in batch]}
-            answer = _json(self._admin.post("/v1/devices/bulk", json=body))
-            for item in answer["devices"]:
-                self._write_config(item["device"]["id"], item["token"], answer)
+            enrolled = answer(self._admin.post("/v1/devices/bulk", json=body))
+            for item in enrolled["devices"]:
+                self._write_config(item["device"]["id"], item["token"], enrolled)
         for device_id in sorted(known & set(self.device_ids)):
             if not (self.home(device_id) / "agent.json").is_file():
-                answer = _json(self._admin.post(f"/v1/devices/{device_id}/token"))
-                self._write_config(device_id, answer["token"], answer)
+                rotated = answer(self._admin.post(f"/v1/devices/{device_id}/token"))
+                self._write_config(device_id, rotated["token"], rotated)
         return len(new)
 
     def _enrolled(self) -> set[str]:
         selector = [f"simulated={self.prefix}"]
-        devices = _json(self._admin.get("/v1/devices", params={"label": selector}))
+        devices = answer(self._admin.get("/v1/devices", params={"label": selector}))
         return {str(d["id"]) for d in devices}
 
     def _write_config(self, device_id: str, token: str, enrolled: dict[str, Any]) -> None:
@@ -272,7 +272,8 @@ def _stopper(worker: _Worker) -> Callable[[], None]:
     return lambda: worker.child.stop(_STOP_TIMEOUT_S)
 
 
-def _json(response: httpx.Response) -> Any:
+def answer(response: httpx.Response) -> Any:
+    """The JSON of a successful answer; else an error naming the call and what it said."""
     if response.is_success:
         return response.json()
     try:
