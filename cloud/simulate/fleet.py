@@ -131,6 +131,8 @@ class SimulatedFleet:
             timeout=httpx.Timeout(120, connect=5),
         )
         self.workers: list[_Worker] = []
+        # Each device's faults, once started (chunk_loss, chunk_delay_s, restart_mid_download).
+        self.faults_of: dict[str, dict[str, Any]] = {}
 
     def home(self, device_id: str) -> Path:
         return self.root / "devices" / device_id
@@ -190,6 +192,7 @@ class SimulatedFleet:
             plans[number % self.processes].append(
                 {"home": str(self.home(device_id).resolve()), "faults": faults}
             )
+            self.faults_of[device_id] = faults
         return plans
 
     def start(self) -> None:
