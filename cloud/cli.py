@@ -197,13 +197,17 @@ def demo(
     port: Annotated[int, typer.Option(help="API port (0 picks a free one)")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="demo data directory")] = Path(".edgefleet/demo"),
     agents: Annotated[int, typer.Option(help="local edge agents to run", min=0, max=50)] = 2,
+    sim_agents: Annotated[
+        int,
+        typer.Option(help="simulated devices the INT8 model is rolled out to (0: none)", min=0),
+    ] = 20,
     verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
     local `edge-agent` processes running the INT8 edge model; Ctrl-C stops all."""
     configure_logging(verbose)
     settings = _settings(dev_mode=True, api_port=port, data_dir=data_dir)
-    session = DemoSession(agents, say=_say, banner=_banner)
+    session = DemoSession(agents, say=_say, banner=_banner, sim_agents=sim_agents)
     _run_until_stopped(
         settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick
     )

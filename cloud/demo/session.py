@@ -10,6 +10,7 @@ import httpx
 from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
+from cloud.demo.fleet import DemoFleet
 from cloud.embedded.processes import describe_exit
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
@@ -50,12 +51,15 @@ class DemoSession:
         *,
         say: Callable[[str], None],
         banner: Callable[[CloudContext, str], None],
+        sim_agents: int = 0,
     ) -> None:
         self.count = agents
         self.say = say
         self.banner = banner
         self.fleet: LocalAgents | None = None
         self._watching = False
+        # Simulated devices (cloud/demo/fleet.py): the INT8 model rolled out to them in waves.
+        self.sim = DemoFleet(sim_agents, say=say) if sim_agents else None
 
     def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         self.banner(context, api_url)
@@ -63,6 +67,9 @@ class DemoSession:
             self._reference(context, stop)
             if self.count and not stop.is_set():
                 self._agents(context, api_url, stop)
+            if self.sim is not None and not stop.is_set():
+                sim_dir = context.settings.data_dir.resolve() / "sim"
+                self.sim.run(api_url, context.settings.admin_token, sim_dir, DEMO_MODEL, stop)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"the demo could not reach its own API: {exc}") from exc
         except OSError as exc:
@@ -144,6 +151,8 @@ class DemoSession:
 
     def tick(self) -> None:
         """Called about every second: an agent that died is a warning, not the end."""
+        if self.sim is not None:
+            self.sim.tick()
         if self.fleet is None or not self._watching:
             return
         for agent, code in self.fleet.newly_dead():
@@ -153,6 +162,8 @@ class DemoSession:
             )
 
     def stop(self) -> None:
+        if self.sim is not None:
+            self.sim.stop()
         if self.fleet is not None:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")
