@@ -37,7 +37,7 @@ from sqlalchemy import func, select
 from bench.common import machine, write
 from bench.fleet_cloud import TOKEN, BenchCloud, big_model, broker_config, peak_rss_mib
 from cloud.registry.database import Database
-from cloud.registry.tables import DeploymentEvent, RolloutTarget
+from cloud.registry.tables import AuditEvent, DeploymentEvent, RolloutTarget
 from cloud.simulate.fleet import Faults, SimulatedFleet
 
 MODEL = "b4-model"
@@ -135,6 +135,7 @@ class Run:
             "load_1min_before": round(load, 2),
             "load_1min_after": round(os.getloadavg()[0], 2),
         }
+        result["last_deploy_issued_s"] = self._issued(created["id"], row["created_at"])
         if row["state"] == "COMPLETED":
             self.current = version["version"]
         if aborting_at is not None:
@@ -144,6 +145,27 @@ class Run:
             result |= self._activations(created["id"], version["version"])
             result["serving_old"] = status.serving(MODEL, self.current or 0)
         return result
+
+    def _issued(self, rollout_id: int, created_at: str) -> float | None:
+        """When the engine sent the rollout's last device its version (from its creation):
+        how long the engine took to reach the devices, apart from their delivery."""
+        database = Database(self.cloud.database)
+        try:
+            with database.session() as s:
+                last = s.scalar(
+                    select(func.max(AuditEvent.at)).where(
+                        AuditEvent.actor == f"rollout:{rollout_id}",
+                        AuditEvent.action == "device.deploy",
+                    )
+                )
+        finally:
+            database.dispose()
+        if last is None:
+            return None
+        created = datetime.fromisoformat(created_at)
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=created.tzinfo)
+        return round((last - created).total_seconds(), 2)
 
     def _activations(self, rollout_id: int, version: int) -> dict[str, int]:
         """Devices that ever reported ACTIVE on ``version``: in the canary, and past it."""
