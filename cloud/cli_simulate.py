@@ -16,7 +16,6 @@ from rich.console import Console
 from cloud.cli_models import DEFAULT_API, ApiOption, TokenOption
 from cloud.launcher import stop_on_signals
 from cloud.settings import DEV_ADMIN_TOKEN
-from cloud.simulate.broken import register_broken
 from cloud.simulate.fleet import Faults, FleetStatus, SimulatedFleet
 from shared.errors import EdgeFleetError
 
@@ -114,6 +113,8 @@ def simulate(
     with stop_on_signals(stop):
         try:
             if broken_version is not None:
+                from cloud.simulate.broken import register_broken  # onnx: only when asked
+
                 with httpx.Client(
                     base_url=api, headers={"Authorization": f"Bearer {token}"}, timeout=120
                 ) as client:
