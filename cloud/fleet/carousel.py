@@ -13,7 +13,7 @@ A pass waits for the devices still joining (a rollout's wave reaches its devices
 seconds): it starts once no device made its first ask for ``settle_s``, or ``max_wait_s``
 after it became due, and at most once per ``pass_interval_s`` — so the devices of a wave
 share a pass, and those that joined during one share the next, instead of each bringing one
-of its own. A device alone waits ``settle_s`` for its pass.
+of its own. A device that joined alone since the last pass waits only ``lone_settle_s``.
 
 Pure bookkeeping (no I/O, no threads, no clock of its own): the broadcaster calls it under
 its lock."""
@@ -31,7 +31,10 @@ class Pacing:
     """When a new pass over an artifact may start (see the module docstring)."""
 
     pass_interval_s: float = 1.0
-    settle_s: float = 1.0
+    # Longer than the gaps between the devices of one wave reaching us (the rollout engine
+    # sends a wave's documents 25 at a time; on a loaded machine a batch takes over a second).
+    settle_s: float = 2.0
+    lone_settle_s: float = 0.2
     max_wait_s: float = 15.0
     # A repeated ask for a chunk sent this recently is not a want: the chunk is most likely
     # still on its way (a device asks again when it heard nothing for a while, and may do so
@@ -53,6 +56,7 @@ class Reel:
     rest_until: float = 0.0
     touched: float = 0.0  # the last ask or send: an idle reel is forgotten after a while
     last_join: float = float("-inf")  # the last first ask of a device
+    joins: int = 0  # first asks since the last pass began
     due_since: float | None = None  # when a next pass became due (wants left behind)
     _order: list[int] = field(default_factory=list)  # ``wanted``'s keys, sorted
     _sent_at: dict[int, float] = field(default_factory=dict)  # chunk index -> last sent
@@ -67,6 +71,7 @@ class Reel:
         self.touched = max(self.touched, now)
         if first:
             self.last_join = max(self.last_join, now)
+            self.joins += 1
         for index in indices:
             if not 0 <= index < self.chunks:
                 continue
@@ -92,6 +97,7 @@ class Reel:
             self.pass_started = now
             self.rest_until = now + pacing.pass_interval_s
             self.due_since = None
+            self.joins = 0
         self.touched = max(self.touched, now)
         return self._order[position]
 
@@ -99,9 +105,8 @@ class Reel:
         """Seconds until a new pass may start (0: now)."""
         if self.due_since is None:
             self.due_since = now
-        joining = min(
-            self.last_join + pacing.settle_s - now, self.due_since + pacing.max_wait_s - now
-        )
+        settle = pacing.settle_s if self.joins > 1 else pacing.lone_settle_s
+        joining = min(self.last_join + settle - now, self.due_since + pacing.max_wait_s - now)
         return max(0.0, self.rest_until - now, joining)
 
     def sent(self, index: int, now: float) -> None:
