@@ -22,7 +22,6 @@ from cloud.rollout.store import (
     reports_for,
     revert_target,
     start_target,
-    start_targets,
 )
 from cloud.rollout.strategy import RolloutState, Strategy
 from shared.errors import Conflict, EdgeFleetError
@@ -33,9 +32,6 @@ _LOGGER = logging.getLogger(__name__)
 
 # Hands a device's newest desired document to the broker (the keeper's publish).
 Publish = Callable[[str], bool]
-# Devices sent a wave's version in one transaction: a transaction per device made issuing a
-# wave of 1,000 take over a minute on a loaded machine (15 statements and a commit each).
-_BATCH = 25
 
 
 class RolloutEngine:
@@ -129,35 +125,11 @@ class RolloutEngine:
         self._carry_out(rollout_id, token, decision)
 
     def _carry_out(self, rollout_id: int, token: int, decision: Decision) -> None:
-        """Each device's new rev and its target row in one transaction (several devices'
-        to a transaction when a wave opens), then the documents go to the broker; a device
-        that fails is logged and tried next round."""
+        """One transaction per device (its new rev and its target row together), then the
+        document goes to the broker; a device that fails is logged and tried next round."""
         key = self.context.signing_key
-        for start in range(0, len(decision.deploy), _BATCH):
-            if self._stop.is_set():
-                return
-            batch = decision.deploy[start : start + _BATCH]
-            try:
-                with self.context.database.session() as s:
-                    moved = start_targets(
-                        s, rollout_id=rollout_id, token=token, device_ids=batch, key=key,
-                        lifetime=self.lifetime,
-                    )  # fmt: skip
-            except (Deposed, Conflict):
-                raise
-            except EdgeFleetError:
-                # One device's problem fails its batch: take that batch one device at a time.
-                self._move(rollout_id, token, [(start_target, d) for d in batch])
-                continue
-            for device_id in moved:
-                self.publish(device_id)
-        self._move(rollout_id, token, [(revert_target, t.device_id) for t in decision.revert])
-
-    def _move(
-        self, rollout_id: int, token: int, moves: list[tuple[Callable[..., bool], str]]
-    ) -> None:
-        """One transaction per device, then its document goes to the broker."""
-        key = self.context.signing_key
+        moves = [(start_target, d) for d in decision.deploy]
+        moves += [(revert_target, t.device_id) for t in decision.revert]
         for move, device_id in moves:
             if self._stop.is_set():
                 return

@@ -3,7 +3,6 @@ fenced writes through which the engine carries out its decisions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,7 +26,6 @@ __all__ = [
     "reports_for",
     "revert_target",
     "start_target",
-    "start_targets",
 ]
 
 ACTIVE_STATES = (RolloutState.IN_PROGRESS, RolloutState.PAUSED, RolloutState.ABORTING)
@@ -251,46 +249,6 @@ def start_target(
                  lifetime=lifetime)  # fmt: skip
     target.state, target.rev, target.started_at = TargetState.DEPLOYING.value, rev, _now()
     return True
-
-
-def start_targets(
-    session: Session,
-    *,
-    rollout_id: int,
-    token: int,
-    device_ids: Sequence[str],
-    key: Ed25519PrivateKey,
-    lifetime: timedelta,
-) -> list[str]:
-    """:func:`start_target` for several devices in one transaction: one fence and one read of
-    their targets, their rows locked in one order. Each device's new rev and its target row
-    still commit together (a crash leaves the whole batch or none of it); what one device
-    raises fails the batch. Returns the devices sent the version (those still PENDING)."""
-    rollout = _fenced(
-        session, rollout_id=rollout_id, token=token, expect=RolloutState.IN_PROGRESS.value
-    )
-    if rollout.model_version_id is None:
-        return []
-    row = session.get(ModelVersion, rollout.model_version_id)
-    assert row is not None
-    targets = {
-        t.device_id: t
-        for t in session.scalars(
-            select(RolloutTarget).where(
-                RolloutTarget.rollout_id == rollout_id, RolloutTarget.device_id.in_(device_ids)
-            )
-        )
-    }
-    moved = []
-    for device_id in sorted(device_ids):
-        target = targets.get(device_id)
-        if target is None or target.state != TargetState.PENDING.value:
-            continue
-        rev = _issue(session, device_id=device_id, row=row, rollout_id=rollout_id, key=key,
-                     lifetime=lifetime)  # fmt: skip
-        target.state, target.rev, target.started_at = TargetState.DEPLOYING.value, rev, _now()
-        moved.append(device_id)
-    return moved
 
 
 def revert_target(
