@@ -31,8 +31,8 @@ class Pacing:
     """When a new pass over an artifact may start (see the module docstring)."""
 
     pass_interval_s: float = 1.0
-    # Longer than the gaps between the devices of one wave reaching us (the rollout engine
-    # sends a wave's documents 25 at a time; on a loaded machine a batch takes over a second).
+    # Longer than the gaps between the devices of one wave reaching us: the rollout engine
+    # signs a wave's documents one device at a time, and the devices answer with jitter.
     settle_s: float = 2.0
     lone_settle_s: float = 0.2
     max_wait_s: float = 15.0
