@@ -34,7 +34,11 @@ class MqttDelivery:
     A device asks for everything it lacks at once, then lets the carousel come round: it asks
     again only once no chunk of the artifact arrived for ``wait_s`` (jittered, so a fleet does
     not ask in step), or none it lacked for ``patience`` times that. Asking again for a chunk
-    already on its way (queued by the broker behind others) would have it sent twice."""
+    already on its way (queued by the broker behind others) would have it sent twice.
+
+    A pass goes up the indices: a chunk arriving while one below it is still missing shows
+    that one was lost (or not in this pass), and the device asks again ``skip_delay_s`` later
+    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s)."""
 
     def __init__(
         self,
@@ -47,6 +51,7 @@ class MqttDelivery:
         max_stalls: int = 8,
         backoff: Backoff | None = None,
         patience: float = 4.0,
+        skip_delay_s: float = 2.5,
         rng: random.Random | None = None,
     ) -> None:
         self.link = link
@@ -57,12 +62,15 @@ class MqttDelivery:
         self.max_stalls = max_stalls
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.patience = patience
+        self.skip_delay_s = skip_delay_s
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._arrived = threading.Condition()
         self._active: dict[str, ArtifactRef] = {}
-        # Per artifact being fetched: when a chunk of it last arrived, and one we lacked.
+        # Per artifact being fetched: when a chunk of it last arrived, one we lacked, and
+        # (since the last ask) one above a chunk still missing.
         self._heard: dict[str, float] = {}
         self._gained: dict[str, float] = {}
+        self._skipped: dict[str, float] = {}
         self.rejected_chunks = 0
         self.requests = 0
 
@@ -83,10 +91,13 @@ class MqttDelivery:
             _LOGGER.warning(
                 "chunk %s of %s failed its hash; will ask again", index, ref.sha256[:12]
             )
+        below = self.store.first_missing(ref)
         with self._arrived:
             self._heard[ref.sha256] = now
             if lacked:
                 self._gained[ref.sha256] = now
+            if below is not None and below < index:
+                self._skipped.setdefault(ref.sha256, now)
             self._arrived.notify_all()
 
     def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
@@ -99,13 +110,15 @@ class MqttDelivery:
             self.link.unsubscribe(chunk_filter)
             self._active.pop(ref.sha256, None)
             with self._arrived:
-                self._heard.pop(ref.sha256, None)
-                self._gained.pop(ref.sha256, None)
+                for seen in (self._heard, self._gained, self._skipped):
+                    seen.pop(ref.sha256, None)
 
     def _ask(self, ref: ArtifactRef, missing: list[int], *, first: bool) -> bool:
         if not self.link.connected:
             return False
         topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
+        with self._arrived:
+            self._skipped.pop(ref.sha256, None)
         for start in range(0, len(missing), self.request_window):
             request = ArtifactRequest(
                 sha256=ref.sha256, chunks=missing[start : start + self.request_window], first=first
@@ -149,7 +162,11 @@ class MqttDelivery:
                 now = time.monotonic()
                 heard = max(start, self._heard.get(ref.sha256, start))
                 gained = max(start, self._gained.get(ref.sha256, start))
-                left = min(heard + quiet, gained + quiet * self.patience) - now
+                due = min(heard + quiet, gained + quiet * self.patience)
+                skipped = self._skipped.get(ref.sha256)
+                if skipped is not None:
+                    due = min(due, skipped + self.skip_delay_s)
+                left = due - now
                 if left <= 0:
                     return
                 # In slices: ``stop`` is an Event of the deployer's, which cannot notify us.
