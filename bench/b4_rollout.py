@@ -135,7 +135,7 @@ class Run:
             "load_1min_before": round(load, 2),
             "load_1min_after": round(os.getloadavg()[0], 2),
         }
-        result["last_deploy_issued_s"] = self._issued(created["id"], row["created_at"])
+        result |= self._timings(created["id"], row["created_at"])
         if row["state"] == "COMPLETED":
             self.current = version["version"]
         if aborting_at is not None:
@@ -146,26 +146,42 @@ class Run:
             result["serving_old"] = status.serving(MODEL, self.current or 0)
         return result
 
-    def _issued(self, rollout_id: int, created_at: str) -> float | None:
-        """When the engine sent the rollout's last device its version (from its creation):
-        how long the engine took to reach the devices, apart from their delivery."""
+    def _timings(self, rollout_id: int, created_at: str) -> dict[str, float | None]:
+        """From the rollout's creation: when the engine sent its last device the version
+        (how long it took to reach the devices), and when the devices said ACTIVE, by their
+        own status events (the rollout's counts move only when the engine next looks)."""
+        created = datetime.fromisoformat(created_at)
+
+        def since(at: datetime | None) -> float | None:
+            if at is None:
+                return None
+            at = at if at.tzinfo is not None else at.replace(tzinfo=created.tzinfo)
+            return round((at - created).total_seconds(), 2)
+
         database = Database(self.cloud.database)
         try:
             with database.session() as s:
-                last = s.scalar(
+                issued = s.scalar(
                     select(func.max(AuditEvent.at)).where(
                         AuditEvent.actor == f"rollout:{rollout_id}",
                         AuditEvent.action == "device.deploy",
                     )
                 )
+                active = sorted(
+                    s.scalars(
+                        select(DeploymentEvent.at).where(
+                            DeploymentEvent.rollout_id == rollout_id,
+                            DeploymentEvent.state == "ACTIVE",
+                        )
+                    )
+                )
         finally:
             database.dispose()
-        if last is None:
-            return None
-        created = datetime.fromisoformat(created_at)
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=created.tzinfo)
-        return round((last - created).total_seconds(), 2)
+        return {
+            "last_deploy_issued_s": since(issued),
+            "devices_active_p50_s": since(active[len(active) // 2]) if active else None,
+            "devices_active_last_s": since(active[-1]) if active else None,
+        }
 
     def _activations(self, rollout_id: int, version: int) -> dict[str, int]:
         """Devices that ever reported ACTIVE on ``version``: in the canary, and past it."""
