@@ -33,6 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.mqtt_inbound import Acker, Handler, Inbound, InboundHandler, ack_all, topic_matches
+from shared.mqtt_outbound import Unacknowledged
 from shared.mqtt_tls import MqttTls, parse_mqtt_url, tls_context
 from shared.retry import Backoff
 
@@ -50,8 +51,6 @@ __all__ = [
 _LOGGER = logging.getLogger(__name__)
 
 _PUBACK = struct.Struct("!BBH")  # fixed header (PUBACK, remaining length 2), packet id
-# How long an acknowledgement nobody claims is remembered (see MqttLink._on_publish).
-_EARLY_ACK_S = 2.0
 
 
 @dataclass
@@ -130,11 +129,7 @@ class MqttLink:
         # QoS 1 messages of this connection not acked yet, in arrival order (mid -> ack asked).
         self._unacked: dict[int, bool] = {}
         self._ack_lock = threading.Lock()
-        # Our QoS >= 1 messages the broker has not acknowledged (mid -> when handed to paho),
-        # and acknowledgements that came before their publish() returned (mid -> when seen).
-        self._awaiting: dict[int, float] = {}
-        self._acked_early: dict[int, float] = {}
-        self._out_lock = threading.Lock()
+        self._unacknowledged = Unacknowledged()
         self._connected = threading.Event()
         # SUBACKs still awaited for the subscriptions renewed at the last connect.
         self._pending_subacks: set[int] = set()
@@ -181,8 +176,7 @@ class MqttLink:
     def in_flight(self) -> int:
         """Our QoS >= 1 messages the broker has not acknowledged yet: sent and waiting for
         their PUBACK, or kept by paho to be sent (while disconnected, or beyond its window)."""
-        with self._out_lock:
-            return len(self._awaiting)
+        return self._unacknowledged.count
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Connected, and the broker acknowledged every subscription: from now on it routes
@@ -240,10 +234,7 @@ class MqttLink:
         """Every publish of ours goes through here, so :attr:`in_flight` counts them all."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            with self._out_lock:
-                # The network thread may have seen the PUBACK before publish() returned here.
-                if self._acked_early.pop(info.mid, None) is None:
-                    self._awaiting[info.mid] = time.monotonic()
+            self._unacknowledged.sent(info.mid)
         return info
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -374,18 +365,8 @@ class MqttLink:
         self._next_generation()
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
-        """The broker acknowledged ``mid`` (paho also calls this once a QoS 0 message is
-        written: such a mid is never awaited, and is forgotten after a moment)."""
-        now = time.monotonic()
-        with self._out_lock:
-            if self._awaiting.pop(mid, None) is None:
-                self._acked_early.pop(mid, None)
-                self._acked_early[mid] = now
-                while True:  # forget the old ones, oldest first (dicts keep insertion order)
-                    early, seen = next(iter(self._acked_early.items()))
-                    if now - seen < _EARLY_ACK_S:
-                        break
-                    del self._acked_early[early]
+        """The broker acknowledged ``mid`` (or paho wrote a QoS 0 message)."""
+        self._unacknowledged.acked(mid)
         if self.on_published is not None:
             self._safely(self.on_published)
 
