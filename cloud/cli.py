@@ -19,6 +19,7 @@ from cloud.cli_dashboard import dashboard
 from cloud.cli_federated import app as federated_app
 from cloud.cli_models import app as models_app
 from cloud.cli_rollouts import app as rollouts_app
+from cloud.cli_simulate import simulate
 from cloud.context import CloudContext
 from cloud.demo.session import DemoSession
 from cloud.embedded.dashboard import DEFAULT_PORT
@@ -36,6 +37,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(rollouts_app, name="rollout")
 app.add_typer(federated_app, name="federated")
 app.command()(dashboard)
+app.command()(simulate)
 console = Console(soft_wrap=True)
 
 # Our packages log at INFO (DEBUG with --verbose); everything else (httpx, alembic,
@@ -212,6 +214,10 @@ def demo(
     federated: Annotated[
         bool, typer.Option(help="run one federated round on the agents with drifted data")
     ] = False,
+    sim_agents: Annotated[
+        int,
+        typer.Option(help="simulated devices the INT8 model is rolled out to (0: none)", min=0),
+    ] = 20,
     verbose: VerboseOption = False,
 ) -> None:
     """Start the embedded services, the cloud API in dev mode, the reference models and N
@@ -225,6 +231,7 @@ def demo(
         traffic=traffic,
         dashboard_port=None if dashboard_port < 0 else dashboard_port,
         federated=federated,
+        sim_agents=sim_agents,
     )
     _run_until_stopped(
         settings, duration, on_ready=session.ready, on_stop=session.stop, on_tick=session.tick

@@ -61,6 +61,11 @@ class CloudSettings(BaseSettings):
     # The broker address devices are told at enrollment (production: the public one).
     device_mqtt_url: str | None = None
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # The chunk carousel (cloud/fleet/chunks.py): at most this many chunks unacknowledged by
+    # the broker at a time; a pass over an artifact waits for the devices still joining at
+    # most this long once the one before is over.
+    chunk_max_in_flight: int = Field(default=8, ge=1, le=100)
+    chunk_pass_max_wait_s: float = Field(default=15.0, ge=0, le=300)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Who gives devices their broker login at enrollment: nobody ("none": the embedded broker

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy.typing as npt
@@ -38,11 +39,19 @@ def _presence(state: PresenceState) -> bytes:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        runtime: Runtime | None = None,
+        mqtt_delivery: Callable[..., MqttDelivery] = MqttDelivery,
+    ) -> None:
+        """``runtime`` and ``mqtt_delivery`` let a host of many agents (the fleet simulator,
+        edge_agent/simulator/) share sessions and inject faults; a device takes the defaults."""
         self.settings = settings
         self.device_id = settings.device_id
         self.store = ModelStore(settings.data_dir / "store")
-        self.runtime = Runtime(threads=settings.threads)
+        self.runtime = runtime or Runtime(threads=settings.threads)
         self.meter = Meter()
         # Windows taken while offline wait here; what overflows is counted in the next one.
         self.outbox = Outbox(
@@ -67,7 +76,7 @@ class Agent:
         if settings.download_via == "http":
             fetcher = HttpDelivery(self.store, cloud_url=settings.cloud_url, token=settings.token)
         else:
-            fetcher = MqttDelivery(
+            fetcher = mqtt_delivery(
                 self.link,
                 self.store,
                 device_id=self.device_id,
@@ -111,13 +120,16 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self, *, serve_api: bool = True) -> None:
+    def start(self, *, serve_api: bool = True, telemetry_thread: bool = True) -> None:
+        """Without ``telemetry_thread`` the host closes and sends telemetry windows itself
+        (``close_telemetry_window``, ``send_telemetry``): one thread for many agents."""
         self._load_installed()
         self.link.subscribe(self._topic(DeviceTopic.DESIRED), self.deployer.on_desired, qos=1)
         self.link.subscribe(topics.CLOUD_BUDGET, self.budget.on_message, qos=1)
         self.deployer.start()
         self.link.start()
-        self._telemetry.start()
+        if telemetry_thread:
+            self._telemetry.start()
         if self.learning is not None:
             self.learning.start()
         if serve_api:

@@ -191,6 +191,12 @@ def _noted_in_the_pipe(_sig: int, _frame: FrameType | None) -> None:
     """The wakeup fd has the signal; replacing SIG_DFL is what puts it there."""
 
 
+def simulate(args: argparse.Namespace) -> int:
+    from edge_agent.simulator.worker import run_plan
+
+    return run_plan(Path(args.plan), _stop_signal_pipe())
+
+
 def status(args: argparse.Namespace) -> int:
     settings = load_settings(_config_path(args))
     state = ModelStore(settings.data_dir / "store").state
@@ -263,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p_key = sub.add_parser("federated-key", help="make this device's SuperNode key (once)")
     p_key.add_argument("--key", help="private key path (default: DATA_DIR/flower/node_key)")
     p_key.set_defaults(fn=federated_key)
+    p_simulate = sub.add_parser(
+        "simulate", help="run many simulated devices in this process (`edgefleet simulate`)"
+    )
+    p_simulate.add_argument("--plan", required=True, help="the worker's plan (JSON)")
+    p_simulate.set_defaults(fn=simulate)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

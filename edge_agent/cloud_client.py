@@ -107,11 +107,12 @@ class CloudClient:
         self.budget_s = budget_s
         self.breaker = breaker or CircuitBreaker()
         self.max_response_bytes = max_response_bytes
-        self._client = httpx.Client(
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(budget_s),
-            transport=transport,
-        )
+        self._token = token
+        self._transport = transport
+        # Made on the first offload: an httpx client loads the system's trust store (~100 ms
+        # and ~1 MiB), which a device that never offloads need not pay for.
+        self._client: httpx.Client | None = None
+        self._client_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_in_flight, thread_name_prefix="cloud-offload"
@@ -155,7 +156,7 @@ class CloudClient:
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("the budget ran out before the call started")
-        with self._client.stream(
+        with self._http().stream(
             "POST", url, content=body, headers=headers, timeout=httpx.Timeout(left)
         ) as response:
             if response.status_code != 200:
@@ -176,6 +177,18 @@ class CloudClient:
         parsed = decode_response(b"".join(chunks), int(length) if length else None)
         return CloudAnswer(parsed.outputs, parsed.model_name, _version_of(parsed.model_version))
 
+    def _http(self) -> httpx.Client:
+        with self._client_lock:
+            if self._client is None:
+                self._client = httpx.Client(
+                    headers={"Authorization": f"Bearer {self._token}"},
+                    timeout=httpx.Timeout(self.budget_s),
+                    transport=self._transport,
+                )
+            return self._client
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()

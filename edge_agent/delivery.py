@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
@@ -22,10 +24,21 @@ __all__ = ["HttpDelivery", "MqttDelivery", "Progress"]
 _LOGGER = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]  # bytes done so far
+_STOP_POLL_S = 0.2
 
 
 class MqttDelivery:
-    """Many devices asking for the same chunks share one broadcast: the cloud coalesces."""
+    """Many devices asking for the same chunks share one broadcast: the cloud's carousel
+    sends each wanted chunk once per pass, to every device subscribed.
+
+    A device asks for everything it lacks at once, then lets the carousel come round: it asks
+    again only once no chunk of the artifact arrived for ``wait_s`` (jittered, so a fleet does
+    not ask in step), or none it lacked for ``patience`` times that. Asking again for a chunk
+    already on its way (queued by the broker behind others) would have it sent twice.
+
+    A pass goes up the indices: a chunk arriving while one below it is still missing shows
+    that one was lost (or not in this pass), and the device asks again ``skip_delay_s`` later
+    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s)."""
 
     def __init__(
         self,
@@ -33,35 +46,58 @@ class MqttDelivery:
         store: ModelStore,
         *,
         device_id: str,
-        request_window: int = 64,
+        request_window: int = 1024,
         wait_s: float = 3.0,
         max_stalls: int = 8,
         backoff: Backoff | None = None,
+        patience: float = 4.0,
+        skip_delay_s: float = 2.5,
+        rng: random.Random | None = None,
     ) -> None:
         self.link = link
         self.store = store
         self.device_id = device_id
-        self.request_window = request_window
+        self.request_window = request_window  # chunk indices per request message
         self.wait_s = wait_s
         self.max_stalls = max_stalls
-        self.backoff = backoff or Backoff(base=0.2, cap=5.0)
+        self.backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self.patience = patience
+        self.skip_delay_s = skip_delay_s
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._arrived = threading.Condition()
         self._active: dict[str, ArtifactRef] = {}
+        # Per artifact being fetched: when a chunk of it last arrived, one we lacked, and
+        # (since the last ask) one above a chunk still missing.
+        self._heard: dict[str, float] = {}
+        self._gained: dict[str, float] = {}
+        self._skipped: dict[str, float] = {}
         self.rejected_chunks = 0
+        self.requests = 0
 
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         parsed = topics.parse(topic)
         ref = self._active.get(parsed.sha256 or "")
         if ref is None or parsed.chunk_index is None:
             return
-        if not self.store.write_chunk(ref, parsed.chunk_index, payload):
+        self.store_chunk(ref, parsed.chunk_index, payload)
+
+    def store_chunk(self, ref: ArtifactRef, index: int, payload: bytes) -> None:
+        """Keep one received chunk (checked against its hash) and wake the fetch."""
+        now = time.monotonic()
+        lacked = not self.store.has_chunk(ref, index)
+        if lacked and not self.store.write_chunk(ref, index, payload):
             self.rejected_chunks += 1
+            lacked = False
             _LOGGER.warning(
-                "chunk %s of %s failed its hash; will ask again",
-                parsed.chunk_index,
-                ref.sha256[:12],
+                "chunk %s of %s failed its hash; will ask again", index, ref.sha256[:12]
             )
+        below = self.store.first_missing(ref)
         with self._arrived:
+            self._heard[ref.sha256] = now
+            if lacked:
+                self._gained[ref.sha256] = now
+            if below is not None and below < index:
+                self._skipped.setdefault(ref.sha256, now)
             self._arrived.notify_all()
 
     def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
@@ -73,29 +109,35 @@ class MqttDelivery:
         finally:
             self.link.unsubscribe(chunk_filter)
             self._active.pop(ref.sha256, None)
+            with self._arrived:
+                for seen in (self._heard, self._gained, self._skipped):
+                    seen.pop(ref.sha256, None)
+
+    def _ask(self, ref: ArtifactRef, missing: list[int], *, first: bool) -> bool:
+        if not self.link.connected:
+            return False
+        topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
+        with self._arrived:
+            self._skipped.pop(ref.sha256, None)
+        for start in range(0, len(missing), self.request_window):
+            request = ArtifactRequest(
+                sha256=ref.sha256, chunks=missing[start : start + self.request_window], first=first
+            )
+            self.link.publish(topic, request.model_dump_json(), qos=1)
+        self.requests += 1
+        return True
 
     def _fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
-        request_topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
         stalls = 0
+        first = True
         while not stop.is_set():
             missing = self.store.missing_chunks(ref)
             if not missing:
                 return
             before = len(missing)
-            requested = 0
-            if self.link.connected:
-                request = ArtifactRequest(sha256=ref.sha256, chunks=missing[: self.request_window])
-                self.link.publish(request_topic, request.model_dump_json(), qos=1)
-                requested = len(request.chunks)
-            goal = before - requested
-
-            def arrived(goal: int = goal, requested: int = requested) -> bool:
-                return stop.is_set() or (
-                    requested > 0 and len(self.store.missing_chunks(ref)) <= goal
-                )
-
-            with self._arrived:
-                self._arrived.wait_for(arrived, timeout=self.wait_s)
+            if self._ask(ref, missing, first=first):
+                first = False
+            self._wait_for_the_carousel(ref, stop)
             now_missing = len(self.store.missing_chunks(ref))
             progress(self.store.bytes_done(ref))
             if now_missing < before:
@@ -108,6 +150,27 @@ class MqttDelivery:
                     f"{stalls} requests ({self.rejected_chunks} chunks failed their hash)"
                 )
             stop.wait(self.backoff.delay(stalls))
+
+    def _wait_for_the_carousel(self, ref: ArtifactRef, stop: threading.Event) -> None:
+        """Until nothing is missing, or it is time to ask again (see the class docstring)."""
+        quiet = self.wait_s * self.rng.uniform(0.75, 1.25)
+        start = time.monotonic()
+        with self._arrived:
+            while not stop.is_set():
+                if self.store.complete(ref):
+                    return
+                now = time.monotonic()
+                heard = max(start, self._heard.get(ref.sha256, start))
+                gained = max(start, self._gained.get(ref.sha256, start))
+                due = min(heard + quiet, gained + quiet * self.patience)
+                skipped = self._skipped.get(ref.sha256)
+                if skipped is not None:
+                    due = min(due, skipped + self.skip_delay_s)
+                left = due - now
+                if left <= 0:
+                    return
+                # In slices: ``stop`` is an Event of the deployer's, which cannot notify us.
+                self._arrived.wait(min(left, _STOP_POLL_S))
 
 
 class HttpDelivery:

@@ -89,6 +89,9 @@ class Deployer:
         self.on_applied = on_applied
         self._queue: queue.Queue[DesiredState | None] = queue.Queue()
         self._highest_queued = store.state.rev_applied
+        # Nothing taken since this start: the rev applied, delivered again, is taken once
+        # more (its ACTIVE may not have left before the last stop; the rollout waits for it).
+        self._fresh = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="deployer", daemon=True)
         self.busy = threading.Event()
@@ -118,7 +121,7 @@ class Deployer:
             return  # a cleared retained message
         try:
             state = verify_desired_state(payload, self.public_key, device_id=self.device_id)
-            if state.rev == self._highest_queued:
+            if state.rev == self._highest_queued and not self._fresh:
                 _LOGGER.debug("rev %s already applied or queued", state.rev)
                 return
             if state.rev < self._highest_queued:
@@ -132,6 +135,7 @@ class Deployer:
             return
         with self._gate:
             self._highest_queued = state.rev
+            self._fresh = False
             work = self._current
             if work is not None and not work.committed and not _wants(state, work.manifest):
                 work.superseded_by = state.rev
@@ -270,6 +274,8 @@ class Deployer:
             step = DeploymentState.HEALTHCHECK
             self._status(step, rev=rev, deployment=deployment, done=ref.size)
             loaded = health_check(self.runtime, manifest, path)
+            if self._stop.is_set():
+                return  # stopped meanwhile: the agent that comes next decides, and says so
             self._commit(work)
             self.store.activate(Installed(manifest, deployment.rollout_id))
             self.runtime.swap(loaded)

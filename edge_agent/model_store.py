@@ -187,6 +187,21 @@ class ModelStore:
         with self._lock:
             return frozenset(self._chunks(ref))
 
+    def has_chunk(self, ref: ArtifactRef, index: int) -> bool:
+        with self._lock:
+            return index in self._chunks(ref)
+
+    def first_missing(self, ref: ArtifactRef) -> int | None:
+        """The lowest index of a chunk not on disk yet; None when none is missing."""
+        with self._lock:
+            done = self._chunks(ref)
+            return next((i for i in range(len(ref.chunks)) if i not in done), None)
+
+    def complete(self, ref: ArtifactRef) -> bool:
+        """Every chunk is on disk (not yet checked as a whole: see :meth:`finish`)."""
+        with self._lock:
+            return len(self._chunks(ref)) == len(ref.chunks)
+
     def missing_chunks(self, ref: ArtifactRef) -> list[int]:
         with self._lock:
             done = self._chunks(ref)

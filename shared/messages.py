@@ -406,6 +406,10 @@ class Telemetry(Message):
 class ArtifactRequest(Message):
     sha256: Sha256
     chunks: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_CHUNKS)
+    # The device's first ask of this download (a device joining, or back after a restart):
+    # the cloud's carousel waits for joins to settle before a new pass. Older agents leave
+    # it out, and their asks count as repeats.
+    first: bool = False
 
 
 class CloudBudget(Message):

@@ -11,6 +11,10 @@ from whichever thread publishes or acknowledges, and two threads interleaving a 
 chunk corrupt the stream. A receiver that stores what it gets (the fleet service) opts into
 a persistent session and manual acknowledgements: it acks a message once it is safe, and
 whatever it had not acked when it went away is delivered again when it returns.
+
+A sender that must not outrun the broker (the chunk carousel) reads :attr:`MqttLink.in_flight`,
+the QoS 1 messages the broker has not acknowledged yet, and is told of each acknowledgement
+through ``on_published``: paho's own queue then never grows beyond what the sender allows.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from shared.mqtt_inbound import Acker, Handler, Inbound, InboundHandler, ack_all, topic_matches
+from shared.mqtt_outbound import Unacknowledged
 from shared.mqtt_tls import MqttTls, parse_mqtt_url, tls_context
 from shared.retry import Backoff
 
@@ -89,10 +94,14 @@ class MqttLink:
         clean_session: bool = True,
         manual_ack: bool = False,
         tls: MqttTls | None = None,
+        on_published: Callable[[], None] | None = None,
     ) -> None:
         """``clean_session=False`` with a stable ``client_id`` keeps the session (subscriptions
         and unacknowledged QoS 1 messages) on the broker while we are away; ``manual_ack``
-        lets :meth:`subscribe_inbound` handlers ack once they have stored a message.
+        lets :meth:`subscribe_inbound` handlers ack once they have stored a message;
+        ``on_published`` is called (on the network thread) whenever paho is done with one of
+        our messages — a QoS 1 one acknowledged by the broker, a QoS 0 one written — so
+        :attr:`in_flight` may have gone down.
 
         An ``mqtts://`` URL connects over TLS with ``tls`` (None: the system's trust store);
         its files are read here, so a bad one is a ValueError now, not in the network thread.
@@ -106,6 +115,7 @@ class MqttLink:
         self.backoff = backoff or Backoff(base=0.5, cap=30.0)
         self.keepalive = keepalive
         self.on_connected = on_connected
+        self.on_published = on_published
         self.stats = LinkStats()
         self.manual_ack = manual_ack
         self._handlers: dict[str, tuple[Handler, int]] = {}
@@ -119,6 +129,7 @@ class MqttLink:
         # QoS 1 messages of this connection not acked yet, in arrival order (mid -> ack asked).
         self._unacked: dict[int, bool] = {}
         self._ack_lock = threading.Lock()
+        self._unacknowledged = Unacknowledged()
         self._connected = threading.Event()
         # SUBACKs still awaited for the subscriptions renewed at the last connect.
         self._pending_subacks: set[int] = set()
@@ -141,6 +152,7 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
 
     def _new_client(self, **options: Any) -> mqtt.Client:
         """A paho client with our id, login and TLS: the link's, and forget_session's."""
@@ -159,6 +171,12 @@ class MqttLink:
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Our QoS >= 1 messages the broker has not acknowledged yet: sent and waiting for
+        their PUBACK, or kept by paho to be sent (while disconnected, or beyond its window)."""
+        return self._unacknowledged.count
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Connected, and the broker acknowledged every subscription: from now on it routes
@@ -203,17 +221,26 @@ class MqttLink:
         """True if the message is on its way: sent, or (QoS >= 1 while disconnected) kept by
         paho, which sends it again after the next CONNACK. False if it was dropped: QoS 0
         while disconnected, or paho's queue is full. The caller decides what False means."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        info = self._send(topic, payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             return True
         # paho 2.2 keeps a QoS >= 1 message it could not send in its outgoing store and
         # resends it on reconnect (Client._messages_reconnect_reset_out); QoS 0 is gone.
         return info.rc == mqtt.MQTT_ERR_NO_CONN and qos > 0
 
+    def _send(
+        self, topic: str, payload: bytes | str, *, qos: int, retain: bool
+    ) -> mqtt.MQTTMessageInfo:
+        """Every publish of ours goes through here, so :attr:`in_flight` counts them all."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._unacknowledged.sent(info.mid)
+        return info
+
     def stop(self, timeout: float = 5.0) -> None:
         """Say ``stopped`` (retained) and leave cleanly; the Last Will then does not fire."""
         if self.will is not None and self.connected:
-            info = self._client.publish(self.will.topic, self.will.stopped, qos=1, retain=True)
+            info = self._send(self.will.topic, self.will.stopped, qos=1, retain=True)
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=min(timeout, 2.0))
         self._stopping.set()
@@ -325,7 +352,7 @@ class MqttLink:
             if not self._pending_subacks:
                 self._subscribed.set()
         if self.will is not None:
-            client.publish(self.will.topic, self.will.online, qos=1, retain=True)
+            self._send(self.will.topic, self.will.online, qos=1, retain=True)
         self._connected.set()
         if self.on_connected is not None:
             self._safely(self.on_connected)
@@ -336,6 +363,12 @@ class MqttLink:
             _LOGGER.info("%s: disconnected (%s)", self.client_id, reason)
         self._connected.clear()
         self._next_generation()
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _reason: Any, _p: Any) -> None:
+        """The broker acknowledged ``mid`` (or paho wrote a QoS 0 message)."""
+        self._unacknowledged.acked(mid)
+        if self.on_published is not None:
+            self._safely(self.on_published)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from cloud.api.routes import (
     rollouts,
 )
 from cloud.api.routes import compress as compress_routes
+from cloud.api.routes import device_batch as device_batch_routes
 from cloud.api.routes import fleet as fleet_routes
 from cloud.context import CloudContext
 from cloud.fleet.service import FleetService
@@ -43,6 +44,7 @@ def create_app(context: CloudContext, fleet: FleetService | None = None) -> Fast
         fleet_state, history, compress_routes, federated,
     ):  # fmt: skip
         app.include_router(module.router)
+    app.include_router(device_batch_routes.router)
     # Innermost: what routes answer in another media type (Range errors) becomes JSON.
     app.add_middleware(JsonErrorBodies, scrub=app.state.scrub_paths)
     app.add_middleware(

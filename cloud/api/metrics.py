@@ -114,6 +114,21 @@ class _FleetCollector(Collector):
             "Rollout targets failed on their own: the device could not be moved",
             rollouts.unmovable,
         )
+        chunks = self.fleet.chunks
+        for name, help_text, value in (
+            ("published", "Artifact chunks the carousel published", chunks.chunks_published),
+            ("bytes_published", "Bytes of artifact chunks published", chunks.bytes_published),
+            ("passes", "Carousel passes begun over an artifact", chunks.passes),
+            ("wants_expired", "Chunk wants nobody repeated in time, dropped", chunks.expired),
+        ):
+            yield CounterMetricFamily(f"edgefleet_chunk_{name}", help_text, value)
+        yield GaugeMetricFamily(
+            "edgefleet_chunk_wanted", "Chunks some device still asks for", chunks.wanted
+        )
+        yield GaugeMetricFamily(
+            "edgefleet_mqtt_in_flight", "Publishes the broker has not acknowledged yet",
+            self.fleet.link.in_flight,
+        )  # fmt: skip
         broker = self.fleet.broker
         yield CounterMetricFamily(
             "edgefleet_broker_drops_seen",

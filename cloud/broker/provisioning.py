@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cloud.broker.accounts import (
@@ -15,12 +16,15 @@ from cloud.broker.accounts import (
 )
 from cloud.broker.dynsec import Command, DynsecClient, DynsecRefused
 from cloud.settings import CloudSettings
-from shared.errors import Conflict
+from shared.errors import Conflict, EdgeFleetError
 from shared.mqtt_tls import MqttTls
 
 __all__ = ["BrokerAccounts", "DynsecAccounts", "NoBrokerAccounts", "broker_accounts"]
 
 _LOGGER = logging.getLogger(__name__)
+# Devices per plugin message in a bulk enrollment: 3 commands each, well under any broker's
+# packet limit (the shipped config allows 2 MiB).
+_BATCH = 100
 
 
 class BrokerAccounts(Protocol):
@@ -32,11 +36,24 @@ class BrokerAccounts(Protocol):
     def remove_device(self, device_id: str) -> None:
         """Remove the device's login and role (closing its session); absent ones are fine."""
 
+    def provision_devices(self, devices: Sequence[tuple[str, str]]) -> None:
+        """:meth:`provision_device` for many (device id, password) at once: all are done, or
+        none (what was made is taken away again) and it raises."""
+
+    def remove_devices(self, device_ids: Sequence[str]) -> None:
+        """:meth:`remove_device` for many, as enrollment made them (a bulk enrollment's undo)."""
+
 
 class NoBrokerAccounts:
     """A broker without logins (the embedded rumqttd): there is nothing to provision."""
 
     def provision_device(self, device_id: str, password: str) -> None:
+        return None
+
+    def provision_devices(self, devices: Sequence[tuple[str, str]]) -> None:
+        return None
+
+    def remove_devices(self, device_ids: Sequence[str]) -> None:
         return None
 
     def remove_device(self, device_id: str) -> None:
@@ -60,6 +77,33 @@ def _delete_role(name: str) -> Command:
 
 def _delete_client(username: str) -> Command:
     return Command("deleteClient", {"username": username}, tolerate=("Client not found",))
+
+
+def _create_device(device_id: str, password: str) -> list[Command]:
+    """The device's own role (rebuilt from today's ACLs) and its login."""
+    role = device_role(device_id)
+    return [
+        _delete_role(role),
+        _create_role(role, device_acls(device_id)),
+        Command(
+            "createClient",
+            {
+                "username": device_id,
+                "password": password,
+                "clientid": device_client_id(device_id),
+                "textname": f"EdgeFleet device {device_id}",
+                "roles": [{"rolename": role}, {"rolename": DEVICE_TEMPLATE_ROLE}],
+            },
+        ),
+    ]
+
+
+def _template_role() -> Command:
+    # Set-up made the template; making sure costs nothing and spares a broker initialised
+    # by hand from refusing every enrollment.
+    return _create_role(
+        DEVICE_TEMPLATE_ROLE, device_template_acls(), tolerate=("Role already exists",)
+    )
 
 
 class DynsecAccounts:
@@ -96,7 +140,6 @@ class DynsecAccounts:
         )
 
     def provision_device(self, device_id: str, password: str) -> None:
-        role = device_role(device_id)
         with self.connect() as dynsec:
             existing = dynsec.get_client(device_id)
             if existing is not None and not _is_device_login(existing, device_id):
@@ -104,31 +147,12 @@ class DynsecAccounts:
                     f"the broker already has a login {device_id!r} that is not a device's; "
                     "choose another device id"
                 )
-            # Set-up made the template; making sure costs nothing and spares a broker
-            # initialised by hand from refusing every enrollment.
-            commands = [
-                _create_role(
-                    DEVICE_TEMPLATE_ROLE, device_template_acls(), tolerate=("Role already exists",)
-                )
-            ]
+            commands = [_template_role()]
             if existing is not None:
                 # Replacing = delete and create: the old password and session go (deleting
                 # a login closes its connection), and the role is rebuilt from today's ACLs.
                 commands.append(_delete_client(device_id))
-            commands += [
-                _delete_role(role),
-                _create_role(role, device_acls(device_id)),
-                Command(
-                    "createClient",
-                    {
-                        "username": device_id,
-                        "password": password,
-                        "clientid": device_client_id(device_id),
-                        "textname": f"EdgeFleet device {device_id}",
-                        "roles": [{"rolename": role}, {"rolename": DEVICE_TEMPLATE_ROLE}],
-                    },
-                ),
-            ]
+            commands += _create_device(device_id, password)
             try:
                 dynsec.run(commands)
             except DynsecRefused as exc:
@@ -136,6 +160,61 @@ class DynsecAccounts:
                     raise Conflict(f"the broker already has a login {device_id!r}") from exc
                 raise
         _LOGGER.info("broker login for device %s provisioned", device_id)
+
+    def provision_devices(self, devices: Sequence[tuple[str, str]]) -> None:
+        """Many logins over one admin connection, ``_BATCH`` devices a message. A name the
+        broker already has a login for is replaced if enrollment made it (as one at a time
+        does), refused (Conflict) if not; on any failure the logins made are removed.
+
+        Names the broker knows are found first and replaced one by one, their login deleted
+        before their role: Mosquitto 2.0.11 crashes when a role still held by a login is
+        deleted and made again (seen here)."""
+        made: list[str] = []
+        try:
+            with self.connect() as dynsec:
+                dynsec.run([_template_role()])
+                listed = dynsec.run([Command("listClients", {"verbose": False, "count": -1})])
+                known = set(listed[0].get("clients") or [])
+                fresh = [(d, p) for d, p in devices if d not in known]
+                for start in range(0, len(fresh), _BATCH):
+                    batch = fresh[start : start + _BATCH]
+                    made += [d for d, _p in batch]  # before: a refused message did the rest
+                    dynsec.run([c for d, p in batch for c in _create_device(d, p)])
+                for device_id, password in devices:
+                    if device_id in known:
+                        self._replace(dynsec, device_id, password)
+                        made.append(device_id)
+        except BaseException:
+            if made:
+                try:
+                    self.remove_devices(made)
+                except EdgeFleetError as exc:
+                    _LOGGER.error(
+                        "the broker keeps logins for %d devices whose enrollment failed (%s); "
+                        "enroll them again to replace them", len(made), exc.message,
+                    )  # fmt: skip
+            raise
+        _LOGGER.info("broker logins for %d devices provisioned", len(devices))
+
+    def _replace(self, dynsec: DynsecClient, device_id: str, password: str) -> None:
+        existing = dynsec.get_client(device_id)
+        if existing is not None and not _is_device_login(existing, device_id):
+            raise Conflict(
+                f"the broker already has a login {device_id!r} that is not a device's; "
+                "choose another device id"
+            )
+        dynsec.run([_delete_client(device_id), *_create_device(device_id, password)])
+
+    def remove_devices(self, device_ids: Sequence[str]) -> None:
+        with self.connect() as dynsec:
+            for start in range(0, len(device_ids), _BATCH):
+                dynsec.run(
+                    [
+                        command
+                        for d in device_ids[start : start + _BATCH]
+                        for command in (_delete_client(d), _delete_role(device_role(d)))
+                    ]
+                )
 
     def remove_device(self, device_id: str) -> None:
         with self.connect() as dynsec:

@@ -11,6 +11,7 @@ from cloud.broker.dynsec import DynsecClient
 from cloud.context import CloudContext
 from cloud.demo.agents import LocalAgents, agent_command
 from cloud.demo.federated import DemoFederation
+from cloud.demo.fleet import DemoFleet
 from cloud.demo.traffic import Traffic, start_traffic
 from cloud.embedded.dashboard import DashboardProcess, dashboard_app
 from cloud.embedded.processes import describe_exit
@@ -56,6 +57,7 @@ class DemoSession:
         traffic: float = 0.0,
         dashboard_port: int | None = None,
         federated: bool = False,
+        sim_agents: int = 0,
     ) -> None:
         self.count = agents
         self.say = say
@@ -70,6 +72,8 @@ class DemoSession:
         self.dashboard_port = dashboard_port  # None: no dashboard
         self.dashboard: DashboardProcess | None = None
         self._dashboard_said = False
+        # Simulated devices (cloud/demo/fleet.py): the INT8 model rolled out to them in waves.
+        self.sim = DemoFleet(sim_agents, say=say) if sim_agents else None
 
     def ready(self, context: CloudContext, api_url: str, stop: threading.Event) -> None:
         self.banner(context, api_url)
@@ -78,6 +82,9 @@ class DemoSession:
             self._reference(context, stop)
             if self.count and not stop.is_set():
                 self._agents(context, api_url, stop)
+            if self.sim is not None and not stop.is_set():
+                sim_dir = context.settings.data_dir.resolve() / "sim"
+                self.sim.run(api_url, context.settings.admin_token, sim_dir, DEMO_MODEL, stop)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"the demo could not reach its own API: {exc}") from exc
         except OSError as exc:
@@ -214,6 +221,8 @@ class DemoSession:
                 f"{dashboard.child.log_path}. The rest of the demo goes on."
             )
         self.federation.tick()
+        if self.sim is not None:
+            self.sim.tick()
         if self.fleet is None or not self._watching:
             return
         for agent, code in self.fleet.newly_dead():
@@ -229,6 +238,8 @@ class DemoSession:
         if self.dashboard is not None:
             self.say("Stopping the dashboard")
             self.dashboard.stop()
+        if self.sim is not None:
+            self.sim.stop()
         if self.fleet is not None:
             self._watching = False
             self.say(f"Stopping {len(self.fleet.agents)} local agent(s)")

@@ -10,6 +10,7 @@ import uuid
 
 from cloud.context import CloudContext
 from cloud.fleet.access import ArtifactAccess
+from cloud.fleet.carousel import Pacing
 from cloud.fleet.chunks import ChunkBroadcaster
 from cloud.fleet.ingest import KINDS, Ingest
 from cloud.fleet.keeper import DesiredStateKeeper
@@ -70,6 +71,7 @@ class FleetService:
             clean_session=False,
             manual_ack=True,
             tls=context.settings.mqtt_tls,
+            on_published=lambda: self.chunks.acked(),
         )
         settings = context.settings
         self.history = HistoryWriter(
@@ -90,11 +92,15 @@ class FleetService:
             backoff=Backoff(base=10.0, cap=600.0),
             tls=context.settings.mqtt_tls,
         )
+        # The carousel goes at the broker's pace: at most so many chunks unacknowledged.
         self.chunks = ChunkBroadcaster(
             context.artifacts,
             lambda topic, payload: self.link.publish(topic, payload, qos=1),
             chunk_size_of=self._chunk_size,
             allowed=lambda device_id, sha256: self.access.allowed(device_id, sha256),
+            in_flight=lambda: self.link.in_flight,
+            max_in_flight=context.settings.chunk_max_in_flight,
+            pacing=Pacing(max_wait_s=context.settings.chunk_pass_max_wait_s),
         )
         self._chunk_sizes: dict[str, int] = {}
         self.access = ArtifactAccess(context)

@@ -149,9 +149,12 @@ class ChunkBroadcaster:
     """Answers each artifact request with the chunks asked for, as the fleet service does;
     it can corrupt the first copy of one chunk."""
 
-    def __init__(self, device_id: str, *, corrupt: int | None = None) -> None:
+    def __init__(
+        self, device_id: str, *, corrupt: int | None = None, lose: int | None = None
+    ) -> None:
         self.device_id = device_id
         self.corrupt = corrupt
+        self.lose = lose  # a chunk the first answer leaves out, as if lost on the way
         self.requests: list[list[int]] = []
         self.subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -168,6 +171,9 @@ class ChunkBroadcaster:
         request = decode(ArtifactRequest, message.payload)
         self.requests.append(request.chunks)
         for index in request.chunks:
+            if index == self.lose:
+                self.lose = None
+                continue
             chunk = DATA[index * CHUNK : (index + 1) * CHUNK]
             if index == self.corrupt:
                 self.corrupt = None
@@ -258,3 +264,39 @@ def test_mqtt_returns_when_stopped(tmp_path: Path, link: MqttLink) -> None:
     fetching.join(5)
     assert not fetching.is_alive()
     assert len(store.missing_chunks(REF)) == len(REF.chunks)
+
+
+def test_mqtt_asks_again_soon_for_a_chunk_a_later_one_shows_was_lost(
+    tmp_path: Path, link: MqttLink
+) -> None:
+    """Chunk 2 never comes while 3, 4, 5 do, and chunk 0 keeps coming for other devices (so
+    the line is never quiet, and the device would wait its whole patience): a later chunk
+    shows 2 was lost, and the device asks for it again shortly after."""
+    device = _device()
+    store = ModelStore(tmp_path)
+    cloud = ChunkBroadcaster(device, lose=2)
+    cloud.start()
+    others = threading.Event()
+
+    def other_devices_pass() -> None:
+        while not others.wait(0.2):
+            cloud.client.publish(topics.artifact_chunk(REF.sha256, 0), DATA[:CHUNK], qos=1)
+
+    noise = threading.Thread(target=other_devices_pass, daemon=True)
+    noise.start()
+    delivery = MqttDelivery(
+        link, store, device_id=device, wait_s=60.0, patience=100.0, skip_delay_s=0.3
+    )
+    fetching = threading.Thread(
+        target=delivery.fetch, args=(REF, lambda _d: None, threading.Event()), daemon=True
+    )
+    try:
+        fetching.start()
+        fetching.join(20)
+        assert not fetching.is_alive(), f"still waiting; asked {cloud.requests}"
+    finally:
+        others.set()
+        noise.join(5)
+        cloud.stop()
+    assert cloud.requests[1] == [2]
+    assert store.finish(REF).read_bytes() == DATA

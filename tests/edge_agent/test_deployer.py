@@ -310,3 +310,54 @@ def test_the_same_bytes_as_a_new_version_only_relabel_what_serves(rig: Rig) -> N
     assert rig.states(2) == ["ACTIVE"]
     _serving(rig, 2)
     assert rig.store.active("m").version == 2  # type: ignore[union-attr]
+
+
+def test_a_rev_applied_before_a_restart_is_said_active_again(tmp_path: Path) -> None:
+    """The agent applied rev 1 and stopped before its ACTIVE reached the broker (a crash, or
+    a stop while it finished): the next start finds the rev applied and the model served,
+    and the retained document, delivered again, makes it say ACTIVE for rev 1 once more,
+    without downloading anything. Before, it said nothing, and a rollout waited for an
+    ACTIVE that never came (seen with the simulator's restarts). A second delivery of the
+    same document (a reconnect) says nothing more."""
+    first = _rig(tmp_path)
+    manifest = _version(first, 1, seed=1)
+    first.deploy(1, manifest)
+    first.deployer.stop()
+    second = _rig(tmp_path, first.key)
+    path = second.store.blob_path(manifest.artifact.sha256)
+    second.runtime.swap(second.runtime.load(manifest, path))  # what the agent's start does
+    try:
+        second.deploy(1, manifest)
+        assert second.states(1) == ["ACTIVE"]
+        assert second.last(1, "ACTIVE").rev == 1
+        second.deploy(1, manifest)
+        assert second.states(1) == ["ACTIVE"]
+    finally:
+        second.deployer.stop()
+
+
+def test_a_deployer_stopped_during_a_health_check_activates_nothing(tmp_path: Path) -> None:
+    """Stop comes while the health check runs (and outlasts the stop's wait): when the check
+    ends, the stopped deployer neither activates the model nor marks the rev applied — the
+    agent that replaces it on the same data dir does, and says so."""
+    rig = _rig(tmp_path)
+    manifest = _version(rig, 1, seed=1)
+    checking, release = threading.Event(), threading.Event()
+    load = rig.runtime.load
+
+    def slow_load(manifest: Manifest, path: Path):  # type: ignore[no-untyped-def]
+        checking.set()
+        release.wait(10)
+        return load(manifest, path)
+
+    rig.runtime.load = slow_load  # type: ignore[method-assign]
+    rig.send(1, manifest)
+    assert checking.wait(10)
+    stopping = threading.Thread(target=rig.deployer.stop)
+    stopping.start()
+    wait_for(lambda: rig.deployer._stop.is_set(), 10, "the stop")
+    release.set()
+    stopping.join(10)
+    assert rig.store.active("m") is None
+    assert rig.store.state.rev_applied == 0
+    assert "ACTIVE" not in rig.states(1)

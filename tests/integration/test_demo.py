@@ -147,7 +147,10 @@ def start_demo(
     *extra: str,
     env: dict[str, str] | None = None,
 ) -> Demo:
-    """`edgefleet demo` on ``tmp_path/demo`` as a terminal runs it, with ``env`` added."""
+    """`edgefleet demo` on ``tmp_path/demo`` as a terminal runs it, with ``env`` added (and
+    no simulated fleet unless ``extra`` asks for one: test_demo_fleet.py runs it)."""
+    if "--sim-agents" not in extra:
+        extra = (*extra, "--sim-agents", "0")
     data_dir = tmp_path / "demo"
     # Prebuilt reference models: the demo still registers and quantizes them, only faster.
     seed_reference_cache(CloudSettings(data_dir=data_dir, dev_mode=True), reference)

@@ -217,3 +217,34 @@ def test_acks_out_of_order_do_not_get_us_dropped_by_rumqttd(embedded: ServiceUrl
         link.stop()
         sender.stop()
         link.forget_session()
+
+
+def test_in_flight_counts_what_the_broker_has_not_acknowledged(broker: str) -> None:
+    """QoS 1 messages published while disconnected wait in paho: in_flight counts them (QoS 0
+    is dropped, not counted). Once connected the broker acknowledges each, on_published is
+    called for each, and in_flight is back to 0 — also after two threads publish at once,
+    where an acknowledgement may arrive before publish() has returned."""
+    acks: list[int] = []
+    link = _link(broker, on_published=lambda: acks.append(1))
+    for _ in range(5):
+        assert link.publish(TOPIC, b"kept", qos=1)
+    link.publish(TOPIC, b"dropped", qos=0)
+    assert link.in_flight == 5
+    link.start()
+    try:
+        wait_for(lambda: link.in_flight == 0, 10, "the kept messages acknowledged")
+        assert len(acks) == 5
+
+        def burst() -> None:
+            for _ in range(500):
+                link.publish(TOPIC, b"burst", qos=1)
+
+        threads = [threading.Thread(target=burst) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait_for(lambda: link.in_flight == 0, 30, "the burst acknowledged")
+        assert len(acks) == 1005
+    finally:
+        link.stop()

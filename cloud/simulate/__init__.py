@@ -1,0 +1,1 @@
+"""A simulated fleet of real agents against a running cloud (`edgefleet simulate`)."""

@@ -1,0 +1,247 @@
+"""The chunk carousel: what one artifact's reel sends, in which order and how often (a fake
+clock), and the broadcaster around it — paced by acknowledgements that come late, with
+bounded memory, refusing what a device may not have, never ended by an error."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloud.artifacts.store import ArtifactStore
+from cloud.fleet.carousel import Pacing, Reel
+from cloud.fleet.chunks import MAX_INBOX, ChunkBroadcaster
+from shared import topics
+from shared.messages import ArtifactRequest
+from tests.fleet_harness import wait_for
+
+PACING = Pacing(pass_interval_s=1.0, settle_s=1.0, lone_settle_s=0.2, max_wait_s=5.0, grace_s=2.0)
+SHA = "a" * 64
+
+
+def _drain(reel: Reel, now: float) -> list[int]:
+    """Everything the reel sends at ``now``, as the sender would take it, one by one."""
+    sent = []
+    while (index := reel.next_index(now, PACING)) is not None:
+        reel.sent(index, now)
+        sent.append(index)
+    return sent
+
+
+def test_the_wants_of_many_devices_are_one_set_sent_in_index_order() -> None:
+    """Three devices ask for overlapping chunks: once joins have settled, each chunk wanted
+    goes out once, in order; indices past the artifact are ignored."""
+    reel = Reel(SHA, chunk_size=1024, chunks=6)
+    reel.ask([4, 0, 2], 0.0, PACING, first=True)
+    reel.ask([2, 3], 0.2, PACING, first=True)
+    reel.ask([0, 99], 0.4, PACING, first=True)
+    assert sorted(reel.wanted) == [0, 2, 3, 4]
+    assert _drain(reel, 1.0) == []  # the last device joined 0.6 s ago
+    assert _drain(reel, 1.4) == [0, 2, 3, 4]
+    assert not reel.wanted
+    assert reel.passes == 1
+
+
+def test_a_device_joining_mid_pass_gets_the_rest_now_and_the_start_next_pass() -> None:
+    """A device alone waits only a moment for its pass; at chunk 2 a second device asks for
+    everything: it gets 3, 4, 5 in this pass, and 0, 1, 2 in the next one."""
+    reel = Reel(SHA, chunk_size=1024, chunks=6)
+    reel.ask(list(range(6)), 0.0, PACING, first=True)
+    for _ in range(3):
+        index = reel.next_index(1.0, PACING)
+        assert index is not None
+        reel.sent(index, 1.0)
+    reel.ask(list(range(6)), 1.1, PACING, first=True)
+    assert _drain(reel, 1.1) == [3, 4, 5]
+    assert reel.passes == 1
+    assert _drain(reel, 1.5) == []  # the last pass began less than pass_interval_s ago
+    assert _drain(reel, 2.2) == [0, 1, 2]
+    assert reel.passes == 2
+
+
+def test_a_next_pass_waits_for_joins_to_settle_but_not_beyond_max_wait() -> None:
+    """Devices keep joining every 0.5 s: the pass waits for them, but starts max_wait_s after
+    it became due anyway."""
+    reel = Reel(SHA, chunk_size=1024, chunks=4)
+    reel.ask(list(range(4)), 0.0, PACING, first=True)
+    started = None
+    now = 0.0
+    while now < 10 and started is None:
+        reel.ask(list(range(4)), now, PACING, first=True)
+        if _drain(reel, now):
+            started = now
+        now += 0.5
+    assert started == pytest.approx(PACING.max_wait_s)
+
+
+def test_a_chunk_nobody_wants_any_more_stops_being_sent() -> None:
+    """A chunk sent is not sent again unless asked again; an ask never repeated within the
+    time to live is dropped unsent."""
+    reel = Reel(SHA, chunk_size=1024, chunks=4)
+    reel.ask([0, 1], 0.0, PACING, first=True)
+    assert _drain(reel, 1.0) == [0, 1]
+    assert _drain(reel, 5.0) == []
+    reel.ask([3], 6.0, PACING)
+    assert reel.expire(older_than=6.5) == 1
+    assert _drain(reel, 7.0) == []
+
+
+def test_a_repeated_ask_right_after_the_chunk_left_is_not_a_want() -> None:
+    """A device that heard nothing for a while asks again just as the chunk is on its way:
+    within grace_s that is not a want (it would be sent twice); later it is, and a joining
+    device's first ask always is."""
+    reel = Reel(SHA, chunk_size=1024, chunks=2)
+    reel.ask([0, 1], 0.0, PACING, first=True)
+    assert _drain(reel, 1.0) == [0, 1]
+    reel.ask([0], 2.0, PACING)
+    assert not reel.wanted
+    reel.ask([1], 2.0, PACING, first=True)
+    assert list(reel.wanted) == [1]
+    reel.ask([0], 3.5, PACING)
+    assert sorted(reel.wanted) == [0, 1]
+
+
+# -- the broadcaster ---------------------------------------------------------------------
+
+
+class LateAcks:
+    """A broker link that acknowledges each publish only when the test says so."""
+
+    def __init__(self) -> None:
+        self.unacked: list[str] = []
+        self.published: list[str] = []
+        self.most_unacked = 0
+        self.lock = threading.Lock()
+        self.on_ack = lambda: None
+
+    def publish(self, topic: str, _data: bytes) -> bool:
+        with self.lock:
+            self.unacked.append(topic)
+            self.published.append(topic)
+            self.most_unacked = max(self.most_unacked, len(self.unacked))
+        return True
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return len(self.unacked)
+
+    def ack_one(self) -> bool:
+        with self.lock:
+            if not self.unacked:
+                return False
+            self.unacked.pop(0)
+        self.on_ack()
+        return True
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "artifacts", chunk_size=1024)
+
+
+def _broadcaster(store: ArtifactStore, link: LateAcks, **options: object) -> ChunkBroadcaster:
+    broadcaster = ChunkBroadcaster(
+        store, link.publish, chunk_size_of=lambda _sha: 1024, in_flight=link.in_flight,
+        window_s=0.01, pacing=Pacing(settle_s=0.2, max_wait_s=1.0), **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+    link.on_ack = broadcaster.acked
+    return broadcaster
+
+
+def test_no_more_than_max_in_flight_wait_for_the_broker(store: ArtifactStore) -> None:
+    """20 chunks wanted, a broker that acks one every 20 ms: never more than 4 unacked, and
+    all 20 go out once, in order."""
+    artifact = store.put_bytes(bytes(range(256)) * 80)  # 20 chunks
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link, max_in_flight=4)
+    broadcaster.start()
+    try:
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=list(range(20))))
+        deadline = time.monotonic() + 20
+        while len(link.published) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            link.ack_one()
+        while link.ack_one():
+            pass
+    finally:
+        broadcaster.stop()
+    assert link.published == [topics.artifact_chunk(artifact.sha256, i) for i in range(20)]
+    assert link.most_unacked == 4
+    assert broadcaster.held_back > 0
+
+
+def test_a_broker_that_never_acks_stops_the_carousel_not_the_memory(
+    store: ArtifactStore,
+) -> None:
+    """Nothing is acknowledged: after max_in_flight chunks the sender waits, while a thousand
+    devices ask for everything; what is kept stays one want per chunk, and the inbox of
+    requests not yet checked is bounded."""
+    artifact = store.put_bytes(b"x" * 1024 * 50)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link, max_in_flight=3)
+    broadcaster.start()
+    try:
+        for _ in range(1000):
+            broadcaster.request(
+                ArtifactRequest(sha256=artifact.sha256, chunks=list(range(60)), first=True)
+            )
+        wait_for(lambda: broadcaster.requests == 1000, 20, "every request admitted")
+        time.sleep(0.3)
+        assert len(link.published) == 3
+        # One want per chunk of the artifact at most (chunks 50..59 are past its end).
+        assert 47 <= broadcaster.wanted <= 50
+    finally:
+        broadcaster.stop()
+    overflowing = ChunkBroadcaster(store, link.publish, chunk_size_of=lambda _sha: 1024)
+    request = ArtifactRequest(sha256=artifact.sha256, chunks=[0])
+    for _ in range(MAX_INBOX + 10):
+        overflowing.request(request, "dev")
+    assert overflowing.overflow == 10
+
+
+def test_a_request_outside_the_devices_desired_state_sends_nothing(
+    store: ArtifactStore,
+) -> None:
+    """allowed() says no for one device: its request is refused and nothing is published;
+    the allowed device's request is answered."""
+    artifact = store.put_bytes(b"y" * 2048)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link)
+    broadcaster.allowed = lambda device_id, _sha: device_id == "mine"
+    broadcaster.start()
+    try:
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[0, 1]), "stranger")
+        wait_for(lambda: broadcaster.refused == 1, 10, "the refusal")
+        time.sleep(0.1)
+        assert link.published == []
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[1]), "mine")
+        wait_for(lambda: link.published, 10, "the allowed chunk")
+    finally:
+        broadcaster.stop()
+    assert link.published == [topics.artifact_chunk(artifact.sha256, 1)]
+
+
+def test_an_artifact_gone_from_disk_is_an_error_and_the_carousel_goes_on(
+    store: ArtifactStore,
+) -> None:
+    """The file of one artifact disappears: asking for it is logged as refused or failed and
+    counted, the other artifact is served all the same."""
+    gone = store.put_bytes(b"g" * 4096)
+    kept = store.put_bytes(b"k" * 4096)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link)
+    broadcaster.start()
+    try:
+        broadcaster.request(ArtifactRequest(sha256=gone.sha256, chunks=[0]))
+        wait_for(lambda: link.published, 10, "the first chunk")
+        link.ack_one()
+        store.delete(gone.sha256)
+        broadcaster.request(ArtifactRequest(sha256=gone.sha256, chunks=[1, 2]))
+        broadcaster.request(ArtifactRequest(sha256=kept.sha256, chunks=[0, 1, 2, 3]))
+        wait_for(lambda: len(link.published) == 5, 10, "the kept artifact")
+        assert broadcaster.errors + broadcaster.refused >= 1
+    finally:
+        broadcaster.stop()
+    assert link.published[1:] == [topics.artifact_chunk(kept.sha256, i) for i in range(4)]
