@@ -166,9 +166,11 @@ class BudgetLoop:
         saturated = self.detector.observe(sample)
         self.metrics.saturated.set(int(saturated))
         self.metrics.queue_wait.set(sample.wait_s)
-        cut, reason = self.detector.cut(), self.detector.reason()
+        reason = self.detector.reason()
 
         def step(state: BudgetState | None, someone: bool) -> Decision:
+            # Judged on what the queue did since the budget last moved, whoever moved it.
+            cut = self.detector.cut(None if state is None else state.changed_at)
             return decide(
                 state, saturated=saturated, cut=cut, reason=reason,
                 any_saturated=someone or saturated, now=now, config=self.config,
