@@ -108,7 +108,7 @@ class BudgetLoop:
         self.interval_s = interval_s
         self.link = link
         self.owns_link = owns_link
-        self.clock = clock
+        self.clock = clock  # the detector's; what replicas share is on Redis's clock
         self.detector = SaturationDetector(config)
         self.state: BudgetState | None = None
         self._last = _totals(metrics)
@@ -129,7 +129,7 @@ class BudgetLoop:
             self._thread.join(5)
             # Leaving cleanly: no say in the budget any more (a crash lets the mark expire).
             with contextlib.suppress(redis.RedisError):
-                self.store.mark(False, self.clock())
+                self.store.mark(False, self.store.now())
         if self.link is not None and self.owns_link:
             self.link.stop()
 
@@ -161,22 +161,25 @@ class BudgetLoop:
 
     def tick(self) -> Decision | None:
         """Sample, decide with the other replicas, publish what changed (None: Redis down)."""
-        now = self.clock()
-        sample = self.sample(now)
+        local = self.clock()
+        sample = self.sample(local)
         saturated = self.detector.observe(sample)
         self.metrics.saturated.set(int(saturated))
         self.metrics.queue_wait.set(sample.wait_s)
         reason = self.detector.reason()
-
-        def step(state: BudgetState | None, someone: bool) -> Decision:
-            # Judged on what the queue did since the budget last moved, whoever moved it.
-            cut = self.detector.cut(None if state is None else state.changed_at)
-            return decide(
-                state, saturated=saturated, cut=cut, reason=reason,
-                any_saturated=someone or saturated, now=now, config=self.config,
-            )  # fmt: skip
-
         try:
+            # What replicas share is on Redis's clock; the detector runs on this one's.
+            now = self.store.now()
+            offset = now - local
+
+            def step(state: BudgetState | None, someone: bool) -> Decision:
+                # Judged on what the queue did since the budget last moved, whoever moved it.
+                cut = self.detector.cut(None if state is None else state.changed_at - offset)
+                return decide(
+                    state, saturated=saturated, cut=cut, reason=reason,
+                    any_saturated=someone or saturated, now=now, config=self.config,
+                )  # fmt: skip
+
             self.store.mark(saturated, now)
             decision = self.store.apply(step, now)
         except redis.RedisError as exc:

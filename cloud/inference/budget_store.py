@@ -1,7 +1,7 @@
 """The offload budget every inference replica shares, in Redis: the budget itself (one key,
 changed only by a compare-and-set, so two replicas never overwrite each other's step) and
 the replicas saturated now (a sorted set scored by expiry: a replica that dies drops out of
-it on its own, and with it its say in the budget)."""
+it on its own, and with it its say in the budget). Times passed in are Redis's (:meth:`now`)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ class BudgetStore:
         self.client = client
         self.replica = replica
         self.replica_ttl_s = replica_ttl_s
+
+    def now(self) -> float:
+        """Redis's clock (epoch seconds). Marks, their expiry and the budget's times are all
+        on it: replicas whose own clocks disagree (by more than a mark lives) would each
+        prune the others' marks, or keep them too long."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
 
     def read(self) -> BudgetState | None:
         return _load(self.client.get(STATE_KEY))
