@@ -25,18 +25,27 @@ _ATTEMPTS = 8
 Step = Callable[[BudgetState | None, bool], Decision]
 
 
+# The latest time a datetime holds (9999-12-31, UTC): what devices are told must be one.
+_LAST_TIME = 253_402_300_799.0
+
+
 def _load(raw: object) -> BudgetState | None:
     if not isinstance(raw, bytes | str):
         return None
     try:
         fields = json.loads(raw)
-        return BudgetState(
+        state = BudgetState(
             max_offload=float(fields["max_offload"]),
             reason=str(fields["reason"]),
             until=float(fields["until"]),
             since=float(fields["since"]),
             changed_at=float(fields["changed_at"]),
         )
+        times = (state.until, state.since, state.changed_at)
+        # json reads Infinity and NaN: a budget no device could be told is no budget.
+        if not 0.0 <= state.max_offload <= 1.0 or not all(0 <= t <= _LAST_TIME for t in times):
+            raise ValueError("a share outside [0, 1], or a time no clock can show")
+        return state
     except (ValueError, KeyError, TypeError):
         # Written by something else (or a newer version we cannot read): as if none.
         _LOGGER.warning("budget in Redis (%s) unreadable; treated as none", STATE_KEY)

@@ -83,3 +83,20 @@ def test_replicas_whose_clocks_disagree_still_agree_on_who_is_saturated(
     assert decision is not None
     assert decision.change is Change.NONE, decision
     assert b.store.read() == decision.state
+
+
+def test_a_budget_with_an_infinite_time_in_redis_does_not_stop_the_loop(
+    context: CloudContext,
+) -> None:
+    """Something wrote ``until: Infinity`` (and a recent change, so nobody relaxes it): no
+    device could be told that budget. The loop treats it as none and publishes the empty
+    payload (it raised on every look, turning it into a date)."""
+    now = time.time()
+    state = {"max_offload": 0.5, "reason": "x", "until": float("inf"), "since": now,
+             "changed_at": now}  # fmt: skip
+    context.redis.set(STATE_KEY, json.dumps(state))
+    sent: list[bytes] = []
+    loop = budget_loop(context, "a", publish=lambda payload: sent.append(payload) is None)
+    decision = loop.tick()
+    assert decision is not None
+    assert sent == [b""]
