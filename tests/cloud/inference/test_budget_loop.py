@@ -8,10 +8,16 @@ replica's saturation is what its detector was shown before."""
 from __future__ import annotations
 
 import json
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
 
 from cloud.context import CloudContext
+from cloud.embedded.services import EmbeddedServices
 from cloud.inference.backpressure import BackpressureConfig, Change, Sample
 from cloud.inference.batcher import BatchConfig
 from cloud.inference.budget import BudgetLoop
@@ -20,6 +26,11 @@ from cloud.inference.catalog import VersionInfo
 from cloud.inference.engine import Engine
 from cloud.inference.metrics import InferenceMetrics
 from cloud.inference.pool import SessionPool
+from shared import topics
+from shared.messages import CloudBudget, read_budget
+from shared.mqtt_link import MqttLink
+from shared.retry import Backoff
+from tests.fleet_harness import wait_for
 
 CONFIG = BackpressureConfig(queue_bound_s=0.1, hold_s=2.0, relax_s=5.0, ttl_s=30.0, floor=0.01)
 
@@ -34,6 +45,7 @@ def budget_loop(
     *,
     publish: Callable[[bytes], bool] = lambda _payload: True,
     clock: Callable[[], float] = time.time,
+    link: MqttLink | None = None,
 ) -> BudgetLoop:
     metrics = InferenceMetrics()
     pool = SessionPool(
@@ -46,7 +58,7 @@ def budget_loop(
     store = BudgetStore(context.redis, replica=replica, replica_ttl_s=2.0)
     return BudgetLoop(
         metrics=metrics, pool=pool, store=store, publish=publish, config=CONFIG,
-        interval_s=0.1, clock=clock,
+        interval_s=0.1, clock=clock, link=link, owns_link=link is not None,
     )  # fmt: skip
 
 
@@ -100,3 +112,96 @@ def test_a_budget_with_an_infinite_time_in_redis_does_not_stop_the_loop(
     decision = loop.tick()
     assert decision is not None
     assert sent == [b""]
+
+
+def test_a_publication_that_failed_is_tried_again_at_the_next_look(
+    context: CloudContext,
+) -> None:
+    """The link dropped the first publication (paho's queue full): counted, and the budget
+    is sent again at the next look, until one goes; then nothing more while it holds."""
+    hold(context, 0.25, changed_s_ago=1.0)
+    answers = iter([False, False, True])
+    sent: list[bytes] = []
+
+    def publish(payload: bytes) -> bool:
+        sent.append(payload)
+        return next(answers, True)
+
+    loop = budget_loop(context, "a", publish=publish)
+    for _ in range(5):
+        loop.tick()
+    budgets = [read_budget(payload) for payload in sent]
+    assert [b.max_offload if b else None for b in budgets] == [0.25] * 3
+    failures = "edgefleet_inference_budget_publish_failures_total"
+    assert loop.metrics.registry.get_sample_value(failures) == 2
+
+
+def _retained(url: str) -> list[CloudBudget | None]:
+    """What a client that subscribes now gets on ``cloud/budget`` within half a second."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    seen: list[CloudBudget | None] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late-{uuid.uuid4().hex[:6]}")
+    client.on_message = lambda _c, _u, m: seen.append(read_budget(m.payload))
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.on_connect = lambda c, *_a: c.subscribe(topics.CLOUD_BUDGET, 1)
+    client.connect(host, int(port))
+    client.loop_start()
+    try:
+        assert subscribed.wait(10), "could not subscribe"
+        time.sleep(0.5)  # a retained message comes right after the SUBACK
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return seen
+
+
+def test_a_broker_that_lost_the_retained_budget_gets_it_again(
+    context: CloudContext, tmp_path: Path
+) -> None:
+    """rumqttd keeps retained messages in memory: restarted, it has lost the budget. The
+    loop's link reconnects, and the loop publishes the budget Redis holds again, so a
+    device that subscribes afterwards still gets it."""
+    hold(context, 0.25, changed_s_ago=1.0)
+    with EmbeddedServices(
+        data_dir=tmp_path / "b", database_url="sqlite://", mqtt_url=None,
+        redis_url="redis://unused", broker="rumqttd",
+    ) as services:  # fmt: skip
+        assert services.urls is not None
+        url = services.urls.mqtt_url
+        link = MqttLink(url, client_id=f"budget-{uuid.uuid4().hex[:6]}")
+        link.backoff = Backoff(base=0.2, cap=1.0)
+
+        def publish(payload: bytes) -> bool:
+            return link.publish(topics.CLOUD_BUDGET, payload, qos=1, retain=True)
+
+        loop = budget_loop(context, "a", publish=publish, link=link)
+        loop.start()
+        try:
+            wait_for(lambda: loop.link is not None and loop.link.connected, 10, "connected")
+            wait_for(lambda: [b and b.max_offload for b in _retained(url)] == [0.25], 10, "sent")
+            broker = services.children["mqtt"]
+            argv = broker.argv
+            broker.stop()
+            wait_for(lambda: not link.connected, 10, "the loop's link notices")
+            broker.argv = argv
+            broker.start(host="127.0.0.1", port=int(url.rsplit(":", 1)[1]))
+            wait_for(lambda: link.stats.connects >= 2, 15, "reconnected")
+            wait_for(
+                lambda: [b and b.max_offload for b in _retained(url)] == [0.25], 10, "sent again"
+            )
+        finally:
+            loop.stop()
+
+
+def test_a_replica_that_stops_withdraws_its_saturated_mark(context: CloudContext) -> None:
+    """Saturated, the replica's mark would keep the budget from relaxing for as long as it
+    lives (2 s here); stopped cleanly, it is gone at once."""
+    loop = budget_loop(context, "leaving")
+    saturate(loop)
+    loop.start()
+    try:
+        wait_for(lambda: loop.store.saturated(loop.store.now()) == ["leaving"], 10, "marked")
+    finally:
+        loop.stop()
+    assert loop.store.saturated(loop.store.now()) == []
