@@ -44,14 +44,17 @@ __all__ = ["BudgetLoop", "budget_loop_for", "cloud_budget"]
 _LOGGER = logging.getLogger(__name__)
 
 
-def cloud_budget(state: BudgetState | None) -> CloudBudget | None:
-    """The message devices get for ``state``."""
+def cloud_budget(state: BudgetState | None, *, ttl_s: float) -> CloudBudget | None:
+    """The message devices get for ``state``, written (changed or renewed) ``ttl_s`` before
+    its ``until``: devices whose clocks are off follow it for ``ttl_s`` from receipt."""
     if state is None:
         return None
     return CloudBudget(
         max_offload=round(state.max_offload, 6),
         reason=state.reason[:200],
         until=datetime.fromtimestamp(state.until, UTC),
+        ttl_s=ttl_s,
+        issued_at=datetime.fromtimestamp(state.until - ttl_s, UTC),
     )
 
 
@@ -195,7 +198,7 @@ class BudgetLoop:
         if decision.change is not Change.NONE:
             self.metrics.budget_changes.labels(decision.change.value).inc()
             if decision.change is not Change.RENEW:
-                _LOGGER.info("budget %s: %s", decision.change.value, cloud_budget(self.state))
+                _LOGGER.info("budget %s: %s", decision.change.value, self._message())
             self._unpublished = True
         connects = self.link.stats.connects if self.link is not None else 0
         if connects != self._connects:
@@ -205,8 +208,11 @@ class BudgetLoop:
             self._send()
         return decision
 
+    def _message(self) -> CloudBudget | None:
+        return cloud_budget(self.state, ttl_s=self.config.ttl_s)
+
     def _send(self) -> None:
-        if self.publish(budget_payload(cloud_budget(self.state))):
+        if self.publish(budget_payload(self._message())):
             self._unpublished = False
         else:
             self.metrics.budget_publish_failures.inc()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from cloud.context import CloudContext
 from cloud.embedded.services import EmbeddedServices
@@ -134,6 +135,22 @@ def test_a_publication_that_failed_is_tried_again_at_the_next_look(
     assert [b.max_offload if b else None for b in budgets] == [0.25] * 3
     failures = "edgefleet_inference_budget_publish_failures_total"
     assert loop.metrics.registry.get_sample_value(failures) == 2
+
+
+def test_a_published_budget_says_how_long_to_follow_it_and_when_it_was_issued(
+    context: CloudContext,
+) -> None:
+    """A device follows it for ``ttl_s`` from receipt, on its own clock, and knows a
+    retained copy delivered again by its ``issued_at``; older agents still read ``until``."""
+    hold(context, 0.25, changed_s_ago=1.0)
+    sent: list[bytes] = []
+    loop = budget_loop(context, "a", publish=lambda payload: sent.append(payload) is None)
+    loop.tick()
+    (budget,) = [read_budget(payload) for payload in sent]
+    assert budget is not None
+    assert budget.ttl_s == CONFIG.ttl_s
+    assert budget.issued_at is not None
+    assert (budget.until - budget.issued_at).total_seconds() == pytest.approx(CONFIG.ttl_s)
 
 
 def _retained(url: str) -> list[CloudBudget | None]:
