@@ -40,6 +40,7 @@ from shared.messages import (
     budget_payload,
     read_budget,
 )
+from shared.routing import threshold_for_budget
 from tests.cloud.inference.conftest import RunningInference, enroll, register, serving
 from tests.edge_agent.support import agent_settings, manifest_for
 from tests.fleet_harness import wait_for
@@ -306,6 +307,44 @@ def test_a_saturated_cloud_cuts_the_agents_offload_to_its_budget_and_it_recovers
     assert answer.over_budget_rows == 0
     assert agent.meter.totals["rows_hard"] - before == answer.hard_rows
     assert answer.cloud_rows == answer.hard_rows  # the cloud answers them again
+
+
+def test_under_a_middle_budget_the_agent_moves_its_threshold_along_the_curve(
+    context: CloudContext,
+    inference: RunningInference,
+    agents: list[Agent],
+    routing: RoutingSpec,
+) -> None:
+    """A budget of 10 %, retained (no loop runs): the agent's threshold is the curve's for
+    10 %, not its calibrated one. On the calibration digits (what the curve was measured
+    on), one at a time, it offloads about 10 %, and only rows under that threshold: a
+    threshold left at the calibrated one would send whichever hard row (under the
+    calibrated threshold) comes when the credit allows, confident ones included. The rows
+    hard under the calibrated threshold that stayed local are counted as over budget."""
+    assert routing.threshold is not None
+    agent = agents[0]
+    observer = Observer(context.urls.mqtt_url)
+    try:
+        observer.publish_retained(
+            budget_payload(CloudBudget(max_offload=0.1, reason="held", until=_in(600)))
+        )
+        wait_for(lambda: agent.budget.current() is not None, 10, "the budget")
+        expected = min(routing.threshold, threshold_for_budget(routing.curve, 0.1))
+        assert expected < routing.threshold
+        assert agent.budget.threshold(routing) == pytest.approx(expected)
+        x = SPLITS.x_calib.astype(np.float32)
+        routes = [
+            agent.infer("digits-edge", {"input": x[i : i + 1]}).rows[0] for i in range(len(x))
+        ]
+    finally:
+        observer.publish_retained(b"")
+        observer.close()
+    sent = [r for r in routes if r.source == "cloud"]
+    assert len(sent) == sum(r.hard for r in routes)  # the cloud answered every one sent
+    assert all(r.confidence is not None and r.confidence < expected for r in sent)
+    assert 0.05 * len(x) <= len(sent) <= 0.1 * len(x) + max(1.0, 0.1 * 20)
+    natural = [r for r in routes if r.confidence is not None and r.confidence < routing.threshold]
+    assert sum(r.over_budget for r in routes) == len(natural) - len(sent)
 
 
 def test_a_budget_a_dead_cloud_left_retained_is_cleared_by_the_next_one(
