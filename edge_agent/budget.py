@@ -9,6 +9,12 @@ following model also spends a credit: ``max_offload`` per row seen, one per row 
 the least confident rows first. Models without a curve keep their threshold and are named
 in the telemetry report as not following.
 
+How long a budget holds is measured on the device's own clock: from its receipt for
+``ttl_s`` when the cloud says so (a device whose clock is off by more than that would find
+``until`` past on arrival, or hours away), else until ``until``. A retained budget the broker
+delivers again (the same ``issued_at``) extends nothing: a cloud that died leaves the fleet
+throttled for ``ttl_s`` at most, however often its devices reconnect.
+
 The router asks on every call: with no budget in force that is one attribute read; with
 one, a lock per call (never per row) guards the credit.
 """
@@ -39,6 +45,8 @@ Mask = npt.NDArray[np.bool_]
 # However far the cloud's ``until`` is, a budget is followed at most this long after it
 # arrived unless renewed: a cloud clock far ahead must not throttle the fleet for days.
 MAX_HOLD_S = 3600.0
+# A budget that looks issued this far in the future says the device's clock is behind.
+SKEW_S = 5.0
 # Unused credit is kept up to this many rows' worth: a quiet spell does not buy a burst.
 BURST_ROWS = 20
 _MAX_CACHED_SPECS = 256
@@ -52,6 +60,13 @@ def follows(spec: RoutingSpec) -> bool:
         and spec.threshold is not None
         and spec.policy not in (RoutingPolicy.ALWAYS_EDGE, RoutingPolicy.ALWAYS_CLOUD)
     )
+
+
+def _expiry(budget: CloudBudget, now: float) -> float:
+    """When a budget received at ``now`` stops being followed, on the device's clock."""
+    if budget.ttl_s is not None:
+        return now + min(budget.ttl_s, MAX_HOLD_S)
+    return min(budget.until.timestamp(), now + MAX_HOLD_S)
 
 
 @dataclass(slots=True)
@@ -82,6 +97,10 @@ class BudgetFollower:
         self._generation = 0
         self._lock = threading.Lock()
         self._credit: dict[str, tuple[int, float]] = {}
+        self._issued_at: datetime | None = None  # of the last budget followed
+        # How old the last budget looked on arrival, by this clock: clock skew, or a retained
+        # budget delivered late (None: the cloud did not say when it issued it).
+        self.age_on_arrival_s: float | None = None
         self.received = 0
         self.refused = 0
 
@@ -102,12 +121,17 @@ class BudgetFollower:
     def set(self, budget: CloudBudget | None) -> None:
         now = self.clock()
         with self._lock:
-            if budget is None or budget.until.timestamp() <= now:
+            if budget is not None and budget.issued_at is not None:
+                if budget.issued_at == self._issued_at:
+                    return  # the retained one, delivered again: it must not extend itself
+                self._issued_at = budget.issued_at
+                self._age(now - budget.issued_at.timestamp(), budget)
+            expires = 0.0 if budget is None else _expiry(budget, now)
+            if budget is None or expires <= now:
                 if self._in_force is not None:
                     _LOGGER.info("cloud budget cleared: calibrated thresholds again")
                 self._in_force = None
                 return
-            expires = min(budget.until.timestamp(), now + MAX_HOLD_S)
             current = self._in_force
             if current is not None and current.budget.max_offload == budget.max_offload:
                 # A renewal: same share, later expiry; thresholds and credit stay.
@@ -116,9 +140,25 @@ class BudgetFollower:
             self._generation += 1
             self._in_force = _InForce(budget, expires, self._generation)
         _LOGGER.info(
-            "cloud budget: offload at most %.1f%% until %s (%s)",
-            budget.max_offload * 100, budget.until.isoformat(), budget.reason or "no reason",
+            "cloud budget: offload at most %.1f%% for %.0f s (%s)",
+            budget.max_offload * 100, expires - now, budget.reason or "no reason",
         )  # fmt: skip
+
+    def _age(self, age_s: float, budget: CloudBudget) -> None:
+        """Note how old a budget looked on arrival; say so once when that is more than its
+        TTL (or it comes from the future), and once when it is back to normal."""
+        skewed = age_s < -SKEW_S or age_s > (budget.ttl_s or MAX_HOLD_S)
+        was = self.age_on_arrival_s
+        was_skewed = was is not None and (was < -SKEW_S or was > (budget.ttl_s or MAX_HOLD_S))
+        self.age_on_arrival_s = age_s
+        if skewed and not was_skewed:
+            _LOGGER.warning(
+                "cloud budget issued %.0f s before it arrived, by this device's clock: the "
+                "clock is off, or the budget was retained that long; followed for %s",
+                age_s, f"{budget.ttl_s:g} s from now" if budget.ttl_s else "until it says",
+            )  # fmt: skip
+        elif was_skewed and not skewed:
+            _LOGGER.info("cloud budget: this device's clock agrees with the cloud's again")
 
     @property
     def generation(self) -> int:
@@ -211,6 +251,8 @@ class BudgetFollower:
             f"edgefleet_agent_offload_budget {1.0 if budget is None else budget.max_offload:.6g}",
             "# TYPE edgefleet_agent_budget_until_seconds gauge",
             f"edgefleet_agent_budget_until_seconds {_epoch(budget.until) if budget else 0}",
+            "# TYPE edgefleet_agent_budget_age_on_arrival_seconds gauge",
+            f"edgefleet_agent_budget_age_on_arrival_seconds {self.age_on_arrival_s or 0:.6g}",
             "# TYPE edgefleet_agent_budget_following gauge",
         ]
         thresholds = []

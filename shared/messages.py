@@ -422,12 +422,20 @@ class CloudBudget(Message):
     max_offload: float = Field(ge=0.0, le=1.0)
     reason: str = Field(default="", max_length=200)
     until: datetime
+    # Newer clouds also say how long to follow it from receipt, on the device's own clock
+    # (``until`` means nothing to a device whose clock is off), and when it was issued: a
+    # retained budget delivered again on a reconnect is the same one and extends nothing.
+    # None (an older cloud): ``until`` alone, on the device's clock.
+    ttl_s: float | None = Field(default=None, gt=0, le=86_400)
+    issued_at: datetime | None = None
 
-    @field_validator("until")
+    @field_validator("until", "issued_at")
     @classmethod
-    def _aware(cls, value: datetime) -> datetime:
+    def _aware(cls, value: datetime | None) -> datetime | None:
         # A time without a zone cannot be compared with the device's clock: read it as UTC.
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if value is None or value.tzinfo is not None:
+            return value
+        return value.replace(tzinfo=UTC)
 
 
 def budget_payload(budget: CloudBudget | None) -> bytes:

@@ -231,10 +231,10 @@ def budget_line(client: redis.Redis) -> Callable[[], str]:
 
     def line() -> str:
         try:
-            state = store.read()
+            state, now = store.read(), store.now()
         except redis.RedisError:
             return "unknown (Redis unreachable)"
-        if state is None or state.until <= time.time():
+        if state is None or state.until <= now:
             return "none"
         return f"{100 * state.max_offload:.1f}% ({state.reason})"
 

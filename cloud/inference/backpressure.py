@@ -8,12 +8,16 @@ under half the bound, with no refusal, for ``hold_s``: two thresholds and two ho
 so a queue hovering at the bound does not flap.
 
 The budget: a saturated replica cuts it, at most once per ``hold_s`` (its agents need that
-long to show the effect), by what the service managed: served ÷ arrived, or bound ÷ queue
-time when the clients wait for their answers (then arrivals follow what was served, and
-only the queue says how far over it is), between 0.25 and 0.9 per step. Only when no
-replica is saturated does it relax, one step per ``relax_s`` (doubling, at least +0.05),
-and past 1 it is cleared. It expires ``ttl_s`` after it was last written; replicas renew
-it at half that.
+long to show the effect), judged only on what its queue did since the budget last moved: the
+backlog from before a cut says nothing about that cut. No cut when the queue is back under
+the bound, or draining fast enough to be under it within ``hold_s`` (by the next look). Else
+by what the service can take: when the queue grew or requests were refused (devices that do
+not wait for their answers), the rate that serves what was served and drains what is past
+the bound within ``hold_s``, as a share of what arrived; when it held steady (clients that
+wait for their answers: arrivals follow what was served, and only the queue says how far
+over it is), bound ÷ queue time. Between 0.25 and 0.9 per step. Only when no replica is
+saturated does it relax, one step per ``relax_s`` (doubling, at least +0.05), and past 1 it
+is cleared. It expires ``ttl_s`` after it was last written; replicas renew it at half that.
 """
 
 from __future__ import annotations
@@ -78,15 +82,16 @@ class SaturationDetector:
         self.saturated = False
         self._since: float | None = None  # when the opposite of the current state began
         self._last_at: float | None = None
-        self._recent: collections.deque[Sample] = collections.deque()
+        # The last hold_s of samples, each with when the time it covers began.
+        self._recent: collections.deque[tuple[float, Sample]] = collections.deque()
 
     def observe(self, sample: Sample) -> bool:
         """Take one sample; whether this replica is saturated now."""
         config = self.config
         # A sample covers the time since the one before it.
         began, self._last_at = self._last_at if self._last_at is not None else sample.at, sample.at
-        self._recent.append(sample)
-        while self._recent and sample.at - self._recent[0].at > config.hold_s:
+        self._recent.append((began, sample))
+        while self._recent and sample.at - self._recent[0][1].at > config.hold_s:
             self._recent.popleft()
         if self.saturated:
             flipping = sample.rejected == 0 and sample.wait_s < config.queue_bound_s / 2
@@ -101,19 +106,36 @@ class SaturationDetector:
             self.saturated, self._since = not self.saturated, None
         return self.saturated
 
-    def cut(self) -> float:
-        """The factor a saturated replica cuts the budget by, from its last ``hold_s``."""
-        arrived = sum(s.arrived for s in self._recent)
-        served = sum(s.served for s in self._recent)
-        wait = max((s.wait_s for s in self._recent), default=0.0)
-        factor = served / arrived if arrived else 1.0
-        if wait > 0:
-            factor = min(factor, self.config.queue_bound_s / wait)
+    def cut(self, since: float | None = None) -> float:
+        """The factor a saturated replica cuts the budget by (1.0: none), from its samples of
+        the last ``hold_s`` that came mostly after ``since``, when the budget last moved, on
+        this detector's clock (None: there is no budget yet); see the module's docstring."""
+        hold_s, bound = self.config.hold_s, self.config.queue_bound_s
+        after = [(b, s) for b, s in self._recent if since is None or s.at - since > (s.at - b) / 2]
+        if not after:
+            return 1.0
+        span = max(after[-1][1].at - after[0][0], 1e-9)
+        arrived = sum(s.arrived for _b, s in after)
+        served = sum(s.served for _b, s in after)
+        rejected = sum(s.rejected for _b, s in after)
+        wait = after[-1][1].wait_s  # the freshest: the queue as the last step left it
+        if rejected == 0 and wait <= bound:
+            return 1.0
+        # Requests queued past the bound (served in order: wait x rate), and how many more
+        # the queue holds than at the start (< 0: fewer).
+        over = max(0.0, wait - bound) * served / span
+        grew = arrived - served - rejected
+        if rejected == 0 and grew < 0 and over <= -grew / span * hold_s:
+            return 1.0
+        if (rejected == 0 and abs(grew) <= 1) or arrived <= 0:
+            factor = bound / max(wait, bound)
+        else:
+            factor = (served - over * span / hold_s) / arrived
         return min(MIN_CUT, max(MAX_CUT, factor))
 
     def reason(self) -> str:
-        wait = max((s.wait_s for s in self._recent), default=0.0)
-        rejected = sum(s.rejected for s in self._recent)
+        wait = max((s.wait_s for _b, s in self._recent), default=0.0)
+        rejected = sum(s.rejected for _b, s in self._recent)
         said = (
             f"inference queue {wait * 1000:.0f} ms, bound {self.config.queue_bound_s * 1000:g} ms"
         )

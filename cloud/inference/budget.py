@@ -44,14 +44,17 @@ __all__ = ["BudgetLoop", "budget_loop_for", "cloud_budget"]
 _LOGGER = logging.getLogger(__name__)
 
 
-def cloud_budget(state: BudgetState | None) -> CloudBudget | None:
-    """The message devices get for ``state``."""
+def cloud_budget(state: BudgetState | None, *, ttl_s: float) -> CloudBudget | None:
+    """The message devices get for ``state``, written (changed or renewed) ``ttl_s`` before
+    its ``until``: devices whose clocks are off follow it for ``ttl_s`` from receipt."""
     if state is None:
         return None
     return CloudBudget(
         max_offload=round(state.max_offload, 6),
         reason=state.reason[:200],
         until=datetime.fromtimestamp(state.until, UTC),
+        ttl_s=ttl_s,
+        issued_at=datetime.fromtimestamp(state.until - ttl_s, UTC),
     )
 
 
@@ -108,7 +111,7 @@ class BudgetLoop:
         self.interval_s = interval_s
         self.link = link
         self.owns_link = owns_link
-        self.clock = clock
+        self.clock = clock  # the detector's; what replicas share is on Redis's clock
         self.detector = SaturationDetector(config)
         self.state: BudgetState | None = None
         self._last = _totals(metrics)
@@ -129,7 +132,7 @@ class BudgetLoop:
             self._thread.join(5)
             # Leaving cleanly: no say in the budget any more (a crash lets the mark expire).
             with contextlib.suppress(redis.RedisError):
-                self.store.mark(False, self.clock())
+                self.store.mark(False, self.store.now())
         if self.link is not None and self.owns_link:
             self.link.stop()
 
@@ -161,20 +164,25 @@ class BudgetLoop:
 
     def tick(self) -> Decision | None:
         """Sample, decide with the other replicas, publish what changed (None: Redis down)."""
-        now = self.clock()
-        sample = self.sample(now)
+        local = self.clock()
+        sample = self.sample(local)
         saturated = self.detector.observe(sample)
         self.metrics.saturated.set(int(saturated))
         self.metrics.queue_wait.set(sample.wait_s)
-        cut, reason = self.detector.cut(), self.detector.reason()
-
-        def step(state: BudgetState | None, someone: bool) -> Decision:
-            return decide(
-                state, saturated=saturated, cut=cut, reason=reason,
-                any_saturated=someone or saturated, now=now, config=self.config,
-            )  # fmt: skip
-
+        reason = self.detector.reason()
         try:
+            # What replicas share is on Redis's clock; the detector runs on this one's.
+            now = self.store.now()
+            offset = now - local
+
+            def step(state: BudgetState | None, someone: bool) -> Decision:
+                # Judged on what the queue did since the budget last moved, whoever moved it.
+                cut = self.detector.cut(None if state is None else state.changed_at - offset)
+                return decide(
+                    state, saturated=saturated, cut=cut, reason=reason,
+                    any_saturated=someone or saturated, now=now, config=self.config,
+                )  # fmt: skip
+
             self.store.mark(saturated, now)
             decision = self.store.apply(step, now)
         except redis.RedisError as exc:
@@ -190,7 +198,7 @@ class BudgetLoop:
         if decision.change is not Change.NONE:
             self.metrics.budget_changes.labels(decision.change.value).inc()
             if decision.change is not Change.RENEW:
-                _LOGGER.info("budget %s: %s", decision.change.value, cloud_budget(self.state))
+                _LOGGER.info("budget %s: %s", decision.change.value, self._message())
             self._unpublished = True
         connects = self.link.stats.connects if self.link is not None else 0
         if connects != self._connects:
@@ -200,8 +208,11 @@ class BudgetLoop:
             self._send()
         return decision
 
+    def _message(self) -> CloudBudget | None:
+        return cloud_budget(self.state, ttl_s=self.config.ttl_s)
+
     def _send(self) -> None:
-        if self.publish(budget_payload(cloud_budget(self.state))):
+        if self.publish(budget_payload(self._message())):
             self._unpublished = False
         else:
             self.metrics.budget_publish_failures.inc()

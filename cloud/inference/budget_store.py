@@ -1,7 +1,7 @@
 """The offload budget every inference replica shares, in Redis: the budget itself (one key,
 changed only by a compare-and-set, so two replicas never overwrite each other's step) and
 the replicas saturated now (a sorted set scored by expiry: a replica that dies drops out of
-it on its own, and with it its say in the budget)."""
+it on its own, and with it its say in the budget). Times passed in are Redis's (:meth:`now`)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,27 @@ _ATTEMPTS = 8
 Step = Callable[[BudgetState | None, bool], Decision]
 
 
+# The latest time a datetime holds (9999-12-31, UTC): what devices are told must be one.
+_LAST_TIME = 253_402_300_799.0
+
+
 def _load(raw: object) -> BudgetState | None:
     if not isinstance(raw, bytes | str):
         return None
     try:
         fields = json.loads(raw)
-        return BudgetState(
+        state = BudgetState(
             max_offload=float(fields["max_offload"]),
             reason=str(fields["reason"]),
             until=float(fields["until"]),
             since=float(fields["since"]),
             changed_at=float(fields["changed_at"]),
         )
+        times = (state.until, state.since, state.changed_at)
+        # json reads Infinity and NaN: a budget no device could be told is no budget.
+        if not 0.0 <= state.max_offload <= 1.0 or not all(0 <= t <= _LAST_TIME for t in times):
+            raise ValueError("a share outside [0, 1], or a time no clock can show")
+        return state
     except (ValueError, KeyError, TypeError):
         # Written by something else (or a newer version we cannot read): as if none.
         _LOGGER.warning("budget in Redis (%s) unreadable; treated as none", STATE_KEY)
@@ -60,6 +69,13 @@ class BudgetStore:
         self.client = client
         self.replica = replica
         self.replica_ttl_s = replica_ttl_s
+
+    def now(self) -> float:
+        """Redis's clock (epoch seconds). Marks, their expiry and the budget's times are all
+        on it: replicas whose own clocks disagree (by more than a mark lives) would each
+        prune the others' marks, or keep them too long."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
 
     def read(self) -> BudgetState | None:
         return _load(self.client.get(STATE_KEY))

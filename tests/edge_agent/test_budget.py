@@ -9,6 +9,7 @@ httpx.MockTransport speaking KServe v2, as in test_router.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -206,6 +207,60 @@ def test_a_budget_is_followed_until_it_expires_and_a_renewal_extends_it() -> Non
     assert follower.threshold(FOLLOWING) == 0.9
     follower.on_message(topics.CLOUD_BUDGET, budget(0.25, for_s=-1))  # retained, stale
     assert follower.current() is None
+
+
+def with_ttl(share: float, *, issued_at: float, ttl_s: float = 30.0) -> bytes:
+    """A budget as a cloud that says how long to follow it writes it: issued at
+    ``issued_at`` on its clock, until ``ttl_s`` later."""
+    return json.dumps(
+        {
+            "max_offload": share,
+            "reason": "queue over bound",
+            "until": datetime.fromtimestamp(issued_at + ttl_s, UTC).isoformat(),
+            "ttl_s": ttl_s,
+            "issued_at": datetime.fromtimestamp(issued_at, UTC).isoformat(),
+        }
+    ).encode()
+
+
+def test_a_device_whose_clock_runs_ahead_follows_a_budget_for_its_ttl() -> None:
+    """The device's clock is a minute ahead of the cloud's: the budget's ``until`` (the
+    cloud's now + 30 s) is past on arrival. It is followed for its 30 s from receipt, on the
+    device's own clock, and renewed as the cloud renews it; the skew is exported."""
+    clock = Clock()
+    clock.now = NOW + 60
+    follower = BudgetFollower(clock=clock)
+    follower.on_message(topics.CLOUD_BUDGET, with_ttl(0.25, issued_at=NOW))
+    assert follower.threshold(FOLLOWING) == pytest.approx(0.52)
+    clock.now += 15
+    follower.on_message(topics.CLOUD_BUDGET, with_ttl(0.25, issued_at=NOW + 15))  # renewed
+    clock.now += 29
+    assert follower.current() is not None
+    clock.now += 2
+    assert follower.current() is None
+    assert "edgefleet_agent_budget_age_on_arrival_seconds 60" in follower.prometheus({})
+
+
+def test_a_retained_budget_delivered_again_does_not_extend_itself() -> None:
+    """The device's clock is 2 h behind; the cloud died just after publishing (until in
+    30 s, by its clock). The broker delivers the retained budget again on each reconnect:
+    the device followed it for 30 s from the first delivery, and no later one brings it
+    back (by ``until`` alone it would stay for two hours)."""
+    clock = Clock()
+    clock.now = NOW - 7200
+    follower = BudgetFollower(clock=clock)
+    payload = with_ttl(0.25, issued_at=NOW)
+    follower.on_message(topics.CLOUD_BUDGET, payload)
+    assert follower.current() is not None
+    clock.now += 20
+    follower.on_message(topics.CLOUD_BUDGET, payload)  # a reconnect 20 s later
+    clock.now += 11
+    assert follower.current() is None
+    for _ in range(3):
+        clock.now += 50 * 60
+        follower.on_message(topics.CLOUD_BUDGET, payload)
+        assert follower.current() is None
+        assert follower.threshold(FOLLOWING) == 0.9
 
 
 def test_a_malformed_budget_is_counted_and_changes_nothing() -> None:

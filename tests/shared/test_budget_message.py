@@ -62,6 +62,25 @@ def test_a_malformed_budget_is_a_clear_protocol_error(payload: bytes) -> None:
         read_budget(payload)
 
 
+def test_a_budget_may_say_how_long_to_follow_it_and_an_older_one_does_not() -> None:
+    """``ttl_s`` and ``issued_at`` are optional: a budget from an older cloud reads with
+    None (follow it until ``until``); a TTL that is not positive is refused."""
+    issued = UNTIL - timedelta(seconds=30)
+    budget = CloudBudget(max_offload=0.25, until=UNTIL, ttl_s=30.0, issued_at=issued)
+    assert read_budget(budget_payload(budget)) == budget
+    old = read_budget(b'{"max_offload": 0.25, "until": "2030-01-02T03:04:05Z"}')
+    assert old is not None
+    assert (old.ttl_s, old.issued_at) == (None, None)
+    naive = read_budget(
+        b'{"max_offload": 0.25, "until": "2030-01-02T03:04:05Z", "ttl_s": 30,'
+        b' "issued_at": "2030-01-02T03:03:35"}'
+    )
+    assert naive is not None
+    assert naive.issued_at == issued
+    with pytest.raises(ProtocolError, match="ttl_s"):
+        read_budget(b'{"max_offload": 0.25, "until": "2030-01-02T03:04:05Z", "ttl_s": 0}')
+
+
 def test_a_writer_is_strict_and_a_time_without_a_zone_is_read_as_utc() -> None:
     with pytest.raises(ValidationError):
         CloudBudget(max_offload=0.5, until=UNTIL, priority="high")  # type: ignore[call-arg]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 
 import redis
@@ -45,8 +44,8 @@ def _at(epoch: float) -> datetime:
 def get_budget(context: ContextDep, _admin: AdminAuth) -> BudgetView:
     settings = context.settings
     store = BudgetStore(context.redis, replica="api", replica_ttl_s=0)
-    now = time.time()
     try:
+        now = store.now()  # the replicas' clock
         state, saturated = store.read(), store.saturated(now)
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"the budget is kept in Redis, which failed: {exc}") from exc

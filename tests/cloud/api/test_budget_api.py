@@ -55,6 +55,19 @@ def test_an_expired_budget_is_shown_as_none(api: RunningApi) -> None:
         assert c.get("/v1/inference/budget").json()["budget"] is None
 
 
+def test_a_budget_with_times_no_clock_can_show_is_shown_as_none(api: RunningApi) -> None:
+    """Something wrote a budget whose time is not finite or past year 9999: unreadable, as
+    if none (it was a 422 from a conversion error)."""
+    for until in (float("inf"), float("nan"), 1e300):
+        # json writes Infinity and NaN (and reads them back).
+        state = {"max_offload": 0.5, "reason": "x", "until": until, "since": 0, "changed_at": 0}
+        api.context.redis.set(STATE_KEY, json.dumps(state))
+        with api.client() as c:
+            shown = c.get("/v1/inference/budget")
+        assert shown.status_code == 200, (until, shown.text)
+        assert shown.json()["budget"] is None
+
+
 def test_only_the_admin_reads_it(api: RunningApi) -> None:
     with api.client(None) as anonymous:
         refused = anonymous.get("/v1/inference/budget")

@@ -52,10 +52,11 @@ class Replica:
                 served=arrived if served is None else served, rejected=rejected,
             )  # fmt: skip
             saturated = self.detector.observe(sample)
+            since = None if self.state is None else self.state.changed_at
             decision = decide(
                 self.state,
                 saturated=saturated,
-                cut=self.detector.cut(),
+                cut=self.detector.cut(since),
                 reason=self.detector.reason(),
                 any_saturated=saturated or self.others_saturated,
                 now=self.now,
@@ -100,6 +101,78 @@ def test_a_queue_that_stays_past_the_bound_cuts_by_bound_over_wait_every_hold_ti
     ]
     times = [t for t, _c, _s in replica.steps]
     assert [round(b - a, 1) for a, b in itertools.pairwise(times)] == [2.0, 2.0, 2.0]
+
+
+def test_no_second_cut_once_the_queue_drained_after_the_first() -> None:
+    """The first cut worked: within a second the queue is empty. The replica is still
+    saturated (hysteresis: clear only after 2 s under half the bound), and the 400 ms of
+    before the cut are still within its last 2 s; neither is a reason to cut again: only
+    what the queue did after the cut counts. It clears, and the budget relaxes."""
+    replica = Replica()
+    replica.feed(2.0, wait_ms=400)
+    assert replica.changes() == [(Change.TIGHTEN, 0.25)]
+    replica.feed(0.5, wait_ms=200)
+    replica.feed(1.5, wait_ms=0)
+    assert replica.detector.saturated
+    assert replica.changes() == [(Change.TIGHTEN, 0.25)]
+    replica.feed(5.0, wait_ms=0)
+    assert replica.changes() == [(Change.TIGHTEN, 0.25), (Change.RELAX, 0.5)]
+
+
+@dataclass
+class OpenLoop:
+    """A fluid model of one replica and a fleet that does not wait for its answers: devices
+    see ``offered`` rows/s and offload ``natural`` of them, or the budget if lower, at once;
+    the cloud serves ``capacity`` requests/s in order; the rest waits in its queue."""
+
+    offered: float
+    natural: float
+    capacity: float
+    replica: Replica = field(default_factory=Replica)
+    queue: float = 0.0
+    served_total: float = 0.0
+    _carried: tuple[float, float] = (0.0, 0.0)
+
+    def run(self, seconds: float) -> list[float]:
+        """The share in force after each look."""
+        shares = []
+        for _ in range(round(seconds / STEP_S)):
+            state = self.replica.state
+            share = self.natural if state is None else min(self.natural, state.max_offload)
+            arriving = self.offered * share * STEP_S
+            served = min(self.capacity * STEP_S, self.queue + arriving)
+            self.queue += arriving - served
+            self.served_total += served
+            # Whole requests per sample, the fractions carried to the next.
+            arrived, done = self._carried[0] + arriving, self._carried[1] + served
+            self._carried = (arrived - int(arrived), done - int(done))
+            wait_ms = 1000 * self.queue / self.capacity
+            self.replica.feed(STEP_S, wait_ms=wait_ms, arrived=int(arrived), served=int(done))
+            state = self.replica.state
+            shares.append(1.0 if state is None else state.max_offload)
+        return shares
+
+
+@pytest.mark.parametrize(
+    ("offered", "natural", "capacity"),
+    [(200.0, 0.3, 20.0), (200.0, 0.3, 40.0), (400.0, 0.3, 20.0), (100.0, 0.5, 20.0)],
+)
+def test_against_a_fleet_that_does_not_wait_the_budget_settles_near_what_the_cloud_serves(
+    offered: float, natural: float, capacity: float
+) -> None:
+    """The cloud serves ``capacity`` of the ``offered`` x ``natural`` requests/s it gets: the
+    budget it needs is capacity / offered. After a minute the budget stays near that: it
+    probes above (a relax doubles it) and steps back, at worst by the deepest cut, a quarter,
+    to about half of it, never down to the floor; and the cloud serves most of what it can
+    rather than idling."""
+    fleet = OpenLoop(offered, natural, capacity)
+    fleet.run(60.0)
+    served_before = fleet.served_total
+    shares = fleet.run(240.0)
+    needed = capacity / offered
+    assert needed / 2.5 <= min(shares), (needed, min(shares))
+    assert max(shares) <= 2 * needed, (needed, max(shares))
+    assert (fleet.served_total - served_before) / (capacity * 240.0) > 0.75
 
 
 def test_refusals_saturate_even_a_short_queue_and_the_cut_is_what_was_served() -> None:

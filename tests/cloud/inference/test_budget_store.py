@@ -4,6 +4,7 @@ mark expires."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -88,6 +89,30 @@ def test_a_budget_relaxes_only_once_no_replica_is_saturated_and_a_dead_one_drops
 def test_an_unreadable_budget_in_redis_is_treated_as_none(context: CloudContext) -> None:
     store = BudgetStore(context.redis, replica="a", replica_ttl_s=3)
     context.redis.set(STATE_KEY, b"{not json")
+    assert store.read() is None
+    assert store.apply(step_for(True, NOW), NOW).change is Change.TIGHTEN
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"until": float("inf")},
+        {"since": float("nan")},
+        {"changed_at": float("-inf")},
+        {"until": 1e300},  # past year 9999: no datetime for the devices
+        {"max_offload": float("nan")},
+        {"max_offload": 1.5},
+        {"max_offload": -0.1},
+    ],
+)
+def test_a_budget_no_device_could_be_told_is_unreadable(
+    context: CloudContext, fields: dict[str, float]
+) -> None:
+    """Not a share in [0, 1], or a time that is not finite or no datetime can hold: treated
+    as none, and the next saturated replica starts a budget of its own over it."""
+    state = {"max_offload": 0.5, "reason": "x", "until": NOW + 30, "since": NOW, "changed_at": NOW}
+    context.redis.set(STATE_KEY, json.dumps({**state, **fields}))
+    store = BudgetStore(context.redis, replica="a", replica_ttl_s=3)
     assert store.read() is None
     assert store.apply(step_for(True, NOW), NOW).change is Change.TIGHTEN
 
