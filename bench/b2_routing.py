@@ -89,12 +89,12 @@ def _scores(found: Any, probs: Array, embedding: Array, x: Array) -> dict[str, A
     return scores
 
 
-def _shipped(found: Any, probs: Array, x: Array) -> tuple[Array, Array, str]:
+def _shipped(found: Any, probs: Array, embedding: Array, x: Array) -> tuple[Array, Array, str]:
     """What a device does with the spec the pipeline ships: the rows it offloads, those an
     agent that does not know the second opinion offloads, and what ranks the rows."""
     name, spec = routing_spec(found)
     assert spec.threshold is not None
-    outputs = {"probabilities": probs}
+    outputs = {"probabilities": probs, "embedding": embedding}
     hard = spec_confidence(spec, outputs, {"input": x}) < spec.threshold
     old_agent = spec_confidence(spec, outputs) < spec.threshold
     return hard, old_agent, str(name)
@@ -132,7 +132,7 @@ def _one(
         if policy in scores:
             hard = scores[policy] < gap_cal.threshold(policy)
             points[f"{policy} @ gap:{GAP_TARGET}"] = _point(hard, edge_ok, cloud_ok)
-    hard, old_agent, shipped = _shipped(gap_cal, test_p, s.x_test)
+    hard, old_agent, shipped = _shipped(gap_cal, test_p, test_e, s.x_test)
     res["shipped"] = shipped
     if gap_cal.second is not None:
         alone = second_opinion_log_probabilities(gap_cal.second.opinion([0.0, 1.0]), s.x_test)
@@ -149,7 +149,7 @@ def _one(
         budget_scores = _scores(found, test_p, test_e, s.x_test)
         for policy, conf in budget_scores.items():
             misses[policy][str(budget)] = float((conf < found.threshold(policy)).mean() - budget)
-        hard, _old_agent, _name = _shipped(found, test_p, s.x_test)
+        hard, _old_agent, _name = _shipped(found, test_p, test_e, s.x_test)
         misses["shipped spec"][str(budget)] = float(hard.mean() - budget)
     res["budget_miss"] = dict(misses)
     # INT8: the same thresholds (calibrated on FP32) applied to the INT8 model's outputs, and

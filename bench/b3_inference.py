@@ -1,17 +1,19 @@
 """B3 — cloud fallback service: engine ceiling vs in-process batcher vs HTTP binary vs HTTP
 JSON vs gRPC (from a separate process), closed-loop sweep and open-loop Poisson arrivals.
 
-    python -m bench b3_inference [--quick] [--delay-ms=N]
+    python -m bench b3_inference [--quick] [--delay-ms=N] [--threads=N] [--model=NAME ...]
 
-The digits-cloud reference model (RBF SVM as ONNX), one row per request as an agent sends
-its hard inputs. One process serves two inference services side by side on the same
-registry: batched (max batch 32, queue delay N ms, default 0) and unbatched (max batch 1);
-each session
-uses one onnxruntime thread. The load comes from `bench/inference_client.py` in another
-process. Layers: bare `session.run` at batch 1/8/32/128 (the engine ceiling, rows/s); the
-batcher called in-process; HTTP binary, HTTP JSON and gRPC end to end. Closed-loop
-concurrency sweep for capacity, then open-loop Poisson arrivals at 20-100 % of the batched
-HTTP binary capacity against both services for p50/p99 (closed loops hide queueing).
+Each cloud model of `bench/inference_models.py` (digits-cloud; MiniLM FP32 when the `models`
+extra is installed), one row per request as an agent sends its hard inputs. One process
+serves two inference services side by side on the same registry: batched (max batch 32,
+queue delay N ms, default 0) and unbatched (max batch 1); each session uses N onnxruntime
+threads (default 1: the other core serves HTTP and runs the load). The load comes from
+`bench/inference_client.py` in another process. Layers: bare `session.run` at each batch
+size (the engine ceiling, rows/s); the batcher called in-process; HTTP binary, HTTP JSON and
+gRPC end to end. Closed-loop concurrency sweep for capacity, then open-loop Poisson arrivals
+at 20-100 % of the batched HTTP binary capacity against both services for p50/p99 (closed
+loops hide queueing). Configurations take turns round by round (median of the rounds), so a
+noisy neighbour slows them alike.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import uvicorn
 
 from bench.common import interleaved, percentile, summarize, write
 from bench.inference_client import closed_loop
+from bench.inference_models import MODELS, BenchModel, available, register
 from cloud.api.server import JsonH11Protocol
 from cloud.context import CloudContext
 from cloud.embedded.processes import free_port
@@ -42,22 +45,25 @@ from cloud.inference.app import create_inference_app
 from cloud.inference.engine import open_engine
 from cloud.inference.grpc_server import GrpcServer
 from cloud.inference.service import InferenceService
-from cloud.pipeline.reference import digits
-from cloud.pipeline.register import register_version
-from cloud.registry import repository
 from cloud.settings import CloudSettings
-from shared.tensors import InferRequest
+from shared.tensors import InferRequest, datatype_of
 
 TOKEN = "bench-admin-token-0123456789"  # noqa: S105 - a throwaway cloud
-MODEL = "digits-cloud"
 ROOT = Path(__file__).resolve().parents[1]
+SHARES = (0.2, 0.5, 0.8, 1.0)
+PATHS = (
+    ("http_binary", "http_binary", "batched"),
+    ("http_json", "http_json", "batched"),
+    ("grpc", "grpc", "batched"),
+    ("http_binary_unbatched", "http_binary", "unbatched"),
+)
 
 
-def _context(data_dir: Path, **settings: Any) -> CloudContext:
+def _context(data_dir: Path, threads: int, **settings: Any) -> CloudContext:
     config = CloudSettings(
         data_dir=data_dir,
         admin_token=TOKEN,
-        inference_threads=1,
+        inference_threads=threads,
         inference_providers=["CPUExecutionProvider"],
         inference_max_queue=4096,
         **settings,
@@ -133,26 +139,31 @@ def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
-def _engine_ceiling(context: CloudContext, sha256: str, x: np.ndarray, quick: bool) -> list[Any]:
+def _engine_ceiling(
+    context: CloudContext, model: BenchModel, sha256: str, threads: int, quick: bool
+) -> list[Any]:
     engine = open_engine(
-        context.artifacts.path(sha256), providers=["CPUExecutionProvider"], threads=1
+        context.artifacts.path(sha256), providers=["CPUExecutionProvider"], threads=threads
     )
-    sizes = (1, 8, 32, 128)
+    rows = model.rows(max(model.engine_batches))
     calls: dict[str, Callable[[], object]] = {
-        str(b): (lambda b=b: engine.run({"input": x[:b]})) for b in sizes
+        str(b): (lambda b=b: engine.run({k: v[:b] for k, v in rows.items()}))
+        for b in model.engine_batches
     }
-    samples = interleaved(calls, rounds=3 if quick else 10, calls=5 if quick else 20)
-    return [{"batch": b, **summarize(samples[str(b)], b)} for b in sizes]
+    rounds, per_round = model.engine_timing[1 if quick else 0]
+    samples = interleaved(calls, rounds=rounds, calls=per_round, warmup=1)
+    return [{"batch": b, **summarize(samples[str(b)], b)} for b in model.engine_batches]
 
 
 def _in_process(
-    service: InferenceService, row: np.ndarray, concurrency: int, seconds: float
-) -> dict[str, float]:
-    info = service.catalog.resolve(MODEL, None)
+    service: InferenceService, name: str, row: dict[str, np.ndarray], concurrency: int,
+    seconds: float,
+) -> dict[str, float]:  # fmt: skip
+    info = service.catalog.resolve(name, None)
 
     def make() -> Callable[[], bool]:
         def call() -> bool:
-            service.infer(info, lambda: InferRequest(inputs={"input": row}))
+            service.infer(info, lambda: InferRequest(inputs=dict(row)))
             return True
 
         return call
@@ -160,9 +171,9 @@ def _in_process(
     return _stats(closed_loop(make, concurrency, seconds))
 
 
-def _batch_histogram(service: InferenceService) -> dict[str, float]:
+def _batch_histogram(service: InferenceService, name: str) -> dict[str, float]:
     registry = service.metrics.registry
-    labels = {"model": MODEL, "version": "1"}
+    labels = {"model": name, "version": "1"}
     out: dict[str, float] = {}
     for bound in ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0"):
         value = registry.get_sample_value("nv_inference_batch_size_bucket", {**labels, "le": bound})
@@ -174,120 +185,195 @@ def _batch_histogram(service: InferenceService) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
-    delay_ms = next((float(a.split("=", 1)[1]) for a in argv if a.startswith("--delay-ms=")), 0.0)
-    repeats, seconds = (1, 1.5) if quick else (3, 3.0)
+def _rounds(
+    configs: dict[str, Callable[[], dict[str, float]]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Each configuration once per round, ``repeats`` rounds; the median of each."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, run in configs.items():
+            runs[name].append(run())
+    return {name: _median_of(r) for name, r in runs.items()}
+
+
+def _serve_and_load(
+    model: BenchModel, contexts: dict[str, CloudContext], quick: bool
+) -> dict[str, Any]:
+    repeats = 1 if quick else 3
+    seconds = model.seconds[1 if quick else 0]
     sweep = (1, 16) if quick else (1, 4, 16, 32)
-    splits = digits.digits_splits(0)
-    x = np.ascontiguousarray(splits.x_test[:128], dtype=np.float32)
-    row = x[:1]
+    row = model.rows(1)
+    services = {kind: InferenceService(ctx) for kind, ctx in contexts.items()}
+    grpc = GrpcServer(services["batched"], host="127.0.0.1", port=0)
+    grpc_port = grpc.start()
+    client = Client()
+    results: dict[str, Any] = {}
+    try:
+        with (
+            _served(services["batched"], contexts["batched"]) as url_b,
+            _served(services["unbatched"], contexts["unbatched"]) as url_u,
+        ):
+            urls = {"batched": url_b, "unbatched": url_u}
+            print(f"{model.name}: in-process batcher ...", flush=True)
+            in_process = _rounds(
+                {
+                    f"{kind}/{c}": (lambda s=s, c=c: _in_process(s, model.name, row, c, seconds))
+                    for kind, s in services.items()
+                    for c in sweep
+                },
+                repeats,
+            )
+            results["in_process"] = {
+                kind: {c: in_process[f"{kind}/{c}"] for c in sweep} for kind in services
+            }
+            common = {
+                "model": model.name,
+                "token": TOKEN,
+                "inputs": {
+                    n: {"data": a.tolist(), "datatype": datatype_of(a)} for n, a in row.items()
+                },
+                "grpc": f"127.0.0.1:{grpc_port}",
+            }
+
+            def job(**kw: Any) -> Callable[[], dict[str, float]]:
+                return lambda: _stats(client.run(**common, **kw))
+
+            print(f"{model.name}: closed loop ...", flush=True)
+            closed_runs = _rounds(
+                {
+                    f"{name}/{c}": job(
+                        url=urls[kind],
+                        transport=transport,
+                        mode="closed",
+                        concurrency=c,
+                        duration=seconds,
+                    )
+                    for name, transport, kind in PATHS
+                    for c in sweep
+                },
+                repeats,
+            )
+            closed = {
+                name: {c: closed_runs[f"{name}/{c}"] for c in sweep} for name, _t, _k in PATHS
+            }
+            results["closed_loop"] = closed
+            capacity = max(p["throughput_per_s"] for p in closed["http_binary"].values())
+            results["capacity_http_binary_per_s"] = capacity
+            print(f"{model.name}: open loop at {capacity:.0f} req/s x {SHARES} ...", flush=True)
+            open_runs = _rounds(
+                {
+                    f"{kind}/{share:.0%}": job(
+                        url=urls[kind],
+                        transport="http_binary",
+                        mode="open",
+                        rate=capacity * share,
+                        duration=seconds,
+                    )
+                    for share in SHARES
+                    for kind in urls
+                },
+                repeats,
+            )
+            results["open_loop"] = {
+                kind: {f"{share:.0%}": open_runs[f"{kind}/{share:.0%}"] for share in SHARES}
+                for kind in urls
+            }
+            results["batch_size_histogram_batched"] = _batch_histogram(
+                services["batched"], model.name
+            )
+    finally:
+        client.close()
+        grpc.stop(0)
+        for service in services.values():
+            service.close()
+    return results
+
+
+def _one_model(model: BenchModel, quick: bool, delay_ms: float, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="b3-") as tmp:
-        data_dir = Path(tmp)
         batched_ctx = _context(
-            data_dir, inference_max_batch_size=32, inference_max_queue_delay_ms=delay_ms
+            Path(tmp), threads, inference_max_batch_size=32, inference_max_queue_delay_ms=delay_ms
         )
         unbatched_ctx = dataclasses.replace(
             batched_ctx,
             settings=batched_ctx.settings.model_copy(update={"inference_max_batch_size": 1}),
         )
-        data = digits.build_cloud(splits)
-        with batched_ctx.database.session() as session:
-            repository.create_model(session, name=MODEL)
-            sha256 = register_version(
-                session,
-                batched_ctx.artifacts,
-                model_name=MODEL,
-                blocks=[data],
-                max_bytes=len(data) + 1,
-                precision="fp32",
-                actor="bench",
-            ).artifact_sha256
-        results: dict[str, Any] = {"model": MODEL, "rows_per_request": 1, "delay_ms": delay_ms}
-        print("engine ceiling ...", flush=True)
-        results["engine"] = _engine_ceiling(batched_ctx, sha256, x, quick)
-        batched, unbatched = InferenceService(batched_ctx), InferenceService(unbatched_ctx)
-        grpc = GrpcServer(batched, host="127.0.0.1", port=0)
-        grpc_port = grpc.start()
-        client = Client()
         try:
-            with _served(batched, batched_ctx) as url_b, _served(unbatched, unbatched_ctx) as url_u:
-                print("in-process batcher ...", flush=True)
-                results["in_process"] = {
-                    name: {
-                        c: _median_of([_in_process(s, row, c, seconds) for _ in range(repeats)])
-                        for c in sweep
-                    }
-                    for name, s in (("batched", batched), ("unbatched", unbatched))
-                }
-                common = {
-                    "model": MODEL,
-                    "token": TOKEN,
-                    "rows": row.tolist(),
-                    "grpc": f"127.0.0.1:{grpc_port}",
-                }
-
-                def measure(**job: Any) -> dict[str, float]:
-                    return _median_of([_stats(client.run(**common, **job)) for _ in range(repeats)])
-
-                closed: dict[str, dict[int, dict[str, float]]] = {}
-                for name, transport, url in (
-                    ("http_binary", "http_binary", url_b),
-                    ("http_json", "http_json", url_b),
-                    ("grpc", "grpc", url_b),
-                    ("http_binary_unbatched", "http_binary", url_u),
-                ):
-                    print(f"closed loop {name} ...", flush=True)
-                    closed[name] = {
-                        c: measure(
-                            url=url,
-                            transport=transport,
-                            mode="closed",
-                            concurrency=c,
-                            duration=seconds,
-                        )
-                        for c in sweep
-                    }
-                results["closed_loop"] = closed
-                capacity = max(p["throughput_per_s"] for p in closed["http_binary"].values())
-                results["capacity_http_binary_per_s"] = capacity
-                opened: dict[str, dict[str, dict[str, float]]] = {"batched": {}, "unbatched": {}}
-                for share in (0.2, 0.5, 0.8, 1.0):
-                    for name, url in (("batched", url_b), ("unbatched", url_u)):
-                        print(f"open loop {name} at {share:.0%} ...", flush=True)
-                        opened[name][f"{share:.0%}"] = measure(
-                            url=url,
-                            transport="http_binary",
-                            mode="open",
-                            rate=capacity * share,
-                            duration=seconds,
-                        )
-                results["open_loop"] = opened
-                results["batch_size_histogram_batched"] = _batch_histogram(batched)
+            print(f"{model.name}: building and registering ...", flush=True)
+            sha256 = register(batched_ctx, model)
+            results: dict[str, Any] = {"what": model.what, "rows_per_request": 1}
+            print(f"{model.name}: engine ceiling ...", flush=True)
+            results["engine"] = _engine_ceiling(batched_ctx, model, sha256, threads, quick)
+            contexts = {"batched": batched_ctx, "unbatched": unbatched_ctx}
+            results.update(_serve_and_load(model, contexts, quick))
         finally:
-            client.close()
-            grpc.stop(0)
-            batched.close()
-            unbatched.close()
             batched_ctx.close()
     results["ratios"] = _ratios(results)
+    return results
+
+
+def _option(argv: list[str], name: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    delay_ms = float((_option(argv, "delay-ms") or ["0"])[-1])
+    threads = int((_option(argv, "threads") or ["1"])[-1])
+    wanted = _option(argv, "model") or list(MODELS)
+    unknown = sorted(set(wanted) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    results: dict[str, Any] = {"delay_ms": delay_ms, "threads": threads, "models": {}}
+    for name in wanted:
+        model = MODELS[name]
+        missing = available(model)
+        if missing is not None:
+            print(f"{name}: skipped ({missing})", flush=True)
+            results["models"][name] = {"skipped": missing}
+            continue
+        results["models"][name] = _one_model(model, quick, delay_ms, threads)
+        print(json.dumps({name: results["models"][name]["ratios"]}, indent=2), flush=True)
     path = write("b3_inference", results)
-    print(json.dumps(results["ratios"], indent=2))
     print(f"wrote {path}")
 
 
+def _capacity(points: dict[Any, dict[str, float]]) -> dict[str, float]:
+    return max(points.values(), key=lambda p: p["throughput_per_s"])
+
+
+def _at_p99(points: dict[Any, dict[str, float]], bound: float) -> float:
+    """The most requests/s among the points whose p99 is within ``bound`` (0: none is)."""
+    within = [p["throughput_per_s"] for p in points.values() if p["p99_ms"] <= bound]
+    return max(within, default=0.0)
+
+
 def _ratios(r: dict[str, Any]) -> dict[str, float]:
-    best_engine = max(e["throughput_per_s"] for e in r["engine"])
+    engine = {e["batch"]: e["throughput_per_s"] for e in r["engine"]}
+    best_engine = max(engine.values())
     closed = r["closed_loop"]
+    binary = _capacity(closed["http_binary"])["throughput_per_s"]
+    unbatched = _capacity(closed["http_binary_unbatched"])
+    in_process = r["in_process"]
 
     def cap(name: str) -> float:
-        return float(max(p["throughput_per_s"] for p in closed[name].values()))
+        return float(_capacity(closed[name])["throughput_per_s"])
 
-    binary = cap("http_binary")
+    def ratio(a: float, b: float) -> float:
+        return round(a / b, 3) if b else float("nan")
+
     return {
-        "http_binary_vs_engine_best": round(binary / best_engine, 3),
-        "http_binary_vs_engine_batch1": round(binary / r["engine"][0]["throughput_per_s"], 3),
-        "batched_vs_unbatched_http_binary": round(binary / cap("http_binary_unbatched"), 3),
-        "http_binary_vs_http_json": round(binary / cap("http_json"), 3),
-        "grpc_vs_http_binary": round(cap("grpc") / binary, 3),
+        "http_binary_vs_engine_best": ratio(binary, best_engine),
+        "http_binary_vs_engine_batch1": ratio(binary, engine[1]),
+        "engine_best_vs_batch1": ratio(best_engine, engine[1]),
+        "batched_vs_unbatched_http_binary": ratio(binary, unbatched["throughput_per_s"]),
+        "batched_vs_unbatched_http_binary_at_equal_p99": ratio(
+            _at_p99(closed["http_binary"], unbatched["p99_ms"]), unbatched["throughput_per_s"]
+        ),
+        "batched_vs_unbatched_in_process": ratio(
+            _capacity(in_process["batched"])["throughput_per_s"],
+            _capacity(in_process["unbatched"])["throughput_per_s"],
+        ),
+        "http_binary_vs_http_json": ratio(binary, cap("http_json")),
+        "grpc_vs_http_binary": ratio(cap("grpc"), binary),
     }

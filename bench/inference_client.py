@@ -1,6 +1,7 @@
 """B3's load generator, run as its own process: reads one JSON job per line on stdin
-(transport, closed-loop concurrency or open-loop rate, duration), answers one JSON line of
-latencies and counts. Transports: HTTP binary, HTTP JSON (KServe v2), gRPC (tritonclient)."""
+(model, inputs as {name: {data, datatype}}, transport, closed-loop concurrency or open-loop
+rate, duration), answers one JSON line of latencies and counts. Transports: HTTP binary,
+HTTP JSON (KServe v2), gRPC (tritonclient)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from shared.tensors import encode_request
+from shared.tensors import datatype_of, dtype_of, encode_request
 
 Call = Callable[[], bool]
 SENDERS = 32
@@ -24,12 +25,15 @@ SENDERS = 32
 
 def _caller(job: dict[str, Any]) -> Callable[[], Call]:
     """A factory of per-thread callers: each returns True when answered 200 / OK."""
-    x = np.asarray(job["rows"], dtype=np.float32)
+    inputs = {
+        name: np.asarray(spec["data"], dtype=dtype_of(spec["datatype"]))
+        for name, spec in job["inputs"].items()
+    }
     path = f"/v2/models/{job['model']}/infer"
     auth = {"Authorization": f"Bearer {job['token']}"}
     transport = job["transport"]
     if transport in ("http_binary", "http_json"):
-        body, headers = encode_request({"input": x}, binary=transport == "http_binary")
+        body, headers = encode_request(inputs, binary=transport == "http_binary")
 
         def http() -> Call:
             client = httpx.Client(base_url=job["url"], headers=auth, timeout=30)
@@ -44,13 +48,16 @@ def _caller(job: dict[str, Any]) -> Callable[[], Call]:
 
     def grpc() -> Call:
         client = grpcclient.InferenceServerClient(job["grpc"])
-        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype_of(array))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
         metadata = {"authorization": auth["Authorization"]}
 
         def call() -> bool:
             try:
-                client.infer(job["model"], [tensor], headers=dict(metadata))
+                client.infer(job["model"], tensors, headers=dict(metadata))
             except Exception:
                 return False
             return True
