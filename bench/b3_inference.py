@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from bench.common import interleaved, percentile, summarize, write
+from bench.common import percentile, write
+from bench.engine_timing import engine_ceiling, engine_threads
 from bench.inference_client import closed_loop
 from bench.inference_models import MODELS, BenchModel, available, register
 from cloud.api.server import JsonH11Protocol
@@ -42,7 +43,6 @@ from cloud.context import CloudContext
 from cloud.embedded.processes import free_port
 from cloud.embedded.services import ServiceUrls
 from cloud.inference.app import create_inference_app
-from cloud.inference.engine import open_engine
 from cloud.inference.grpc_server import GrpcServer
 from cloud.inference.service import InferenceService
 from cloud.settings import CloudSettings
@@ -137,22 +137,6 @@ def _stats(result: dict[str, Any]) -> dict[str, float]:
 
 def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
-
-
-def _engine_ceiling(
-    context: CloudContext, model: BenchModel, sha256: str, threads: int, quick: bool
-) -> list[Any]:
-    engine = open_engine(
-        context.artifacts.path(sha256), providers=["CPUExecutionProvider"], threads=threads
-    )
-    rows = model.rows(max(model.engine_batches))
-    calls: dict[str, Callable[[], object]] = {
-        str(b): (lambda b=b: engine.run({k: v[:b] for k, v in rows.items()}))
-        for b in model.engine_batches
-    }
-    rounds, per_round = model.engine_timing[1 if quick else 0]
-    samples = interleaved(calls, rounds=rounds, calls=per_round, warmup=1)
-    return [{"batch": b, **summarize(samples[str(b)], b)} for b in model.engine_batches]
 
 
 def _in_process(
@@ -303,7 +287,10 @@ def _one_model(model: BenchModel, quick: bool, delay_ms: float, threads: int) ->
             sha256 = register(batched_ctx, model)
             results: dict[str, Any] = {"what": model.what, "rows_per_request": 1}
             print(f"{model.name}: engine ceiling ...", flush=True)
-            results["engine"] = _engine_ceiling(batched_ctx, model, sha256, threads, quick)
+            path = batched_ctx.artifacts.path(sha256)
+            results["engine"] = engine_ceiling(path, model, threads, quick)
+            print(f"{model.name}: engine threads ...", flush=True)
+            results["engine_threads"] = engine_threads(path, model, quick)
             contexts = {"batched": batched_ctx, "unbatched": unbatched_ctx}
             results.update(_serve_and_load(model, contexts, quick))
         finally:

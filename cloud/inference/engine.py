@@ -74,8 +74,7 @@ def open_engine(
     if threads:
         options.intra_op_num_threads = threads
     # Intra-op threads spin by default while they wait for work: on a server they would take
-    # the cores the event loop and the batcher need between batches (B3: a third more MiniLM
-    # rows/s with two threads on two shared cores when they sleep instead).
+    # the cores the event loop and the batcher need between batches (B3 "engine threads").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = select_providers(providers, ort.get_available_providers())
     session = ort.InferenceSession(
