@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,10 +33,11 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from bench.common import percentile, write
+from bench.common import write
 from bench.engine_timing import engine_ceiling, engine_threads
 from bench.inference_client import closed_loop
 from bench.inference_models import MODELS, BenchModel, available, register
+from bench.inference_stats import median_of, ratios, stats
 from cloud.api.server import JsonH11Protocol
 from cloud.context import CloudContext
 from cloud.embedded.processes import free_port
@@ -111,33 +111,20 @@ class Client:
         )
 
     def run(self, **job: Any) -> dict[str, Any]:
+        """One job's result, with the CPU this (serving) process spent meanwhile."""
         assert self.process.stdin is not None
         assert self.process.stdout is not None
+        cpu = time.process_time()
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         result: dict[str, Any] = json.loads(self.process.stdout.readline())
+        result["server_cpu_s"] = time.process_time() - cpu
         return result
 
     def close(self) -> None:
         assert self.process.stdin is not None
         self.process.stdin.close()
         self.process.wait(30)
-
-
-def _stats(result: dict[str, Any]) -> dict[str, float]:
-    latencies = result["latencies"] or [float("nan")]
-    done = result.get("completed", len(result["latencies"]))
-    return {
-        "throughput_per_s": round(done / result["seconds"], 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 3),
-        "error_rate": round(result["errors"] / max(1, len(result["latencies"])), 4),
-        "requests": done,
-    }
-
-
-def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
 def _in_process(
@@ -153,7 +140,7 @@ def _in_process(
 
         return call
 
-    return _stats(closed_loop(make, concurrency, seconds))
+    return stats(closed_loop(make, concurrency, seconds))
 
 
 def _batch_histogram(service: InferenceService, name: str) -> dict[str, float]:
@@ -178,7 +165,10 @@ def _rounds(
     for _ in range(repeats):
         for name, run in configs.items():
             runs[name].append(run())
-    return {name: _median_of(r) for name, r in runs.items()}
+    medians: dict[str, Any] = {name: median_of(r) for name, r in runs.items()}
+    # Each round's throughputs, for ratios paired within a round (see _paired).
+    medians["_rounds"] = {name: [r["throughput_per_s"] for r in rs] for name, rs in runs.items()}
+    return medians
 
 
 def _bare_engine(engine: Engine, rows: dict[str, np.ndarray], seconds: float) -> dict[str, float]:
@@ -188,9 +178,12 @@ def _bare_engine(engine: Engine, rows: dict[str, np.ndarray], seconds: float) ->
     def make() -> Callable[[], bool]:
         return lambda: bool(engine.run(rows))
 
-    stats = _stats(closed_loop(make, 1, seconds))
-    stats["throughput_per_s"] = round(stats["throughput_per_s"] * batch, 1)
-    return stats
+    cpu = time.process_time()
+    result = closed_loop(make, 1, seconds)
+    result["server_cpu_s"] = time.process_time() - cpu
+    figures = stats(result)
+    figures["throughput_per_s"] = round(figures["throughput_per_s"] * batch, 1)
+    return figures
 
 
 def _serve_and_load(
@@ -201,7 +194,7 @@ def _serve_and_load(
 ) -> dict[str, Any]:
     """The services under load; ``engine`` (the bare session and its best batch size) takes
     its turn in the closed-loop rounds, so HTTP and the ceiling meet the same neighbours."""
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     seconds = model.seconds[1 if quick else 0]
     sweep = (1, 16) if quick else (1, 4, 16, 32)
     row = model.rows(1)
@@ -228,6 +221,7 @@ def _serve_and_load(
             results["in_process"] = {
                 kind: {c: in_process[f"{kind}/{c}"] for c in sweep} for kind in services
             }
+            results["in_process_rounds"] = in_process["_rounds"]
             common = {
                 "model": model.name,
                 "token": TOKEN,
@@ -238,7 +232,7 @@ def _serve_and_load(
             }
 
             def job(**kw: Any) -> Callable[[], dict[str, float]]:
-                return lambda: _stats(client.run(**common, **kw))
+                return lambda: stats(client.run(**common, **kw))
 
             print(f"{model.name}: closed loop ...", flush=True)
             bare, best = engine
@@ -265,6 +259,7 @@ def _serve_and_load(
                 repeats,
             )
             results["engine_in_rounds"] = {b: closed_runs[f"engine/{b}"] for b in batches}
+            results["closed_loop_rounds"] = closed_runs["_rounds"]
             closed = {
                 name: {c: closed_runs[f"{name}/{c}"] for c in sweep} for name, _t, _k in PATHS
             }
@@ -325,7 +320,7 @@ def _one_model(model: BenchModel, quick: bool, delay_ms: float, threads: int) ->
             results.update(_serve_and_load(model, contexts, (bare, best), quick))
         finally:
             batched_ctx.close()
-    results["ratios"] = _ratios(results)
+    results["ratios"] = ratios(results)
     return results
 
 
@@ -353,47 +348,3 @@ def main(argv: list[str]) -> None:
         print(json.dumps({name: results["models"][name]["ratios"]}, indent=2), flush=True)
     path = write("b3_inference", results)
     print(f"wrote {path}")
-
-
-def _capacity(points: dict[Any, dict[str, float]]) -> dict[str, float]:
-    return max(points.values(), key=lambda p: p["throughput_per_s"])
-
-
-def _at_p99(points: dict[Any, dict[str, float]], bound: float) -> float:
-    """The most requests/s among the points whose p99 is within ``bound`` (0: none is)."""
-    within = [p["throughput_per_s"] for p in points.values() if p["p99_ms"] <= bound]
-    return max(within, default=0.0)
-
-
-def _ratios(r: dict[str, Any]) -> dict[str, float]:
-    # The ceiling as measured in the same rounds as HTTP (the separate sweep, minutes
-    # earlier, met other neighbours); the sweep's batch-1 figure where the rounds have none.
-    engine = {e["batch"]: e["throughput_per_s"] for e in r["engine"]}
-    engine.update({b: e["throughput_per_s"] for b, e in r["engine_in_rounds"].items()})
-    best_engine = max(r["engine_in_rounds"][b]["throughput_per_s"] for b in r["engine_in_rounds"])
-    closed = r["closed_loop"]
-    binary = _capacity(closed["http_binary"])["throughput_per_s"]
-    unbatched = _capacity(closed["http_binary_unbatched"])
-    in_process = r["in_process"]
-
-    def cap(name: str) -> float:
-        return float(_capacity(closed[name])["throughput_per_s"])
-
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 3) if b else float("nan")
-
-    return {
-        "http_binary_vs_engine_best": ratio(binary, best_engine),
-        "http_binary_vs_engine_batch1": ratio(binary, engine[1]),
-        "engine_best_vs_batch1": ratio(best_engine, engine[1]),
-        "batched_vs_unbatched_http_binary": ratio(binary, unbatched["throughput_per_s"]),
-        "batched_vs_unbatched_http_binary_at_equal_p99": ratio(
-            _at_p99(closed["http_binary"], unbatched["p99_ms"]), unbatched["throughput_per_s"]
-        ),
-        "batched_vs_unbatched_in_process": ratio(
-            _capacity(in_process["batched"])["throughput_per_s"],
-            _capacity(in_process["unbatched"])["throughput_per_s"],
-        ),
-        "http_binary_vs_http_json": ratio(binary, cap("http_json")),
-        "grpc_vs_http_binary": ratio(cap("grpc"), binary),
-    }

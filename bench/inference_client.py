@@ -154,10 +154,13 @@ def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         make = _caller(job)
+        cpu = time.process_time()
         if job["mode"] == "closed":
             result = closed_loop(make, job["concurrency"], job["duration"])
         else:
             result = open_loop(make, job["rate"], job["duration"])
+        # What the load itself cost (it shares the machine with the server here).
+        result["client_cpu_s"] = time.process_time() - cpu
         print(json.dumps(result), flush=True)
 
 

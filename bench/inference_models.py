@@ -78,7 +78,7 @@ MODELS = {
             _minilm_rows,
             (1, 4, 8, 16, 32),
             ((5, 3), (2, 2)),
-            (8.0, 4.0),
+            (5.0, 4.0),
             "all-MiniLM-L6-v2 FP32, one sentence of 32 tokens a request",
         ),
     )
