@@ -110,3 +110,6 @@ def test_intra_op_threads_sleep_rather_than_spin_between_batches(tmp_path: Path)
     options = engine.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == 2
+    spinning = open_engine(path, providers=["CPUExecutionProvider"], threads=2, spin=True)
+    entry = spinning.session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "1"
