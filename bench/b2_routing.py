@@ -17,20 +17,21 @@ from __future__ import annotations
 
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from bench.common import machine, write
-from cloud.pipeline.calibrate import RoutingTarget, calibrate
+from cloud.pipeline.calibrate import SECOND_OPINION, RoutingTarget, calibrate, routing_spec
 from cloud.pipeline.evaluate import make_session, run_model
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.reference import digits
 from cloud.pipeline.reference.graphs import HEAD_BIAS, HEAD_WEIGHT
 from shared.messages import RoutingPolicy
-from shared.routing import confidence, learned_confidence
+from shared.routing import confidence, learned_confidence, spec_confidence
+from shared.second_opinion import agreement, second_opinion_log_probabilities
 
 Array = npt.NDArray[Any]
 SEEDS = 10
@@ -38,7 +39,8 @@ SEDNA_DEFAULT = 0.5  # CrossEntropyFilter(threshold_cross_entropy=0.5)
 BUDGETS = (0.1, 0.2, 0.3)
 GAP_TARGET = 0.8
 CPT_LEVELS = (0.5, 0.8, 0.95, 1.0)
-RANKERS = ("random", "max_prob", "margin", "entropy", "learned", "oracle")
+RANKERS = ("random", "max_prob", "margin", "entropy", "learned", SECOND_OPINION, "oracle")
+POLICIES = ("entropy", "max_prob", "margin", "learned", SECOND_OPINION)
 
 
 def _joint(order: Array, edge_ok: Array, cloud_ok: Array) -> Array:
@@ -75,11 +77,27 @@ def _outputs(model: bytes, x: Array) -> tuple[Array, Array]:
     )
 
 
-def _scores(found: Any, probs: Array, embedding: Array) -> dict[str, Array]:
+def _scores(found: Any, probs: Array, embedding: Array, x: Array) -> dict[str, Array]:
+    """Every router's confidence on new rows, on the scale its calibrated threshold is on."""
     scores = {p: confidence(probs, RoutingPolicy(p)) for p in ("max_prob", "margin", "entropy")}
     if found.learned is not None:
         scores["learned"] = learned_confidence(found.learned.router, probs, embedding)
+    if found.second is not None:
+        opinion = found.second.opinion([0.0, 1.0])
+        log_probs = second_opinion_log_probabilities(opinion, x)
+        scores[SECOND_OPINION] = agreement(probs, log_probs, opinion.alpha)
     return scores
+
+
+def _shipped(found: Any, probs: Array, embedding: Array, x: Array) -> tuple[Array, Array, str]:
+    """What a device does with the spec the pipeline ships: the rows it offloads, those an
+    agent that does not know the second opinion offloads, and what ranks the rows."""
+    name, spec = routing_spec(found)
+    assert spec.threshold is not None
+    outputs = {"probabilities": probs, "embedding": embedding}
+    hard = spec_confidence(spec, outputs, {"input": x}) < spec.threshold
+    old_agent = spec_confidence(spec, outputs) < spec.threshold
+    return hard, old_agent, str(name)
 
 
 def _one(
@@ -91,9 +109,9 @@ def _one(
     cloud_test = run_model(cloud, {"input": s.x_test}, output="probabilities")
     edge_ok, cloud_ok = test_p.argmax(1) == s.y_test, cloud_test.argmax(1) == s.y_test
     res: dict[str, Any] = {"edge_acc": float(edge_ok.mean()), "cloud_acc": float(cloud_ok.mean())}
-    kw = {"cloud_probs": cloud_cal, "embedding": cal_e, "seed": seed}
+    kw = {"cloud_probs": cloud_cal, "embedding": cal_e, "inputs": s.x_calib, "seed": seed}
     gap_cal = calibrate(cal_p, s.y_calib, target=RoutingTarget("gap", GAP_TARGET), **kw)
-    scores = _scores(gap_cal, test_p, test_e)
+    scores = _scores(gap_cal, test_p, test_e, s.x_test)
     scores["random"] = np.random.default_rng(seed).random(len(s.y_test))
     gain = (~edge_ok & cloud_ok).astype(float) - (edge_ok & ~cloud_ok).astype(float)
     scores["oracle"] = -gain  # gains first, losses last
@@ -110,17 +128,29 @@ def _one(
             scores["entropy"] < SEDNA_DEFAULT, edge_ok, cloud_ok
         ),
     }
-    for policy in ("entropy", "max_prob", "margin", "learned"):
+    for policy in POLICIES:
         if policy in scores:
             hard = scores[policy] < gap_cal.threshold(policy)
             points[f"{policy} @ gap:{GAP_TARGET}"] = _point(hard, edge_ok, cloud_ok)
+    hard, old_agent, shipped = _shipped(gap_cal, test_p, test_e, s.x_test)
+    res["shipped"] = shipped
+    if gap_cal.second is not None:
+        alone = second_opinion_log_probabilities(gap_cal.second.opinion([0.0, 1.0]), s.x_test)
+        res["second_opinion"] = {
+            **gap_cal.report[SECOND_OPINION],
+            "test_accuracy_alone": float((alone.argmax(1) == s.y_test).mean()),
+        }
+    points[f"shipped spec @ gap:{GAP_TARGET}"] = _point(hard, edge_ok, cloud_ok)
+    points["same spec, agent without second opinion"] = _point(old_agent, edge_ok, cloud_ok)
     res["points"] = points
     misses: dict[str, dict[str, float]] = defaultdict(dict)
     for budget in BUDGETS:
         found = calibrate(cal_p, s.y_calib, target=RoutingTarget("budget", budget), **kw)
-        budget_scores = _scores(found, test_p, test_e)
+        budget_scores = _scores(found, test_p, test_e, s.x_test)
         for policy, conf in budget_scores.items():
             misses[policy][str(budget)] = float((conf < found.threshold(policy)).mean() - budget)
+        hard, _old_agent, _name = _shipped(found, test_p, test_e, s.x_test)
+        misses["shipped spec"][str(budget)] = float(hard.mean() - budget)
     res["budget_miss"] = dict(misses)
     # INT8: the same thresholds (calibrated on FP32) applied to the INT8 model's outputs, and
     # the INT8 model's own ranking quality.
@@ -128,8 +158,8 @@ def _one(
     q_ok = q_p.argmax(1) == s.y_test
     res["int8"] = {"edge_acc": float(q_ok.mean())}
     q_gap = bool(cloud_ok.mean() > q_ok.mean())
-    q_scores = _scores(gap_cal, q_p, q_e)
-    for policy in ("max_prob", "entropy", "learned"):
+    q_scores = _scores(gap_cal, q_p, q_e, s.x_test)
+    for policy in ("max_prob", "entropy", "learned", SECOND_OPINION):
         if policy in q_scores:
             threshold = gap_cal.threshold(policy)
             res["int8"][policy] = {
@@ -151,6 +181,13 @@ def _summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cloud_acc": _median([r["cloud_acc"] for r in runs]),
         "int8_edge_acc": _median([r["int8"]["edge_acc"] for r in runs]),
     }
+    out["shipped"] = dict(Counter(r["shipped"] for r in runs))
+    second = [r["second_opinion"] for r in runs if "second_opinion" in r]
+    if second:
+        out["second_opinion"] = {
+            k: _median([v[k] for v in second])
+            for k in ("alpha", "c", "out_of_fold_accuracy", "test_accuracy_alone")
+        }
     gapped = [r for r in runs if r["sweep"]]
     out["splits_with_gap"] = len(gapped)
     out["sweep"] = {
@@ -186,6 +223,9 @@ def _print(name: str, summary: dict[str, Any]) -> None:
         f"\n### {name}: edge {summary['edge_acc']:.4f}, cloud {summary['cloud_acc']:.4f} "
         f"(gap-relative numbers over the {summary['splits_with_gap']} splits with a gap)"
     )
+    print(f"shipped by the pipeline at gap:{GAP_TARGET}: {summary['shipped']}")
+    if "second_opinion" in summary:
+        print(f"second opinion (medians): {summary['second_opinion']}")
     print("| router | APGR | CPT(50) | CPT(80) | CPT(95) | CPT(100) |")
     print("|---|---|---|---|---|---|")
     for ranker, m in summary["sweep"].items():

@@ -1,24 +1,25 @@
 """B3 — cloud fallback service: engine ceiling vs in-process batcher vs HTTP binary vs HTTP
 JSON vs gRPC (from a separate process), closed-loop sweep and open-loop Poisson arrivals.
 
-    python -m bench b3_inference [--quick] [--delay-ms=N]
+    python -m bench b3_inference [--quick] [--delay-ms=N] [--threads=N] [--model=NAME ...]
 
-The digits-cloud reference model (RBF SVM as ONNX), one row per request as an agent sends
-its hard inputs. One process serves two inference services side by side on the same
-registry: batched (max batch 32, queue delay N ms, default 0) and unbatched (max batch 1);
-each session
-uses one onnxruntime thread. The load comes from `bench/inference_client.py` in another
-process. Layers: bare `session.run` at batch 1/8/32/128 (the engine ceiling, rows/s); the
-batcher called in-process; HTTP binary, HTTP JSON and gRPC end to end. Closed-loop
-concurrency sweep for capacity, then open-loop Poisson arrivals at 20-100 % of the batched
-HTTP binary capacity against both services for p50/p99 (closed loops hide queueing).
+Each cloud model of `bench/inference_models.py` (digits-cloud; MiniLM FP32 when the `models`
+extra is installed), one row per request as an agent sends its hard inputs. One process
+serves two inference services side by side on the same registry: batched (max batch 32,
+queue delay N ms, default 0) and unbatched (max batch 1); each session uses N onnxruntime
+threads (default 1: the other core serves HTTP and runs the load). The load comes from
+`bench/inference_client.py` in another process. Layers: bare `session.run` at each batch
+size (the engine ceiling, rows/s); the batcher called in-process; HTTP binary, HTTP JSON and
+gRPC end to end. Closed-loop concurrency sweep for capacity, then open-loop Poisson arrivals
+at 20-100 % of the batched HTTP binary capacity against both services for p50/p99 (closed
+loops hide queueing). Configurations take turns round by round (median of the rounds), so a
+noisy neighbour slows them alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,32 +33,38 @@ from typing import Any
 import numpy as np
 import uvicorn
 
-from bench.common import interleaved, percentile, summarize, write
+from bench.common import write
+from bench.engine_timing import engine_ceiling, engine_threads
 from bench.inference_client import closed_loop
+from bench.inference_models import MODELS, BenchModel, available, register
+from bench.inference_stats import median_of, ratios, stats
 from cloud.api.server import JsonH11Protocol
 from cloud.context import CloudContext
 from cloud.embedded.processes import free_port
 from cloud.embedded.services import ServiceUrls
 from cloud.inference.app import create_inference_app
-from cloud.inference.engine import open_engine
+from cloud.inference.engine import Engine, open_engine
 from cloud.inference.grpc_server import GrpcServer
 from cloud.inference.service import InferenceService
-from cloud.pipeline.reference import digits
-from cloud.pipeline.register import register_version
-from cloud.registry import repository
 from cloud.settings import CloudSettings
-from shared.tensors import InferRequest
+from shared.tensors import InferRequest, datatype_of
 
 TOKEN = "bench-admin-token-0123456789"  # noqa: S105 - a throwaway cloud
-MODEL = "digits-cloud"
 ROOT = Path(__file__).resolve().parents[1]
+SHARES = (0.2, 0.5, 0.8, 1.0)
+PATHS = (
+    ("http_binary", "http_binary", "batched"),
+    ("http_json", "http_json", "batched"),
+    ("grpc", "grpc", "batched"),
+    ("http_binary_unbatched", "http_binary", "unbatched"),
+)
 
 
-def _context(data_dir: Path, **settings: Any) -> CloudContext:
+def _context(data_dir: Path, threads: int, **settings: Any) -> CloudContext:
     config = CloudSettings(
         data_dir=data_dir,
         admin_token=TOKEN,
-        inference_threads=1,
+        inference_threads=threads,
         inference_providers=["CPUExecutionProvider"],
         inference_max_queue=4096,
         **settings,
@@ -104,11 +111,14 @@ class Client:
         )
 
     def run(self, **job: Any) -> dict[str, Any]:
+        """One job's result, with the CPU this (serving) process spent meanwhile."""
         assert self.process.stdin is not None
         assert self.process.stdout is not None
+        cpu = time.process_time()
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         result: dict[str, Any] = json.loads(self.process.stdout.readline())
+        result["server_cpu_s"] = time.process_time() - cpu
         return result
 
     def close(self) -> None:
@@ -117,52 +127,25 @@ class Client:
         self.process.wait(30)
 
 
-def _stats(result: dict[str, Any]) -> dict[str, float]:
-    latencies = result["latencies"] or [float("nan")]
-    done = len(result["latencies"])
-    return {
-        "throughput_per_s": round(done / result["seconds"], 1),
-        "p50_ms": round(statistics.median(latencies) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 3),
-        "error_rate": round(result["errors"] / max(1, done), 4),
-        "requests": done,
-    }
-
-
-def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
-
-
-def _engine_ceiling(context: CloudContext, sha256: str, x: np.ndarray, quick: bool) -> list[Any]:
-    engine = open_engine(
-        context.artifacts.path(sha256), providers=["CPUExecutionProvider"], threads=1
-    )
-    sizes = (1, 8, 32, 128)
-    calls: dict[str, Callable[[], object]] = {
-        str(b): (lambda b=b: engine.run({"input": x[:b]})) for b in sizes
-    }
-    samples = interleaved(calls, rounds=3 if quick else 10, calls=5 if quick else 20)
-    return [{"batch": b, **summarize(samples[str(b)], b)} for b in sizes]
-
-
 def _in_process(
-    service: InferenceService, row: np.ndarray, concurrency: int, seconds: float
-) -> dict[str, float]:
-    info = service.catalog.resolve(MODEL, None)
+    service: InferenceService, name: str, row: dict[str, np.ndarray], concurrency: int,
+    seconds: float,
+) -> dict[str, float]:  # fmt: skip
+    info = service.catalog.resolve(name, None)
 
     def make() -> Callable[[], bool]:
         def call() -> bool:
-            service.infer(info, lambda: InferRequest(inputs={"input": row}))
+            service.infer(info, lambda: InferRequest(inputs=dict(row)))
             return True
 
         return call
 
-    return _stats(closed_loop(make, concurrency, seconds))
+    return stats(closed_loop(make, concurrency, seconds))
 
 
-def _batch_histogram(service: InferenceService) -> dict[str, float]:
+def _batch_histogram(service: InferenceService, name: str) -> dict[str, float]:
     registry = service.metrics.registry
-    labels = {"model": MODEL, "version": "1"}
+    labels = {"model": name, "version": "1"}
     out: dict[str, float] = {}
     for bound in ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0"):
         value = registry.get_sample_value("nv_inference_batch_size_bucket", {**labels, "le": bound})
@@ -174,120 +157,194 @@ def _batch_histogram(service: InferenceService) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str]) -> None:
-    quick = "--quick" in argv
-    delay_ms = next((float(a.split("=", 1)[1]) for a in argv if a.startswith("--delay-ms=")), 0.0)
-    repeats, seconds = (1, 1.5) if quick else (3, 3.0)
+def _rounds(
+    configs: dict[str, Callable[[], dict[str, float]]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Each configuration once per round, ``repeats`` rounds; the median of each."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, run in configs.items():
+            runs[name].append(run())
+    medians: dict[str, Any] = {name: median_of(r) for name, r in runs.items()}
+    # Each round's throughputs, for ratios paired within a round (see _paired).
+    medians["_rounds"] = {name: [r["throughput_per_s"] for r in rs] for name, rs in runs.items()}
+    return medians
+
+
+def _bare_engine(engine: Engine, rows: dict[str, np.ndarray], seconds: float) -> dict[str, float]:
+    """The engine alone, back to back for ``seconds``: rows/s (not calls/s) and latency."""
+    batch = len(next(iter(rows.values())))
+
+    def make() -> Callable[[], bool]:
+        return lambda: bool(engine.run(rows))
+
+    cpu = time.process_time()
+    result = closed_loop(make, 1, seconds)
+    result["server_cpu_s"] = time.process_time() - cpu
+    figures = stats(result)
+    figures["throughput_per_s"] = round(figures["throughput_per_s"] * batch, 1)
+    return figures
+
+
+def _serve_and_load(
+    model: BenchModel,
+    contexts: dict[str, CloudContext],
+    engine: tuple[Engine, int],
+    quick: bool,
+) -> dict[str, Any]:
+    """The services under load; ``engine`` (the bare session and its best batch size) takes
+    its turn in the closed-loop rounds, so HTTP and the ceiling meet the same neighbours."""
+    repeats = 1 if quick else 5
+    seconds = model.seconds[1 if quick else 0]
     sweep = (1, 16) if quick else (1, 4, 16, 32)
-    splits = digits.digits_splits(0)
-    x = np.ascontiguousarray(splits.x_test[:128], dtype=np.float32)
-    row = x[:1]
-    with tempfile.TemporaryDirectory(prefix="b3-") as tmp:
-        data_dir = Path(tmp)
-        batched_ctx = _context(
-            data_dir, inference_max_batch_size=32, inference_max_queue_delay_ms=delay_ms
-        )
-        unbatched_ctx = dataclasses.replace(
-            batched_ctx,
-            settings=batched_ctx.settings.model_copy(update={"inference_max_batch_size": 1}),
-        )
-        data = digits.build_cloud(splits)
-        with batched_ctx.database.session() as session:
-            repository.create_model(session, name=MODEL)
-            sha256 = register_version(
-                session,
-                batched_ctx.artifacts,
-                model_name=MODEL,
-                blocks=[data],
-                max_bytes=len(data) + 1,
-                precision="fp32",
-                actor="bench",
-            ).artifact_sha256
-        results: dict[str, Any] = {"model": MODEL, "rows_per_request": 1, "delay_ms": delay_ms}
-        print("engine ceiling ...", flush=True)
-        results["engine"] = _engine_ceiling(batched_ctx, sha256, x, quick)
-        batched, unbatched = InferenceService(batched_ctx), InferenceService(unbatched_ctx)
-        grpc = GrpcServer(batched, host="127.0.0.1", port=0)
-        grpc_port = grpc.start()
-        client = Client()
-        try:
-            with _served(batched, batched_ctx) as url_b, _served(unbatched, unbatched_ctx) as url_u:
-                print("in-process batcher ...", flush=True)
-                results["in_process"] = {
-                    name: {
-                        c: _median_of([_in_process(s, row, c, seconds) for _ in range(repeats)])
-                        for c in sweep
-                    }
-                    for name, s in (("batched", batched), ("unbatched", unbatched))
-                }
-                common = {
-                    "model": MODEL,
-                    "token": TOKEN,
-                    "rows": row.tolist(),
-                    "grpc": f"127.0.0.1:{grpc_port}",
-                }
+    row = model.rows(1)
+    services = {kind: InferenceService(ctx) for kind, ctx in contexts.items()}
+    grpc = GrpcServer(services["batched"], host="127.0.0.1", port=0)
+    grpc_port = grpc.start()
+    client = Client()
+    results: dict[str, Any] = {}
+    try:
+        with (
+            _served(services["batched"], contexts["batched"]) as url_b,
+            _served(services["unbatched"], contexts["unbatched"]) as url_u,
+        ):
+            urls = {"batched": url_b, "unbatched": url_u}
+            print(f"{model.name}: in-process batcher ...", flush=True)
+            in_process = _rounds(
+                {
+                    f"{kind}/{c}": (lambda s=s, c=c: _in_process(s, model.name, row, c, seconds))
+                    for kind, s in services.items()
+                    for c in sweep
+                },
+                repeats,
+            )
+            results["in_process"] = {
+                kind: {c: in_process[f"{kind}/{c}"] for c in sweep} for kind in services
+            }
+            results["in_process_rounds"] = in_process["_rounds"]
+            common = {
+                "model": model.name,
+                "token": TOKEN,
+                "inputs": {
+                    n: {"data": a.tolist(), "datatype": datatype_of(a)} for n, a in row.items()
+                },
+                "grpc": f"127.0.0.1:{grpc_port}",
+            }
 
-                def measure(**job: Any) -> dict[str, float]:
-                    return _median_of([_stats(client.run(**common, **job)) for _ in range(repeats)])
+            def job(**kw: Any) -> Callable[[], dict[str, float]]:
+                return lambda: stats(client.run(**common, **kw))
 
-                closed: dict[str, dict[int, dict[str, float]]] = {}
-                for name, transport, url in (
-                    ("http_binary", "http_binary", url_b),
-                    ("http_json", "http_json", url_b),
-                    ("grpc", "grpc", url_b),
-                    ("http_binary_unbatched", "http_binary", url_u),
-                ):
-                    print(f"closed loop {name} ...", flush=True)
-                    closed[name] = {
-                        c: measure(
-                            url=url,
+            print(f"{model.name}: closed loop ...", flush=True)
+            bare, best = engine
+            batches = sorted({1, best})
+            batch_rows = {b: {k: v[:b] for k, v in model.rows(best).items()} for b in batches}
+            closed_runs = _rounds(
+                {
+                    **{
+                        f"engine/{b}": (lambda b=b: _bare_engine(bare, batch_rows[b], seconds))
+                        for b in batches
+                    },
+                    **{
+                        f"{name}/{c}": job(
+                            url=urls[kind],
                             transport=transport,
                             mode="closed",
                             concurrency=c,
                             duration=seconds,
                         )
+                        for name, transport, kind in PATHS
                         for c in sweep
-                    }
-                results["closed_loop"] = closed
-                capacity = max(p["throughput_per_s"] for p in closed["http_binary"].values())
-                results["capacity_http_binary_per_s"] = capacity
-                opened: dict[str, dict[str, dict[str, float]]] = {"batched": {}, "unbatched": {}}
-                for share in (0.2, 0.5, 0.8, 1.0):
-                    for name, url in (("batched", url_b), ("unbatched", url_u)):
-                        print(f"open loop {name} at {share:.0%} ...", flush=True)
-                        opened[name][f"{share:.0%}"] = measure(
-                            url=url,
-                            transport="http_binary",
-                            mode="open",
-                            rate=capacity * share,
-                            duration=seconds,
-                        )
-                results["open_loop"] = opened
-                results["batch_size_histogram_batched"] = _batch_histogram(batched)
+                    },
+                },
+                repeats,
+            )
+            results["engine_in_rounds"] = {b: closed_runs[f"engine/{b}"] for b in batches}
+            results["closed_loop_rounds"] = closed_runs["_rounds"]
+            closed = {
+                name: {c: closed_runs[f"{name}/{c}"] for c in sweep} for name, _t, _k in PATHS
+            }
+            results["closed_loop"] = closed
+            capacity = max(p["throughput_per_s"] for p in closed["http_binary"].values())
+            results["capacity_http_binary_per_s"] = capacity
+            print(f"{model.name}: open loop at {capacity:.0f} req/s x {SHARES} ...", flush=True)
+            open_runs = _rounds(
+                {
+                    f"{kind}/{share:.0%}": job(
+                        url=urls[kind],
+                        transport="http_binary",
+                        mode="open",
+                        rate=capacity * share,
+                        duration=seconds,
+                    )
+                    for share in SHARES
+                    for kind in urls
+                },
+                repeats,
+            )
+            results["open_loop"] = {
+                kind: {f"{share:.0%}": open_runs[f"{kind}/{share:.0%}"] for share in SHARES}
+                for kind in urls
+            }
+            results["batch_size_histogram_batched"] = _batch_histogram(
+                services["batched"], model.name
+            )
+    finally:
+        client.close()
+        grpc.stop(0)
+        for service in services.values():
+            service.close()
+    return results
+
+
+def _one_model(model: BenchModel, quick: bool, delay_ms: float, threads: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="b3-") as tmp:
+        batched_ctx = _context(
+            Path(tmp), threads, inference_max_batch_size=32, inference_max_queue_delay_ms=delay_ms
+        )
+        unbatched_ctx = dataclasses.replace(
+            batched_ctx,
+            settings=batched_ctx.settings.model_copy(update={"inference_max_batch_size": 1}),
+        )
+        try:
+            print(f"{model.name}: building and registering ...", flush=True)
+            sha256 = register(batched_ctx, model)
+            results: dict[str, Any] = {"what": model.what, "rows_per_request": 1}
+            print(f"{model.name}: engine ceiling ...", flush=True)
+            path = batched_ctx.artifacts.path(sha256)
+            results["engine"] = engine_ceiling(path, model, threads, quick)
+            print(f"{model.name}: engine threads ...", flush=True)
+            results["engine_threads"] = engine_threads(path, model, quick)
+            contexts = {"batched": batched_ctx, "unbatched": unbatched_ctx}
+            best = max(results["engine"], key=lambda e: e["throughput_per_s"])["batch"]
+            bare = open_engine(path, providers=["CPUExecutionProvider"], threads=threads)
+            results.update(_serve_and_load(model, contexts, (bare, best), quick))
         finally:
-            client.close()
-            grpc.stop(0)
-            batched.close()
-            unbatched.close()
             batched_ctx.close()
-    results["ratios"] = _ratios(results)
+    results["ratios"] = ratios(results)
+    return results
+
+
+def _option(argv: list[str], name: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    delay_ms = float((_option(argv, "delay-ms") or ["0"])[-1])
+    threads = int((_option(argv, "threads") or ["1"])[-1])
+    wanted = _option(argv, "model") or list(MODELS)
+    unknown = sorted(set(wanted) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {sorted(MODELS)}")
+    results: dict[str, Any] = {"delay_ms": delay_ms, "threads": threads, "models": {}}
+    for name in wanted:
+        model = MODELS[name]
+        missing = available(model)
+        if missing is not None:
+            print(f"{name}: skipped ({missing})", flush=True)
+            results["models"][name] = {"skipped": missing}
+            continue
+        results["models"][name] = _one_model(model, quick, delay_ms, threads)
+        print(json.dumps({name: results["models"][name]["ratios"]}, indent=2), flush=True)
     path = write("b3_inference", results)
-    print(json.dumps(results["ratios"], indent=2))
     print(f"wrote {path}")
-
-
-def _ratios(r: dict[str, Any]) -> dict[str, float]:
-    best_engine = max(e["throughput_per_s"] for e in r["engine"])
-    closed = r["closed_loop"]
-
-    def cap(name: str) -> float:
-        return float(max(p["throughput_per_s"] for p in closed[name].values()))
-
-    binary = cap("http_binary")
-    return {
-        "http_binary_vs_engine_best": round(binary / best_engine, 3),
-        "http_binary_vs_engine_batch1": round(binary / r["engine"][0]["throughput_per_s"], 3),
-        "batched_vs_unbatched_http_binary": round(binary / cap("http_binary_unbatched"), 3),
-        "http_binary_vs_http_json": round(binary / cap("http_json"), 3),
-        "grpc_vs_http_binary": round(cap("grpc") / binary, 3),
-    }

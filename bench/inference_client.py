@@ -1,6 +1,7 @@
 """B3's load generator, run as its own process: reads one JSON job per line on stdin
-(transport, closed-loop concurrency or open-loop rate, duration), answers one JSON line of
-latencies and counts. Transports: HTTP binary, HTTP JSON (KServe v2), gRPC (tritonclient)."""
+(model, inputs as {name: {data, datatype}}, transport, closed-loop concurrency or open-loop
+rate, duration), answers one JSON line of latencies and counts. Transports: HTTP binary,
+HTTP JSON (KServe v2), gRPC (tritonclient)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from shared.tensors import encode_request
+from shared.tensors import datatype_of, dtype_of, encode_request
 
 Call = Callable[[], bool]
 SENDERS = 32
@@ -24,12 +25,15 @@ SENDERS = 32
 
 def _caller(job: dict[str, Any]) -> Callable[[], Call]:
     """A factory of per-thread callers: each returns True when answered 200 / OK."""
-    x = np.asarray(job["rows"], dtype=np.float32)
+    inputs = {
+        name: np.asarray(spec["data"], dtype=dtype_of(spec["datatype"]))
+        for name, spec in job["inputs"].items()
+    }
     path = f"/v2/models/{job['model']}/infer"
     auth = {"Authorization": f"Bearer {job['token']}"}
     transport = job["transport"]
     if transport in ("http_binary", "http_json"):
-        body, headers = encode_request({"input": x}, binary=transport == "http_binary")
+        body, headers = encode_request(inputs, binary=transport == "http_binary")
 
         def http() -> Call:
             client = httpx.Client(base_url=job["url"], headers=auth, timeout=30)
@@ -44,13 +48,16 @@ def _caller(job: dict[str, Any]) -> Callable[[], Call]:
 
     def grpc() -> Call:
         client = grpcclient.InferenceServerClient(job["grpc"])
-        tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
+        tensors = []
+        for name, array in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), datatype_of(array))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
         metadata = {"authorization": auth["Authorization"]}
 
         def call() -> bool:
             try:
-                client.infer(job["model"], [tensor], headers=dict(metadata))
+                client.infer(job["model"], tensors, headers=dict(metadata))
             except Exception:
                 return False
             return True
@@ -61,33 +68,49 @@ def _caller(job: dict[str, Any]) -> Callable[[], Call]:
 
 
 def closed_loop(make: Callable[[], Call], concurrency: int, duration: float) -> dict[str, Any]:
+    """``concurrency`` callers back to back for ``duration`` seconds, counted from the moment
+    the last one is connected and warm (on a loaded machine, making 32 clients can take
+    longer than a short run: a clock started before would measure the set-up)."""
     latencies: list[float] = []
     errors = [0]
+    completed = [0]
     lock = threading.Lock()
-    start_at = time.perf_counter() + 0.2
-    stop_at = start_at + duration
+    window: dict[str, float] = {}
+    ready = threading.Barrier(
+        concurrency, action=lambda: window.update(stop=time.perf_counter() + duration)
+    )
 
     def worker() -> None:
         call = make()
         call()  # connect and warm up before the clock
-        while time.perf_counter() < start_at:
-            time.sleep(0.001)
+        ready.wait()
+        stop_at = window["stop"]
         mine: list[float] = []
-        failed = 0
+        failed = done = 0
         while (now := time.perf_counter()) < stop_at:
             ok = call()
-            mine.append(time.perf_counter() - now)
+            end = time.perf_counter()
+            mine.append(end - now)
             failed += not ok
+            # Throughput counts what finished inside the window (steady state: rate x
+            # window); the last call's latency still counts, however late it ends.
+            done += end <= stop_at
         with lock:
             latencies.extend(mine)
             errors[0] += failed
+            completed[0] += done
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"latencies": latencies, "errors": errors[0], "seconds": duration}
+    return {
+        "latencies": latencies,
+        "errors": errors[0],
+        "seconds": duration,
+        "completed": completed[0],
+    }
 
 
 def open_loop(make: Callable[[], Call], rate: float, duration: float) -> dict[str, Any]:
@@ -131,10 +154,13 @@ def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         make = _caller(job)
+        cpu = time.process_time()
         if job["mode"] == "closed":
             result = closed_loop(make, job["concurrency"], job["duration"])
         else:
             result = open_loop(make, job["rate"], job["duration"])
+        # What the load itself cost (it shares the machine with the server here).
+        result["client_cpu_s"] = time.process_time() - cpu
         print(json.dumps(result), flush=True)
 
 

@@ -139,7 +139,7 @@ class Router:
         outputs = loaded.run(checked)
         n = len(next(iter(checked.values())))
         spec = self._spec(loaded.manifest.routing)
-        conf, hard, reason = self._decide(spec, outputs, n)
+        conf, hard, reason = self._decide(spec, checked, outputs, n)
         kept = None
         if self.budget is not None:
             limited = self.budget.limit(model, spec, conf, hard)
@@ -181,7 +181,7 @@ class Router:
         )
 
     def _decide(
-        self, spec: RoutingSpec, outputs: dict[str, Array], n: int
+        self, spec: RoutingSpec, inputs: dict[str, Array], outputs: dict[str, Array], n: int
     ) -> tuple[Array | None, npt.NDArray[np.bool_], str | None]:
         """Per-row confidence and hard mask; a spec the outputs cannot feed keeps all local."""
         if spec.policy is RoutingPolicy.ALWAYS_EDGE:
@@ -189,7 +189,7 @@ class Router:
         if spec.policy is RoutingPolicy.ALWAYS_CLOUD:
             return None, np.ones(n, dtype=bool), None
         try:
-            conf = spec_confidence(spec, outputs)
+            conf = spec_confidence(spec, outputs, inputs)
         except EdgeFleetError as exc:
             # A routing spec that does not fit the model is the deployment's bug, not the
             # app's: answer locally and say why.

@@ -50,6 +50,7 @@ __all__ = [
     "ReportedState",
     "RoutingPolicy",
     "RoutingSpec",
+    "SecondOpinion",
     "StatusEvent",
     "Telemetry",
     "TensorSpec",
@@ -216,12 +217,45 @@ class LearnedRouter(Part):
         return self
 
 
+# A second opinion's weights travel in every desired-state document that deploys it.
+MAX_SECOND_OPINION_WEIGHTS = 65_536
+
+
+class SecondOpinion(Part):
+    """A linear softmax classifier of the edge model's raw input, run beside it in numpy: a
+    row is confident when both the edge model and this second opinion give the edge's answer
+    a high probability, ``p_edge^(1 - alpha) * p_second^alpha``.
+
+    ``weights`` is [D, K] row-major over the flattened input ``input`` (D values a row) and
+    the K classes; ``bias`` is [K]. ``knots`` are this confidence at each point of the
+    routing spec's curve: a reader maps it piecewise-linearly onto the curve's thresholds,
+    so the spec's one threshold and one curve serve this router and its fallback policy."""
+
+    input: TensorName = "input"
+    weights: list[float] = Field(min_length=2, max_length=MAX_SECOND_OPINION_WEIGHTS)
+    bias: list[float] = Field(min_length=2, max_length=4096)
+    alpha: float = Field(ge=0.0, le=1.0)
+    knots: list[float] = Field(min_length=2, max_length=1001)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecondOpinion:
+        if len(self.weights) % len(self.bias):
+            raise ValueError("weights must hold one row of len(bias) classes per input value")
+        if any(b < a for a, b in zip(self.knots, self.knots[1:], strict=False)):
+            raise ValueError("knots must not decrease")
+        return self
+
+
 class RoutingSpec(Part):
     """How the edge decides an input is hard; the threshold is calibrated by the pipeline.
 
     Every field added after the first release has a default that keeps the old behaviour:
     no ``cloud_model`` means the cloud is asked for the edge model's own name, probabilities
-    are read from ``probabilities``, no curve means the threshold cannot follow a budget."""
+    are read from ``probabilities``, no curve means the threshold cannot follow a budget.
+
+    ``second_opinion``, when present, ranks the rows instead of ``policy``, on ``policy``'s
+    scale (its knots map it onto ``curve``): a reader that does not know the field routes by
+    ``policy`` with the same threshold and curve, at about the same offload share."""
 
     policy: RoutingPolicy
     threshold: float | None = None
@@ -231,6 +265,7 @@ class RoutingSpec(Part):
     # Offload share -> threshold on the calibration split, offload increasing.
     curve: list[CurvePoint] = Field(default_factory=list, max_length=1001)
     learned: LearnedRouter | None = None
+    second_opinion: SecondOpinion | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RoutingSpec:
@@ -239,6 +274,11 @@ class RoutingSpec(Part):
         offloads = [p.offload for p in self.curve]
         if offloads != sorted(offloads):
             raise ValueError("curve points must be in increasing offload order")
+        if self.second_opinion is not None:
+            if self.policy in (RoutingPolicy.ALWAYS_EDGE, RoutingPolicy.ALWAYS_CLOUD):
+                raise ValueError("a second opinion needs a scored policy to fall back on")
+            if len(self.second_opinion.knots) != len(self.curve):
+                raise ValueError("a second opinion needs one knot per point of the curve")
         return self
 
 

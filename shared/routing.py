@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from shared.errors import InvalidInput
 from shared.messages import CurvePoint, LearnedRouter, RoutingPolicy, RoutingSpec
+from shared.second_opinion import second_opinion_confidence
 
 __all__ = [
     "confidence",
@@ -102,12 +103,22 @@ def learned_confidence(
     return certainty
 
 
-def spec_confidence(spec: RoutingSpec, outputs: Mapping[str, Floats]) -> Floats:
-    """Per-row confidence under ``spec``, read from the edge model's named outputs."""
+def spec_confidence(
+    spec: RoutingSpec,
+    outputs: Mapping[str, Floats],
+    inputs: Mapping[str, Floats] | None = None,
+) -> Floats:
+    """Per-row confidence under ``spec``, read from the edge model's named outputs (and,
+    for a second opinion, its inputs; without them the spec's policy ranks the rows)."""
     name = spec.probabilities_output
     if name not in outputs:
         raise InvalidInput(f"the edge model gives no output {name!r} to route on")
     probabilities = outputs[name]
+    opinion = spec.second_opinion
+    if opinion is not None and inputs is not None:
+        if opinion.input not in inputs:
+            raise InvalidInput(f"the second opinion needs input {opinion.input!r}")
+        return second_opinion_confidence(opinion, probabilities, inputs[opinion.input], spec.curve)
     if spec.policy is RoutingPolicy.LEARNED:
         assert spec.learned is not None  # RoutingSpec refuses the policy without it
         wanted = spec.learned.embedding_output

@@ -72,12 +72,21 @@ class Engine:
 
 
 def open_engine(
-    path: Path, *, providers: Sequence[str], threads: int = 0, cache_dir: Path | None = None
+    path: Path,
+    *,
+    providers: Sequence[str],
+    threads: int = 0,
+    cache_dir: Path | None = None,
+    spin: bool = False,
 ) -> Engine:
+    """``spin``: let intra-op threads spin while they wait for work (onnxruntime's default).
+    A server does not: they would take the cores its event loop and batcher need between
+    batches (bench b3_spinning: about 2x the HTTP throughput with two sleeping threads)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     chosen = select_providers(providers, ort.get_available_providers())
     session = ort.InferenceSession(
         str(path),

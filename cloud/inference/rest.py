@@ -26,7 +26,9 @@ _INLINE = 64 * 1024
 router = APIRouter(prefix="/v2", tags=["inference"])
 
 
-def _service(request: Request) -> InferenceService:
+async def _service(request: Request) -> InferenceService:
+    # async although it awaits nothing: FastAPI runs a plain def dependency in its thread
+    # pool, a hop per request on the inference hot path.
     service: InferenceService = request.app.state.inference
     return service
 

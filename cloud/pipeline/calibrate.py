@@ -3,7 +3,9 @@ and the curve (offload share -> threshold) a device follows when the cloud sets 
 
 Targets: ``budget`` — offload at most this share of inputs; ``gap`` — recover this share
 of the edge→cloud accuracy gap with the least offload (needs the cloud model's answers).
-The learned router is one more policy when the split has enough to learn from.
+The learned router is one more policy when the split has enough to learn from, and so is
+the second opinion (a classifier of the raw input) when the model's input is given: it ships
+on the scale of the best plain policy, its fallback for readers that do not know it.
 """
 
 from __future__ import annotations
@@ -15,23 +17,30 @@ import numpy as np
 import numpy.typing as npt
 
 from cloud.pipeline.learned_router import TrainedRouter, train_learned_router
+from cloud.pipeline.second_opinion import TrainedSecondOpinion, train_second_opinion
 from shared.errors import InvalidInput
-from shared.messages import CurvePoint, RoutingPolicy
+from shared.messages import CloudModelRef, CurvePoint, RoutingPolicy, RoutingSpec
 from shared.routing import confidence
+from shared.second_opinion import on_curve
 
 __all__ = [
     "CALIBRATED_POLICIES",
     "CURVE_POINTS",
+    "SECOND_OPINION",
     "Calibration",
     "RoutingTarget",
     "calibrate",
     "offload_curve",
+    "routing_spec",
     "threshold_for_share",
 ]
 
 Array = npt.NDArray[Any]
 CALIBRATED_POLICIES = (RoutingPolicy.MAX_PROB, RoutingPolicy.MARGIN, RoutingPolicy.ENTROPY)
 CURVE_POINTS = 21
+# Not a RoutingPolicy: an agent that does not know it must still read the spec (it ships
+# beside a plain policy, see RoutingSpec.second_opinion).
+SECOND_OPINION = "second_opinion"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +75,16 @@ class Calibration:
     report: dict[str, Any]
     curves: dict[str, list[CurvePoint]]
     learned: TrainedRouter | None
+    second: TrainedSecondOpinion | None = None
 
     @property
     def chosen(self) -> str:
         return str(self.report["chosen"])
+
+    @property
+    def fallback(self) -> str:
+        """The best plain policy: what ships beside a second opinion, on whose scale."""
+        return str(self.report["fallback"])
 
     def threshold(self, policy: str) -> float:
         return float(self.report["policies"][policy]["threshold"])
@@ -118,10 +133,14 @@ def calibrate(
     embedding: Array | None = None,
     embedding_output: str = "embedding",
     learned: bool = True,
+    inputs: Array | None = None,
+    input_name: str = "input",
+    second_opinion: bool = True,
     seed: int = 0,
 ) -> Calibration:
     """Thresholds and curves for each policy, and the policy that meets the target with the
-    least offload (the most accurate one at equal offload)."""
+    least offload (the most accurate one at equal offload). ``inputs`` (the model's input on
+    the calibration rows) lets the second opinion compete."""
     n = len(labels)
     if n == 0 or len(edge_probs) != n:
         raise InvalidInput(
@@ -146,6 +165,13 @@ def calibrate(
         )
         if trained is not None:
             scores[RoutingPolicy.LEARNED.value] = trained.calibration_confidence
+    second = None
+    if second_opinion and inputs is not None:
+        second = train_second_opinion(
+            edge_probs, labels, inputs, cloud_probs=cloud_probs, input_name=input_name, seed=seed
+        )
+        if second is not None:
+            scores[SECOND_OPINION] = second.calibration_confidence
     policies: dict[str, dict[str, float]] = {}
     curves: dict[str, list[CurvePoint]] = {}
     for policy, conf in scores.items():
@@ -165,14 +191,18 @@ def calibrate(
             entry["accuracy"] = float(np.where(offloaded, cloud_ok, edge_ok).mean())
         policies[policy] = entry
         curves[policy] = offload_curve(conf)
-    best = min(policies, key=lambda p: (policies[p]["offload"], -policies[p].get("accuracy", 0)))
+
+    def rank(p: str) -> tuple[float, float]:
+        return policies[p]["offload"], -policies[p].get("accuracy", 0)
+
     report: dict[str, Any] = {
         "target": str(target),
         "examples": n,
         "edge_accuracy": edge_acc,
         "cloud_accuracy": cloud_acc,
         "policies": policies,
-        "chosen": best,
+        "chosen": min(policies, key=rank),
+        "fallback": min((p for p in policies if p != SECOND_OPINION), key=rank),
     }
     if trained is not None:
         report["learned"] = {
@@ -180,4 +210,58 @@ def calibrate(
             "uses_embedding": trained.uses_embedding,
             "out_of_fold_area": trained.out_of_fold_area,
         }
-    return Calibration(report, curves, trained)
+    if second is not None:
+        report[SECOND_OPINION] = {
+            "c": second.c,
+            "alpha": second.alpha,
+            "out_of_fold_area": second.out_of_fold_area,
+            "out_of_fold_accuracy": second.out_of_fold_accuracy,
+        }
+    return Calibration(report, curves, trained, second)
+
+
+def routing_spec(
+    found: Calibration,
+    *,
+    policy: RoutingPolicy | None = None,
+    target: str | None = None,
+    cloud_model: CloudModelRef | None = None,
+    probabilities_output: str = "probabilities",
+) -> tuple[str | None, RoutingSpec]:
+    """The spec a device gets and the name of what ranks its rows (None: nothing was
+    calibrated for ``policy``): ``policy`` if given, else the calibration's choice. A chosen
+    second opinion ships beside the best plain policy, its threshold moved onto that
+    policy's scale, so an agent that does not know it routes by the plain policy at about
+    the same offload share."""
+    common: dict[str, Any] = {
+        "target": target,
+        "cloud_model": cloud_model,
+        "probabilities_output": probabilities_output,
+    }
+    name = policy.value if policy is not None else found.chosen
+    if name not in found.report["policies"]:
+        if policy is RoutingPolicy.LEARNED:
+            raise InvalidInput(
+                "the learned router could not be trained: the calibration split has too few "
+                "inputs that the edge gets wrong and the cloud right"
+            )
+        assert policy is not None  # the calibration's own choice was calibrated
+        return None, RoutingSpec(policy=policy, **common)
+    plain = found.fallback if name == SECOND_OPINION else name
+    threshold = found.threshold(plain)
+    opinion = None
+    if name == SECOND_OPINION:
+        assert found.second is not None
+        knots = [p.threshold for p in found.curves[SECOND_OPINION]]
+        opinion = found.second.opinion(knots)
+        raw = np.array([found.threshold(SECOND_OPINION)])
+        threshold = float(on_curve(raw, knots, found.curves[plain])[0])
+    learned = found.learned.router if found.learned is not None else None
+    return name, RoutingSpec(
+        policy=RoutingPolicy(plain),
+        threshold=threshold,
+        curve=found.curves[plain],
+        learned=learned if plain == RoutingPolicy.LEARNED.value else None,
+        second_opinion=opinion,
+        **common,
+    )

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from cloud.context import CloudContext
-from cloud.pipeline.calibrate import RoutingTarget, calibrate
+from cloud.pipeline.calibrate import RoutingTarget, calibrate, routing_spec
 from cloud.pipeline.compress.measure import compare_latency
 from cloud.pipeline.datasets import EvalData, builtin
 from cloud.pipeline.evaluate import make_session, run_model
@@ -53,6 +53,7 @@ class QuantizeOptions:
     cloud_probabilities_output: str = "probabilities"
     embedding_output: str = "embedding"
     learned: bool = True
+    second_opinion: bool = True
     # An INT8 child larger than its parent defeats the point of shipping it to a device;
     # registering one anyway is a decision someone takes explicitly.
     allow_larger: bool = False
@@ -146,6 +147,10 @@ def calibrate_routing(
         embedding=embedding,
         embedding_output=options.embedding_output,
         learned=options.learned,
+        # The second opinion reads one input: a model with several has none.
+        inputs=data.calib_inputs.get(parent.inputs[0].name) if len(parent.inputs) == 1 else None,
+        input_name=parent.inputs[0].name,
+        second_opinion=options.second_opinion,
     )
     result = dict(found.report)
     cloud_ref = None
@@ -153,28 +158,16 @@ def calibrate_routing(
         result["cloud_model"] = f"{options.cloud_model[0]}:{options.cloud_model[1]}"
         # Pinned: the thresholds were calibrated against exactly this version's answers.
         cloud_ref = CloudModelRef(name=options.cloud_model[0], version=options.cloud_model[1])
-    policy = options.policy or RoutingPolicy(found.chosen)
-    common: dict[str, Any] = {
-        "target": str(target),
-        "cloud_model": cloud_ref,
-        "probabilities_output": probs_name,
-    }
-    if policy.value not in result["policies"]:
-        if policy is RoutingPolicy.LEARNED:
-            raise InvalidInput(
-                "the learned router could not be trained: the calibration split has too few "
-                "inputs that the edge gets wrong and the cloud right"
-            )
-        return result, RoutingSpec(policy=policy, **common)
-    result["shipped"] = policy.value
-    learned = found.learned.router if found.learned is not None else None
-    return result, RoutingSpec(
-        policy=policy,
-        threshold=found.threshold(policy.value),
-        curve=found.curves[policy.value],
-        learned=learned if policy is RoutingPolicy.LEARNED else None,
-        **common,
+    shipped, spec = routing_spec(
+        found,
+        policy=options.policy,
+        target=str(target),
+        cloud_model=cloud_ref,
+        probabilities_output=probs_name,
     )
+    if shipped is not None:
+        result["shipped"] = shipped
+    return result, spec
 
 
 @dataclass(frozen=True, slots=True)

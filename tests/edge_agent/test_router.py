@@ -22,7 +22,15 @@ from onnx import TensorProto, helper
 from edge_agent.router import Answer, CircuitBreaker, CloudClient, Router
 from edge_agent.runtime import Runtime
 from shared.errors import TensorError
-from shared.messages import CloudModelRef, LearnedRouter, RoutingPolicy, RoutingSpec, TensorSpec
+from shared.messages import (
+    CloudModelRef,
+    CurvePoint,
+    LearnedRouter,
+    RoutingPolicy,
+    RoutingSpec,
+    SecondOpinion,
+    TensorSpec,
+)
 from shared.tensors import HEADER_LENGTH, InferResponse, decode_request, encode_response
 from tests.edge_agent.support import identity_model, manifest_for
 
@@ -423,6 +431,41 @@ def test_the_learned_policy_routes_on_the_embedding_with_the_shipped_weights(
     assert [r.hard for r in answer.rows] == [True, False]
     assert answer.rows[0].confidence == pytest.approx(1 / (1 + np.exp(3.0)))
     assert answer.rows[1].confidence == pytest.approx(1 / (1 + np.exp(-4.0)))
+
+
+def test_a_second_opinion_on_the_input_sends_the_row_it_doubts(
+    tmp_path: Path, cloud: Cloud, client: CloudClient
+) -> None:
+    """Both rows are confident by max_prob (0.8, 0.7 >= 0.6); a second opinion reading the
+    input says the second row is class 2, not the edge's 0: only that row goes to the cloud,
+    with the confidence on max_prob's scale through the knots."""
+    opinion = SecondOpinion(
+        weights=[20.0, 0.0, 0.0, 0.0, 20.0, 0.0, 0.0, 0.0, 60.0],
+        bias=[0.0, 0.0, 0.0],
+        alpha=0.5,
+        knots=[0.0, 0.5, 1.0],
+    )
+    curve = [
+        CurvePoint(offload=0.0, threshold=0.3),
+        CurvePoint(offload=0.5, threshold=0.6),
+        CurvePoint(offload=1.0, threshold=1.0),
+    ]
+    spec = RoutingSpec(
+        policy=RoutingPolicy.MAX_PROB, threshold=0.6, curve=curve, second_opinion=opinion
+    )
+    router = _router(tmp_path, spec, client)
+    rows = np.array([[0.8, 0.1, 0.1], [0.7, 0.0, 0.3]], dtype=np.float32)
+    answer = router.infer("m", {"input": rows})
+    assert [r.hard for r in answer.rows] == [False, True]
+    assert [r.source for r in answer.rows] == ["edge", "cloud"]
+    doubt = np.exp(14.0) / (np.exp(14.0) + 1.0 + np.exp(18.0))
+    raw = np.sqrt(0.7 * doubt)
+    assert answer.rows[1].confidence == pytest.approx(0.3 + raw / 0.5 * 0.3, rel=1e-5)
+    (request,) = cloud.requests
+    sent = decode_request(request.content, int(request.headers[HEADER_LENGTH]))
+    np.testing.assert_allclose(sent.inputs["input"], rows[1:], rtol=1e-6)
+    np.testing.assert_array_equal(answer.outputs["probabilities"][1], CLOUD_ANSWER[0])
+    np.testing.assert_array_equal(answer.outputs["probabilities"][0], rows[0])
 
 
 class TrickleServer:

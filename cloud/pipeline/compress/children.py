@@ -115,7 +115,7 @@ def routing_for(
         outputs[routing.probabilities_output],
         cloud_probs,
         held_out.test_labels,
-        spec_confidence(routing, outputs),
+        spec_confidence(routing, outputs, held_out.test_inputs),
     )
     return calibration, routing, area
 

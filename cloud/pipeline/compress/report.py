@@ -101,7 +101,9 @@ def _apgr_now(context: CloudContext, row: _Row, cloud: tuple[str, int]) -> float
     cloud_probs = run_model(
         load_version_bytes(context, *cloud), data.test_inputs, output="probabilities"
     )
-    conf = spec_confidence(row.routing, outputs) if row.routing is not None else None
+    conf = (
+        spec_confidence(row.routing, outputs, data.test_inputs) if row.routing is not None else None
+    )
     return apgr(outputs["probabilities"], cloud_probs, data.test_labels, conf)
 
 

@@ -99,3 +99,17 @@ def test_providers_follow_the_configured_order_among_those_available() -> None:
     assert select_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"]) == [
         "CPUExecutionProvider"
     ]
+
+
+def test_intra_op_threads_sleep_rather_than_spin_between_batches(tmp_path: Path) -> None:
+    """The event loop and the batcher share the cores with onnxruntime's intra-op threads:
+    threads that spin while waiting for work would take those cores from them."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(tiny_classifier(features=FEATURES, classes=3))
+    engine = open_engine(path, providers=["CPUExecutionProvider"], threads=2)
+    options = engine.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+    spinning = open_engine(path, providers=["CPUExecutionProvider"], threads=2, spin=True)
+    entry = spinning.session.get_session_options().get_session_config_entry
+    assert entry("session.intra_op.allow_spinning") == "1"

@@ -59,11 +59,16 @@ def test_reference_models_register_fp32_and_gated_calibrated_int8(
             [i / 20 for i in range(21)]
         )
         assert (routing["learned"] is not None) == (routing["policy"] == "learned")
-        assert int8["calibration"]["target"] == "gap:0.8"
-        assert int8["calibration"]["cloud_model"] == "digits-cloud:1"
-        assert set(int8["calibration"]["policies"]) == {
-            "max_prob", "margin", "entropy", "learned",
+        calibration = int8["calibration"]
+        assert calibration["target"] == "gap:0.8"
+        assert calibration["cloud_model"] == "digits-cloud:1"
+        assert set(calibration["policies"]) == {
+            "max_prob", "margin", "entropy", "learned", "second_opinion",
         }  # fmt: skip
+        # A second opinion ships beside the best plain policy, never instead of it.
+        second = calibration["shipped"] == "second_opinion"
+        assert (routing["second_opinion"] is not None) == second
+        assert routing["policy"] == (calibration["fallback"] if second else calibration["shipped"])
         assert int8["trainable"] == ["head.weight", "head.bias"]
         assert c.post("/v1/reference-models", json={}).json() == []
         assert c.post("/v1/reference-models", json={"models": ["nope"]}).status_code == 422
