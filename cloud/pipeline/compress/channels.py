@@ -39,6 +39,8 @@ class Linear:
     in_axis: int  # the axis that meets the layer's input features
     out_axis: int  # the axis that makes its output channels
     bias: str | None  # a per-output vector added right after (Gemm's C, or a following Add)
+    # Gemm's C is read by another node too: it may be neither sliced nor refitted here.
+    shared_bias: bool = False
 
 
 @dataclass(slots=True)
@@ -106,6 +108,8 @@ class Graph:
                 value = self.constant(bias)
                 if value is None or value.shape != (weight.shape[1 - trans_b],):
                     return None
+            if bias is not None and not self.only_reader(bias, node):
+                return Linear(node, node.input[1], trans_b, 1 - trans_b, None, shared_bias=True)
             return Linear(node, node.input[1], trans_b, 1 - trans_b, bias)
         return None
 
@@ -134,6 +138,8 @@ def _group(graph: Graph, producer: Linear, keep: Collection[str]) -> Group | Non
     weights = graph.constant(producer.weight)
     assert weights is not None
     if producer.weight in keep or not graph.only_reader(producer.weight, producer.node):
+        return None
+    if producer.shared_bias:  # slicing it would break its other reader
         return None
     group = Group(producer, int(weights.shape[producer.out_axis]))
     if producer.node.op_type == "Gemm" and producer.bias is not None:

@@ -1,0 +1,85 @@
+"""Structured pruning only where every reader of what it changes is known: a bias tensor
+shared by another layer, a subgraph (If/Loop/Scan body) reading a neuron or a weight from
+the outer scope, and a Gemm's alpha/beta scaling are each either accounted for or keep the
+group out, so pruning never silently changes what the rest of the graph computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cloud.pipeline.compress.channels import find_groups
+from cloud.pipeline.compress.prune import structured_prune, tensor
+from cloud.pipeline.evaluate import run_model
+from shared.errors import InvalidInput
+
+WIDTH, HIDDEN = 8, 32
+_RNG = np.random.default_rng(0)
+TRAIN = {"x": _RNG.normal(size=(400, WIDTH)).astype(np.float32)}
+TEST = {"x": _RNG.normal(size=(50, WIDTH)).astype(np.float32)}
+
+
+def _init(name: str, shape: tuple[int, ...], seed: int) -> onnx.TensorProto:
+    rng = np.random.default_rng(seed)
+    return numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+
+
+def _model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], outputs: dict[str, list[object]]
+) -> bytes:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def _groups(model: bytes) -> list[tuple[str, int]]:
+    return [(g.producer.weight, g.channels) for g in find_groups(onnx.load_from_string(model))]
+
+
+def test_a_shared_gemm_bias_keeps_its_group_out() -> None:
+    """(a) The reader Gemm's bias b2 is also an unrelated Gemm's bias: the refit may not
+    rewrite it, so y2 stays exactly as it was. (b) The producer Gemm's bias b1 is also read
+    by another Gemm: slicing it would break that layer, so w1 makes no group."""
+    reader_shared = _model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["p"]),
+            helper.make_node("Relu", ["p"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2", "b2"], ["y"]),
+            helper.make_node("Gemm", ["x", "w3", "b2"], ["y2"]),
+        ],
+        [_init("w1", (WIDTH, HIDDEN), 1), _init("b1", (HIDDEN,), 2),
+         _init("w2", (HIDDEN, 4), 3), _init("b2", (4,), 4), _init("w3", (WIDTH, 4), 5)],
+        {"y": ["N", 4], "y2": ["N", 4]},
+    )  # fmt: skip
+    assert _groups(reader_shared) == [("w1", HIDDEN)]
+    pruned = structured_prune(reader_shared, 0.5, TRAIN, repair=True)
+    assert tensor(pruned.model, "w1").shape == (WIDTH, HIDDEN // 2)
+    np.testing.assert_array_equal(tensor(pruned.model, "b2"), tensor(reader_shared, "b2"))
+    np.testing.assert_array_equal(
+        run_model(pruned.model, TEST, output="y2"), run_model(reader_shared, TEST, output="y2")
+    )
+
+    producer_shared = _model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["p"]),
+            helper.make_node("Relu", ["p"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2", "b2"], ["y"]),
+            helper.make_node("Gemm", ["x", "w3", "b1"], ["y2"]),
+        ],
+        [_init("w1", (WIDTH, HIDDEN), 1), _init("b1", (HIDDEN,), 2),
+         _init("w2", (HIDDEN, 4), 3), _init("b2", (4,), 4), _init("w3", (WIDTH, HIDDEN), 5)],
+        {"y": ["N", 4], "y2": ["N", HIDDEN]},
+    )  # fmt: skip
+    assert _groups(producer_shared) == []
+    with pytest.raises(InvalidInput, match="no neurons that can be removed whole"):
+        structured_prune(producer_shared, 0.5, TRAIN)
