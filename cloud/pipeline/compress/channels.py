@@ -4,8 +4,9 @@ neuron means removing a column here and a row there, and nothing else changes.
 
 Only what is provably per channel joins a group: elementwise ops whose other inputs are
 scalars or per-channel vectors. A neuron read by anything else (a Reshape into attention
-heads, a residual Add, a LayerNorm) keeps the group out, so pruning never changes what
-a graph computes beyond the removed neurons themselves.
+heads, a residual Add, a LayerNorm, an If/Loop/Scan body reading it from the outer scope)
+keeps the group out, so pruning never changes what a graph computes beyond the removed
+neurons themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["Graph", "Group", "Linear", "find_groups"]
+__all__ = ["Graph", "Group", "Linear", "find_groups", "outer_reads"]
 
 Array = npt.NDArray[Any]
 
@@ -54,6 +55,22 @@ class Group:
     outputs: list[str] = field(default_factory=list)  # graph outputs whose width changes
 
 
+def outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s subgraphs (If branches, Loop and Scan bodies, at any depth)
+    read from the scope around them: readers the node's own inputs do not list."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            inner = {i.name for i in body.input} | {i.name for i in body.initializer}
+            inner |= {o for n in body.node for o in n.output}
+            for n in body.node:
+                names.update(i for i in n.input if i and i not in inner)
+                names.update(outer_reads(n) - inner)
+            names.update(o.name for o in body.output if o.name not in inner)
+    return names
+
+
 class Graph:
     """Lookups over one graph: constants (initializers and Constant nodes) and consumers."""
 
@@ -69,6 +86,8 @@ class Graph:
             for index, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((node, index))
+            for name in outer_reads(node):  # a reader all the same (index -1: no input slot)
+                self.consumers[name].append((node, -1))
         self.outputs = {o.name for o in self.graph.output}
 
     def constant(self, name: str) -> Array | None:

@@ -33,6 +33,14 @@ def to_fp16(model: bytes) -> bytes:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     proto = onnx.load_from_string(model)
+    nested = sorted({n.op_type for n in proto.graph.node if _has_body(n)})
+    if nested:
+        # The converter puts the casts of a body's values in the outer graph (where those
+        # names do not exist) and leaves a blocked body's float ops reading FP16 values.
+        raise InvalidInput(
+            f"FP16 conversion does not handle graphs with subgraphs ({', '.join(nested)}): "
+            "onnxruntime's converter misplaces the casts of their bodies"
+        )
     if not any(i.data_type == onnx.TensorProto.FLOAT for i in proto.graph.initializer):
         raise InvalidInput("the graph has no FP32 weights to convert")
     converted = convert_float_to_float16(
@@ -47,6 +55,11 @@ def to_fp16(model: bytes) -> bytes:
         raise InvalidInput(f"FP16 conversion changed the IO types: {before} -> {after}")
     onnx.checker.check_model(converted)
     return data
+
+
+def _has_body(node: onnx.NodeProto) -> bool:
+    graph_kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in graph_kinds for a in node.attribute)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:

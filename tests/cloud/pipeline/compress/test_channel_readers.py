@@ -83,3 +83,35 @@ def test_a_shared_gemm_bias_keeps_its_group_out() -> None:
     assert _groups(producer_shared) == []
     with pytest.raises(InvalidInput, match="no neurons that can be removed whole"):
         structured_prune(producer_shared, 0.5, TRAIN)
+
+
+def _branch(name: str, node: onnx.NodeProto) -> onnx.GraphProto:
+    out = node.output[0]
+    return helper.make_graph(
+        [node], name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    )
+
+
+def test_neurons_read_inside_a_subgraph_are_not_pruned() -> None:
+    """An If branch sums the hidden neurons h (read from the outer scope), or reads the
+    producer's weight w1 itself: either way the group is out, and pruning is refused with
+    the reason rather than changing what the branch computes."""
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    for read in ("h", "w1"):
+        then = _branch("then", helper.make_node("ReduceSum", [read, "axes"], ["s1"], keepdims=0))
+        other = _branch("else", helper.make_node("ReduceSum", [read, "axes"], ["s2"], keepdims=0))
+        model = _model(
+            [
+                helper.make_node("Gemm", ["x", "w1", "b1"], ["p"]),
+                helper.make_node("Relu", ["p"], ["h"]),
+                helper.make_node("Gemm", ["h", "w2", "b2"], ["y"]),
+                helper.make_node("If", ["cond"], ["s"], then_branch=then, else_branch=other),
+            ],
+            [_init("w1", (WIDTH, HIDDEN), 1), _init("b1", (HIDDEN,), 2),
+             _init("w2", (HIDDEN, 4), 3), _init("b2", (4,), 4), cond, axes],
+            {"y": ["N", 4], "s": [None]},
+        )  # fmt: skip
+        assert _groups(model) == [], read
+        with pytest.raises(InvalidInput, match="no neurons that can be removed whole"):
+            structured_prune(model, 0.5, TRAIN, repair=True)
