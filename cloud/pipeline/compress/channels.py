@@ -42,6 +42,9 @@ class Linear:
     bias: str | None  # a per-output vector added right after (Gemm's C, or a following Add)
     # Gemm's C is read by another node too: it may be neither sliced nor refitted here.
     shared_bias: bool = False
+    # Gemm computes alpha * A @ B + beta * C: a refit works on the scaled weight and bias.
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 @dataclass(slots=True)
@@ -119,7 +122,9 @@ class Graph:
             return Linear(node, node.input[1], 0, 1, self._following_bias(node, weight.shape[1]))
         if node.op_type == "Gemm":
             attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-            if attrs.get("transA", 0):
+            scales = {a.name: a.f for a in node.attribute if a.type == onnx.AttributeProto.FLOAT}
+            alpha, beta = scales.get("alpha", 1.0), scales.get("beta", 1.0)
+            if attrs.get("transA", 0) or alpha == 0:
                 return None
             trans_b = attrs.get("transB", 0)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -127,9 +132,11 @@ class Graph:
                 value = self.constant(bias)
                 if value is None or value.shape != (weight.shape[1 - trans_b],):
                     return None
-            if bias is not None and not self.only_reader(bias, node):
-                return Linear(node, node.input[1], trans_b, 1 - trans_b, None, shared_bias=True)
-            return Linear(node, node.input[1], trans_b, 1 - trans_b, bias)
+            shared = bias is not None and not self.only_reader(bias, node)
+            return Linear(
+                node, node.input[1], trans_b, 1 - trans_b, None if shared else bias,
+                shared_bias=shared, alpha=alpha, beta=beta,
+            )  # fmt: skip
         return None
 
     def _following_bias(self, node: onnx.NodeProto, width: int) -> str | None:

@@ -132,7 +132,7 @@ def _importance(graph: Graph, group: Group, stats: _Statistics) -> Array:
         rms = np.sqrt(np.maximum(np.diag(gram)[:-1], 0.0) / max(gram[-1, -1], 1.0))
         weight = graph.constant(linear.weight)
         assert weight is not None
-        score += rms * np.linalg.norm(np.moveaxis(weight, linear.in_axis, 0), axis=1)
+        score += rms * np.linalg.norm(linear.alpha * np.moveaxis(weight, linear.in_axis, 0), axis=1)
     return score
 
 
@@ -144,18 +144,21 @@ def _repair(graph: Graph, group: Group, stats: _Statistics, kept: Array) -> None
         gram = stats.gram[tensor]
         weight = graph.constant(linear.weight)
         assert weight is not None
-        w = np.moveaxis(weight, linear.in_axis, 0).astype(np.float64)  # [in, out]
-        bias = graph.constant(linear.bias) if linear.bias is not None else None
+        # What the layer adds: alpha * W and beta * b (Gemm's scales; 1 for a MatMul).
+        w = linear.alpha * np.moveaxis(weight, linear.in_axis, 0).astype(np.float64)  # [in, out]
+        bias = graph.constant(linear.bias) if linear.bias is not None and linear.beta else None
+        if bias is not None:
+            bias = linear.beta * bias.astype(np.float64)
         full = np.vstack([w, bias[None, :] if bias is not None else np.zeros((1, w.shape[1]))])
         rows = np.append(kept, group.channels) if bias is not None else kept
         lhs = gram[np.ix_(rows, rows)]
         ridge = 1e-3 * float(np.mean(np.diag(lhs))) + 1e-12
         rhs = gram[rows, :] @ full + ridge * full[rows]
         solved = np.linalg.solve(lhs + ridge * np.eye(len(rows)), rhs)
-        new_w = solved[: len(kept)]
+        new_w = solved[: len(kept)] / linear.alpha
         graph.set_constant(linear.weight, np.moveaxis(new_w, 0, linear.in_axis))
         if bias is not None and linear.bias is not None:
-            graph.set_constant(linear.bias, solved[-1])
+            graph.set_constant(linear.bias, solved[-1] / linear.beta)
 
 
 def _cut(graph: Graph, group: Group, kept: Array, *, readers: bool) -> None:

@@ -115,3 +115,36 @@ def test_neurons_read_inside_a_subgraph_are_not_pruned() -> None:
         assert _groups(model) == [], read
         with pytest.raises(InvalidInput, match="no neurons that can be removed whole"):
             structured_prune(model, 0.5, TRAIN, repair=True)
+
+
+def _gemm_ffn(alpha: float, beta: float) -> bytes:
+    """x -> Gemm -> Relu -> Gemm(alpha, beta) -> y, with the second layer's weight and bias
+    divided by alpha and beta: the same function whatever they are."""
+    w2, b2 = _init("w2", (HIDDEN, 4), 3), _init("b2", (4,), 4)
+    scaled_w2 = numpy_helper.from_array(numpy_helper.to_array(w2) / np.float32(alpha), "w2")
+    scaled_b2 = numpy_helper.from_array(numpy_helper.to_array(b2) / np.float32(beta), "b2")
+    return _model(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["p"]),
+            helper.make_node("Relu", ["p"], ["h"]),
+            helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], alpha=alpha, beta=beta),
+        ],
+        [_init("w1", (WIDTH, HIDDEN), 1), _init("b1", (HIDDEN,), 2), scaled_w2, scaled_b2],
+        {"y": ["N", 4]},
+    )
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(4.0, 1.0), (0.5, 2.0), (1.0, 0.25)])
+def test_a_gemm_reader_is_repaired_the_same_whatever_its_alpha_and_beta(
+    alpha: float, beta: float
+) -> None:
+    """The least-squares refit works on what the reader computes (alpha * A @ B + beta * C),
+    so equivalent graphs get the same pruned function."""
+    plain, scaled = _gemm_ffn(1.0, 1.0), _gemm_ffn(alpha, beta)
+    np.testing.assert_allclose(
+        run_model(scaled, TEST, output="y"), run_model(plain, TEST, output="y"), rtol=1e-5,
+        atol=1e-5,
+    )  # fmt: skip
+    expected = run_model(structured_prune(plain, 0.5, TRAIN, repair=True).model, TEST, output="y")
+    pruned = structured_prune(scaled, 0.5, TRAIN, repair=True)
+    np.testing.assert_allclose(run_model(pruned.model, TEST, output="y"), expected, atol=1e-4)
