@@ -18,9 +18,19 @@ from cloud.pipeline.compress.channels import Graph, Group, find_groups
 from cloud.pipeline.evaluate import make_session
 from shared.errors import InvalidInput
 
-__all__ = ["PruneMethod", "Pruned", "magnitude_prune", "structured_prune", "tensor"]
+__all__ = [
+    "STATISTICS_BUDGET_BYTES",
+    "PruneMethod",
+    "Pruned",
+    "magnitude_prune",
+    "structured_prune",
+    "tensor",
+]
 
 Array = npt.NDArray[Any]
+# The scores' and refit's statistics live in memory all at once, on the API's host: past
+# this, structured pruning is refused before collecting rather than exhausting memory.
+STATISTICS_BUDGET_BYTES = 1 << 30
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1}  # op -> index of its weight input
 
 
@@ -101,7 +111,16 @@ class _Statistics:
     data (scores need its diagonal; the least-squares repair all of it)."""
 
     def __init__(self, proto: onnx.ModelProto, groups: list[Group]) -> None:
-        self.tensors = sorted({tensor for g in groups for _, tensor in g.consumers})
+        widths = {tensor: g.channels for g in groups for _, tensor in g.consumers}
+        # float64, (C + 1)^2 each, and a batch's product beside the running sum.
+        need = sum(2 * 8 * (c + 1) ** 2 for c in widths.values())
+        if need > STATISTICS_BUDGET_BYTES:
+            raise InvalidInput(
+                f"structured pruning of this graph needs statistics of {need / 1e9:.1f} GB "
+                f"({len(widths)} layer inputs, up to {max(widths.values())} neurons wide), over "
+                f"the {STATISTICS_BUDGET_BYTES / 1e9:.1f} GB allowed: prune by magnitude instead"
+            )
+        self.tensors = sorted(widths)
         probe = onnx.ModelProto()
         probe.CopyFrom(proto)
         known = {o.name for o in probe.graph.output}

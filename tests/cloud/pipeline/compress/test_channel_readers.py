@@ -148,3 +148,22 @@ def test_a_gemm_reader_is_repaired_the_same_whatever_its_alpha_and_beta(
     expected = run_model(structured_prune(plain, 0.5, TRAIN, repair=True).model, TEST, output="y")
     pruned = structured_prune(scaled, 0.5, TRAIN, repair=True)
     np.testing.assert_allclose(run_model(pruned.model, TEST, output="y"), expected, atol=1e-4)
+
+
+def test_structured_pruning_refuses_when_statistics_exceed_budget() -> None:
+    """Scores and refit need a float64 Gram matrix of (channels + 1)^2 per group, for all
+    groups at once: a layer 12,000 neurons wide would take over 2 GB while collecting.
+    Refused (InvalidInput, a 400) with the figures, before any data runs through it."""
+    wide = 12_000
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        [_init("w1", (WIDTH, wide), 1), _init("w2", (wide, 4), 2)],
+        {"y": ["N", 4]},
+    )
+    assert _groups(model) == [("w1", wide)]
+    with pytest.raises(InvalidInput, match=r"statistics of 2\.3 GB .* over the 1\.1 GB"):
+        structured_prune(model, 0.5, TRAIN)
