@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cloud.pipeline.compress.fp16 import to_fp16
+from cloud.pipeline.compress.fp16 import io_types, to_fp16
 from cloud.pipeline.evaluate import run_model
 from shared.errors import InvalidInput
 
@@ -72,3 +72,30 @@ def test_a_model_with_an_if_is_refused_with_the_reason() -> None:
     assert run_model(model, _rows(), output="probabilities").shape == (8, CLASSES)
     with pytest.raises(InvalidInput, match=r"subgraphs \(If\)"):
         to_fp16(model)
+
+
+def test_a_float_kept_softmax_reaches_the_output_in_float() -> None:
+    """Softmax stays in float; its result goes straight to the FP32 output, not through a
+    Cast to FP16 and back (which flushes probabilities under ~6e-8 to 0 and costs two
+    kernels): no output is made by a Cast of a Cast, and the small probabilities survive."""
+    model = _model(
+        [
+            helper.make_node("MatMul", ["input", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        ],
+        [_weights(1.0)],
+    )
+    half = to_fp16(model)
+    graph = onnx.load_from_string(half).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    for output in graph.output:
+        node = made_by[output.name]
+        before = made_by.get(node.input[0]) if node.input else None
+        assert not (node.op_type == "Cast" and before is not None and before.op_type == "Cast")
+    assert io_types(half) == io_types(model)
+    full = run_model(model, _rows(), output="probabilities")
+    small = (full > 1e-20) & (full < 6e-8)
+    assert small.sum() >= 5  # the weights make some classes very unlikely
+    got = run_model(half, _rows(), output="probabilities")
+    assert (got[small] > 0).all()
+    np.testing.assert_allclose(got, full, atol=2e-3)
