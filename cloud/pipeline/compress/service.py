@@ -84,6 +84,8 @@ def prune_candidate(parent: ParentVersion, data: CompressData, options: PruneOpt
             "fine-tuning after magnitude pruning needs the edge MLP layout; "
             "prune structured (refit by least squares) or without fine_tune"
         )
+    if options.fine_tune and mlp:  # before any work: training indexes by the labels
+        data.check_labels(Mlp.from_onnx(parent.data).head[0].shape[1])
     if options.method is PruneMethod.MAGNITUDE:
         pruned = magnitude_prune(parent.data, options.sparsity, keep=parent.trainable)
     else:
