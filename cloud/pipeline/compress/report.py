@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud.context import CloudContext
+from cloud.pipeline.compress.children import check_cloud_model
 from cloud.pipeline.compress.data import compress_data
 from cloud.pipeline.compress.measure import apgr
 from cloud.pipeline.evaluate import make_session, run_model
 from cloud.pipeline.service import load_version_bytes
 from cloud.registry import repository
 from cloud.registry.tables import ModelVersion
-from shared.errors import EdgeFleetError, NotFound
+from shared.errors import EdgeFleetError, InvalidInput, NotFound
 from shared.messages import RoutingSpec, TensorSpec
 from shared.routing import spec_confidence
 
@@ -118,6 +119,11 @@ def compression_report(
         rows = [_read(v, sizes) for v in versions]
     if not rows:
         raise NotFound(f"model {model!r} has no versions")
+    for row in rows:
+        if cloud_model is not None and "probabilities" in row.outputs:  # 400 before any run
+            check_cloud_model(
+                context, cloud_model, output="probabilities", inputs=[i.name for i in row.inputs]
+            )
     report = []
     for row in rows:
         figures = dict(row.figures)
@@ -125,6 +131,12 @@ def compression_report(
         named = row.routing.cloud_model if row.routing is not None else None
         if cloud is None and figures["apgr"] is None and named and isinstance(named.version, int):
             cloud = (named.name, named.version)  # versions registered before APGR was kept
+            try:
+                check_cloud_model(
+                    context, cloud, output="probabilities", inputs=[i.name for i in row.inputs]
+                )
+            except InvalidInput:
+                cloud = None  # not asked for: the row keeps what it recorded
         if cloud is not None:
             figures["apgr"] = _apgr_now(context, row, cloud)
             figures["apgr_cloud_model"] = (

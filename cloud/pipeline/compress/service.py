@@ -9,6 +9,7 @@ from typing import Any
 from cloud.context import CloudContext
 from cloud.pipeline.compress.children import (
     Child,
+    check_cloud_model,
     gate_child,
     measure_child,
     register_child,
@@ -135,6 +136,13 @@ def prune_version(
 ) -> int:
     """Prune ``model:version`` (FP32), gate the child against it, register it as a child."""
     parent = load_parent(context, model, version, action="prune")
+    gate = options.gate
+    routed = parent.task != "embedding" and gate.probabilities_output in parent.outputs
+    if gate.cloud_model is not None and routed:  # a 400 now, not a 500 after the work
+        check_cloud_model(
+            context, gate.cloud_model,
+            output=gate.cloud_probabilities_output, inputs=[i.name for i in parent.inputs],
+        )  # fmt: skip
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     child = prune_candidate(parent, data, options)
     return _finish(context, parent, child, data, options.gate, actor)
