@@ -136,7 +136,8 @@ class VersionReport(BaseModel):
     size: int
     size_ratio: float | None = Field(description="size / its parent's (or teacher's)")
     latency_ratio: float | None = Field(
-        description="p50 / its parent's, batch 1, one thread, timed side by side at registration"
+        description="p50 / its parent's, batch 1, one thread, timed side by side at "
+        "registration; none for FP16 versions timed on a CPU (FP16 pays off on a GPU)"
     )
     accuracy: float | None
     accuracy_drop_pt: float | None

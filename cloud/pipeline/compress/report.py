@@ -21,6 +21,8 @@ from shared.routing import spec_confidence
 
 __all__ = ["VersionFigures", "compression_report"]
 
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
 
 @dataclass(frozen=True, slots=True)
 class VersionFigures:
@@ -31,7 +33,8 @@ class VersionFigures:
     teacher: str | None  # "model:version" of a distilled student's teacher
     size: int
     size_ratio: float | None  # to its parent (or teacher)
-    latency_ratio: float | None  # p50 child / parent, batch 1, 1 thread, timed side by side
+    # p50 child / parent, batch 1, 1 thread, timed side by side; None for FP16 timed on CPU
+    latency_ratio: float | None
     accuracy: float | None
     accuracy_drop_pt: float | None
     cosine_mean: float | None
@@ -57,6 +60,8 @@ def _read(row: ModelVersion, sizes: dict[int, int]) -> _Row:
     if teacher is not None:
         base = metrics.get("parent_size_bytes")
     latency = metrics.get("latency") or {}
+    if row.precision == "fp16" and latency.get("provider") not in _GPU_PROVIDERS:
+        latency = {}  # timed on a CPU, where FP16 runs through casts: not what a GPU serves
     figures = {
         "version": row.version,
         "precision": row.precision,

@@ -22,6 +22,7 @@ from cloud.pipeline.compress.prune import Pruned, PruneMethod, magnitude_prune, 
 from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.service import ParentVersion, QuantizeOptions, load_parent
+from cloud.registry import repository
 from shared.errors import InvalidInput
 
 __all__ = ["Fp16Options", "PruneOptions", "fp16_version", "prune_candidate", "prune_version"]
@@ -161,6 +162,16 @@ def fp16_version(
     runs here on the CPU, where onnxruntime computes FP16 nodes through casts; the serving
     side picks FP16 versions only where CUDA runs them."""
     parent = load_parent(context, model, version, action="convert to FP16")
+    with context.database.session() as s:
+        routed = repository.get_version(s, model_name=model, version=version).routing is not None
+    if parent.trainable or routed:
+        # Devices run edge models on their CPUs (and train the head there): FP16 only adds
+        # casts there, and no rollout asks what a device's runtime can do.
+        raise InvalidInput(
+            f"FP16 is for cloud models served on a GPU; {model}:{version} is an edge model "
+            "(a trainable head or routing) that devices run on their CPUs: quantize it to "
+            "INT8 instead"
+        )
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     child = Child(to_fp16(parent.data), "fp16", "fp16", "FP16", {"method": "fp16"})
     return _finish(context, parent, child, data, options.gate, actor, routed=False)

@@ -354,3 +354,26 @@ def test_a_named_cloud_model_that_cannot_route_is_400(reference: RunningApi) -> 
             assert r.status_code == 400, (ref, r.text)
             assert reason in r.json()["error"], (ref, r.text)
     assert snapshot(reference.context) == before
+
+
+def test_fp16_is_for_cloud_models_and_its_cpu_latency_is_not_reported(
+    reference: RunningApi,
+) -> None:
+    """An edge model (trainable head, routing; devices run it on their CPUs) is not
+    converted to FP16: refused, nothing changes. A cloud model's FP16 child keeps its
+    latency figures labelled with the provider they were timed on (the CPU here, where FP16
+    runs through casts), and the report shows no latency ratio for it."""
+    before = snapshot(reference.context)
+    r = _post(reference, "/v1/models/digits-edge/versions/1/fp16", "{}")
+    assert r.status_code == 400, r.text
+    assert "FP16 is for cloud models" in r.json()["error"]
+    assert snapshot(reference.context) == before
+    r = _post(reference, "/v1/models/digits-cloud/versions/1/fp16", "{}")
+    assert r.status_code == 201, r.text
+    assert r.json()["metrics"]["latency"]["provider"] == "CPUExecutionProvider"
+    with reference.client() as c:
+        rows = c.get("/v1/models/digits-cloud/compression").json()["versions"]
+    assert [(v["version"], v["precision"], v["latency_ratio"]) for v in rows] == [
+        (1, "fp32", None),
+        (2, "fp16", None),
+    ]
