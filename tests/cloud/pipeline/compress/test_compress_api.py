@@ -377,3 +377,39 @@ def test_fp16_is_for_cloud_models_and_its_cpu_latency_is_not_reported(
         (1, "fp32", None),
         (2, "fp16", None),
     ]
+
+
+def test_compression_jobs_are_admitted_one_per_model_and_a_few_at_a_time(
+    reference: RunningApi,
+) -> None:
+    """A job writing a model (held in Redis, across API replicas) turns a second one for
+    the same model away at once (409), not after all its work; with every job slot of this
+    process taken, a job is a 503 with Retry-After. Refusals and failures give their slots
+    back."""
+    from cloud.pipeline.compress import jobs
+
+    before = snapshot(reference.context)
+    lock = reference.context.redis.lock(jobs.lock_name("digits-edge"), timeout=60)
+    assert lock.acquire(blocking=False)
+    try:
+        r = _post(reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 409, r.text
+        assert "a compression job is writing model 'digits-edge'" in r.json()["error"]
+        other = _post(reference, "/v1/models/digits-cloud/versions/9/fp16", "{}")
+        assert other.status_code == 404, other.text  # another model: admitted
+    finally:
+        lock.release()
+    taken = [jobs.SLOTS.acquire(blocking=False) for _ in range(jobs.MAX_JOBS)]
+    assert all(taken)
+    try:
+        r = _post(reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) > 0
+        assert f"{jobs.MAX_JOBS} compression jobs are running" in r.json()["error"]
+    finally:
+        for _ in taken:
+            jobs.SLOTS.release()
+    for _ in range(jobs.MAX_JOBS + 1):  # each admitted, fails inside, frees its slot
+        r = _post(reference, "/v1/models/digits-edge/versions/9/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 404, r.text
+    assert snapshot(reference.context) == before
