@@ -20,7 +20,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["Graph", "Group", "Linear", "find_groups", "outer_reads"]
+__all__ = ["Graph", "Group", "Linear", "find_groups"]
 
 Array = npt.NDArray[Any]
 
@@ -58,7 +58,7 @@ class Group:
     outputs: list[str] = field(default_factory=list)  # graph outputs whose width changes
 
 
-def outer_reads(node: onnx.NodeProto) -> set[str]:
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
     """Names that ``node``'s subgraphs (If branches, Loop and Scan bodies, at any depth)
     read from the scope around them: readers the node's own inputs do not list."""
     names: set[str] = set()
@@ -69,7 +69,7 @@ def outer_reads(node: onnx.NodeProto) -> set[str]:
             inner |= {o for n in body.node for o in n.output}
             for n in body.node:
                 names.update(i for i in n.input if i and i not in inner)
-                names.update(outer_reads(n) - inner)
+                names.update(_outer_reads(n) - inner)
             names.update(o.name for o in body.output if o.name not in inner)
     return names
 
@@ -89,7 +89,7 @@ class Graph:
             for index, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((node, index))
-            for name in outer_reads(node):  # a reader all the same (index -1: no input slot)
+            for name in _outer_reads(node):  # a reader all the same (index -1: no input slot)
                 self.consumers[name].append((node, -1))
         self.outputs = {o.name for o in self.graph.output}
 

@@ -37,10 +37,11 @@ class CompressData:
         """InvalidInput unless every label (all three splits) is a class index of a model
         with ``classes`` outputs: training indexes by them (-1 would train as the last
         class), the gate compares them with argmax."""
-        parts = [self.train_labels, self.eval.calib_labels, self.eval.test_labels]
-        labels = np.concatenate([p for p in parts if p is not None and len(p)] or [np.zeros(0)])
-        if not len(labels):
+        splits = (self.train_labels, self.eval.calib_labels, self.eval.test_labels)
+        parts = [p for p in splits if p is not None and len(p)]
+        if not parts:
             return
+        labels = np.concatenate(parts)
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
