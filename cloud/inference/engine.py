@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 import onnxruntime as ort
 
-__all__ = ["Engine", "open_engine", "select_providers", "serves_fp16"]
+__all__ = ["Engine", "open_engine", "select_providers", "serves_fp16", "usable_providers"]
 
 _LOGGER = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -32,6 +33,28 @@ def select_providers(wanted: Sequence[str], available: Sequence[str]) -> list[st
 def serves_fp16(wanted: Sequence[str], available: Sequence[str]) -> bool:
     """Whether sessions run on a GPU provider, where FP16 versions pay off."""
     return select_providers(wanted, available)[0] in (_CUDA, _TENSORRT)
+
+
+def usable_providers(wanted: Sequence[str]) -> list[str]:
+    """The providers a session on this machine actually gets, of those ``wanted``: one
+    listed as available may still fall back (CUDA without its libraries does), so a tiny
+    session is asked."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        sess_options=options,
+        providers=select_providers(wanted, ort.get_available_providers()),
+    )
+    return list(session.get_providers())
 
 
 def _provider_options(provider: str, cache_dir: Path | None) -> dict[str, str]:

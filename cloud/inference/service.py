@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
-import onnxruntime as ort
 
 from cloud.context import CloudContext
 from cloud.inference.auth import Caller, TokenCache
 from cloud.inference.batcher import BatchConfig, BatcherClosed
 from cloud.inference.catalog import Catalog, VersionInfo, parse_version
-from cloud.inference.engine import Engine, open_engine, serves_fp16
+from cloud.inference.engine import Engine, open_engine, serves_fp16, usable_providers
 from cloud.inference.guards import RateLimiter, ResultCache, input_digest
 from cloud.inference.metrics import InferenceMetrics
 from cloud.inference.pool import OpenEngine, SessionPool
@@ -82,7 +81,9 @@ class InferenceService:
         self.catalog = Catalog(
             context.database,
             ttl_s=settings.inference_catalog_ttl_s,
-            fp16=serves_fp16(settings.inference_providers, ort.get_available_providers()),
+            fp16=serves_fp16(
+                settings.inference_providers, usable_providers(settings.inference_providers)
+            ),
         )
         self.tokens = TokenCache(
             context.database, admin_token=settings.admin_token,

@@ -4,8 +4,9 @@ neuron means removing a column here and a row there, and nothing else changes.
 
 Only what is provably per channel joins a group: elementwise ops whose other inputs are
 scalars or per-channel vectors. A neuron read by anything else (a Reshape into attention
-heads, a residual Add, a LayerNorm) keeps the group out, so pruning never changes what
-a graph computes beyond the removed neurons themselves.
+heads, a residual Add, a LayerNorm, an If/Loop/Scan body reading it from the outer scope)
+keeps the group out, so pruning never changes what a graph computes beyond the removed
+neurons themselves.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class Linear:
     in_axis: int  # the axis that meets the layer's input features
     out_axis: int  # the axis that makes its output channels
     bias: str | None  # a per-output vector added right after (Gemm's C, or a following Add)
+    # Gemm's C is read by another node too: it may be neither sliced nor refitted here.
+    shared_bias: bool = False
+    # Gemm computes alpha * A @ B + beta * C: a refit works on the scaled weight and bias.
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 @dataclass(slots=True)
@@ -50,6 +56,22 @@ class Group:
     vectors: list[str] = field(default_factory=list)  # per-channel constants to slice
     consumers: list[tuple[Linear, str]] = field(default_factory=list)  # (layer, its input)
     outputs: list[str] = field(default_factory=list)  # graph outputs whose width changes
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s subgraphs (If branches, Loop and Scan bodies, at any depth)
+    read from the scope around them: readers the node's own inputs do not list."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for body in bodies:
+            inner = {i.name for i in body.input} | {i.name for i in body.initializer}
+            inner |= {o for n in body.node for o in n.output}
+            for n in body.node:
+                names.update(i for i in n.input if i and i not in inner)
+                names.update(_outer_reads(n) - inner)
+            names.update(o.name for o in body.output if o.name not in inner)
+    return names
 
 
 class Graph:
@@ -67,6 +89,8 @@ class Graph:
             for index, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((node, index))
+            for name in _outer_reads(node):  # a reader all the same (index -1: no input slot)
+                self.consumers[name].append((node, -1))
         self.outputs = {o.name for o in self.graph.output}
 
     def constant(self, name: str) -> Array | None:
@@ -98,7 +122,9 @@ class Graph:
             return Linear(node, node.input[1], 0, 1, self._following_bias(node, weight.shape[1]))
         if node.op_type == "Gemm":
             attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
-            if attrs.get("transA", 0):
+            scales = {a.name: a.f for a in node.attribute if a.type == onnx.AttributeProto.FLOAT}
+            alpha, beta = scales.get("alpha", 1.0), scales.get("beta", 1.0)
+            if attrs.get("transA", 0) or alpha == 0:
                 return None
             trans_b = attrs.get("transB", 0)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -106,7 +132,11 @@ class Graph:
                 value = self.constant(bias)
                 if value is None or value.shape != (weight.shape[1 - trans_b],):
                     return None
-            return Linear(node, node.input[1], trans_b, 1 - trans_b, bias)
+            shared = bias is not None and not self.only_reader(bias, node)
+            return Linear(
+                node, node.input[1], trans_b, 1 - trans_b, None if shared else bias,
+                shared_bias=shared, alpha=alpha, beta=beta,
+            )  # fmt: skip
         return None
 
     def _following_bias(self, node: onnx.NodeProto, width: int) -> str | None:
@@ -134,6 +164,8 @@ def _group(graph: Graph, producer: Linear, keep: Collection[str]) -> Group | Non
     weights = graph.constant(producer.weight)
     assert weights is not None
     if producer.weight in keep or not graph.only_reader(producer.weight, producer.node):
+        return None
+    if producer.shared_bias:  # slicing it would break its other reader
         return None
     group = Group(producer, int(weights.shape[producer.out_axis]))
     if producer.node.op_type == "Gemm" and producer.bias is not None:

@@ -28,7 +28,14 @@ from shared.errors import InvalidInput, NotFound
 from shared.messages import RoutingSpec
 from shared.routing import spec_confidence
 
-__all__ = ["Child", "gate_child", "measure_child", "register_child", "routing_for"]
+__all__ = [
+    "Child",
+    "check_cloud_model",
+    "gate_child",
+    "measure_child",
+    "register_child",
+    "routing_for",
+]
 
 _LOGGER = logging.getLogger(__name__)
 Array = npt.NDArray[Any]
@@ -43,6 +50,29 @@ class Child:
     source: str  # short: the registry keeps 32 characters
     label: str  # how the gate's refusal names it, e.g. "structured-pruned (50%)"
     details: dict[str, Any]  # how it was made, kept in its metrics under "compression"
+
+
+def check_cloud_model(
+    context: CloudContext, cloud: tuple[str, int], *, output: str, inputs: list[str]
+) -> None:
+    """InvalidInput unless the registered ``cloud`` model gives ``output`` and takes the
+    inputs named: routing compares its probabilities with the edge's on the same requests,
+    and the edge router merges the cloud's answer under that name."""
+    ref = f"{cloud[0]}:{cloud[1]}"
+    with context.database.session() as s:
+        row = repository.get_version(s, model_name=cloud[0], version=cloud[1])
+        outputs = [o["name"] for o in row.outputs]
+        takes = sorted(i["name"] for i in row.inputs)
+    if output not in outputs:
+        raise InvalidInput(
+            f"cloud model {ref} has no output {output!r} (its outputs: {outputs}): routing "
+            "needs the cloud's class probabilities under that name"
+        )
+    if takes != sorted(inputs):
+        raise InvalidInput(
+            f"cloud model {ref} takes inputs {takes}, this model {sorted(inputs)}: the cloud "
+            "must answer the edge's own requests"
+        )
 
 
 def gate_child(

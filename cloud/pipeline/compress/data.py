@@ -33,6 +33,23 @@ class CompressData:
     eval: EvalData
     name: str | None  # the built-in dataset's name; None for an upload
 
+    def check_labels(self, classes: int) -> None:
+        """InvalidInput unless every label (all three splits) is a class index of a model
+        with ``classes`` outputs: training indexes by them (-1 would train as the last
+        class), the gate compares them with argmax."""
+        splits = (self.train_labels, self.eval.calib_labels, self.eval.test_labels)
+        parts = [p for p in splits if p is not None and len(p)]
+        if not parts:
+            return
+        labels = np.concatenate(parts)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise InvalidInput(
+                f"dataset labels must be class indices 0 to {classes - 1}, got {bad}: the "
+                f"model has {classes} classes"
+            )
+
 
 def _builtin(name: str) -> CompressData:
     if name == BUILTIN_DIGITS:

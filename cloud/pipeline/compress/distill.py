@@ -19,6 +19,7 @@ import numpy.typing as npt
 from cloud.context import CloudContext
 from cloud.pipeline.compress.children import (
     Child,
+    check_cloud_model,
     gate_child,
     measure_child,
     register_child,
@@ -36,6 +37,7 @@ from shared.messages import TensorSpec
 __all__ = ["DistillOptions", "distill_version", "teacher_probabilities"]
 
 Array = npt.NDArray[Any]
+STUDENT_OUTPUTS = ("probabilities", "embedding")  # the edge models' outputs, in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,24 +90,41 @@ def _check_teacher(teacher: ParentVersion, output: str) -> TensorSpec:
     return teacher.inputs[0]
 
 
-def _check_student_model(context: CloudContext, name: str) -> None:
-    """Refused before any training: an existing model of another task takes no student."""
+def _check_student_model(context: CloudContext, name: str, teacher: ParentVersion) -> None:
+    """Refused before any training: the teacher's own model (the student would become
+    its latest version, served in its place), an existing model of another task, or one
+    whose versions take other inputs or give other outputs (its clients would break)."""
+    if name == teacher.model:
+        raise InvalidInput(
+            f"model {name!r} is the teacher's model: a student there would become its latest "
+            "version, served in its teacher's place; name another model"
+        )
     with context.database.session() as s:
         try:
-            task = repository.get_model(s, name=name).task
+            model = repository.get_model(s, name=name)
         except NotFound:
             return
+        task = model.task
+        versions = repository.list_versions(s, model_name=name)
+        latest = versions[-1] if versions else None
+        takes = [TensorSpec.model_validate(i) for i in latest.inputs] if latest else []
+        gives = [o["name"] for o in latest.outputs] if latest else []
     if task != "classification":
         raise InvalidInput(
             f"model {name!r} is a {task} model; a student is a classification model: name another"
         )
+    if latest is not None and (takes != teacher.inputs or gives != list(STUDENT_OUTPUTS)):
+        raise InvalidInput(
+            f"model {name!r} takes {[i.name for i in takes]} and gives outputs {gives}; a "
+            f"student of {teacher.model}:{teacher.version} takes "
+            f"{[i.name for i in teacher.inputs]} and gives {list(STUDENT_OUTPUTS)}: name "
+            "another model"
+        )
 
 
-def teacher_probabilities(
-    teacher: bytes, inputs: dict[str, Array], output: str, labels: Array | None
-) -> Array:
-    """The teacher's ``output`` on ``inputs``, checked to be class probabilities that fit
-    the labels (InvalidInput otherwise)."""
+def teacher_probabilities(teacher: bytes, inputs: dict[str, Array], output: str) -> Array:
+    """The teacher's ``output`` on ``inputs``, checked to be class probabilities
+    (InvalidInput otherwise)."""
     probs = run_model(teacher, inputs, output=output)
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise InvalidInput(
@@ -116,11 +135,6 @@ def teacher_probabilities(
         raise InvalidInput(
             f"teacher output {output!r} is not class probabilities (rows sum to "
             f"{float(sums.min()):.3g}..{float(sums.max()):.3g}); name the softmax output"
-        )
-    if labels is not None and int(labels.max()) >= probs.shape[1]:
-        raise InvalidInput(
-            f"the labels go up to {int(labels.max())} but the teacher knows "
-            f"{probs.shape[1]} classes"
         )
     return probs
 
@@ -158,7 +172,23 @@ def distill_version(
     student as the next version of ``student_model`` (a new model is created)."""
     parent = _teacher(context, *teacher)
     spec = _check_teacher(parent, options.teacher_output)
-    _check_student_model(context, student_model)
+    _check_student_model(context, student_model, parent)
+    gate_options, routing_note = options.gate, None
+    if gate_options.cloud_model is not None:
+        check_cloud_model(
+            context, gate_options.cloud_model,
+            output=gate_options.cloud_probabilities_output,
+            inputs=[i.name for i in parent.inputs],
+        )  # fmt: skip
+    elif "probabilities" not in parent.outputs:
+        # The edge router merges the cloud's answer under the student's output name.
+        routing_note = (
+            f"hard inputs go to {student_model}'s own cloud model: the teacher has no "
+            "'probabilities' output for the edge router to merge"
+        )
+    elif parent.task == "classification":
+        # Hard inputs go to the teacher unless told otherwise: it is the better model.
+        gate_options = replace(gate_options, cloud_model=(parent.model, parent.version))
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     features = data.train_inputs[spec.name].shape[1]
     side, pool = round(features**0.5), options.arch.pool
@@ -169,10 +199,9 @@ def distill_version(
         )
     if data.train_labels is None or data.eval.test_labels is None:
         raise InvalidInput("distillation needs labels 'y' for the hard-label loss and the gate")
-    soft = teacher_probabilities(
-        parent.data, data.train_inputs, options.teacher_output, data.train_labels
-    )
+    soft = teacher_probabilities(parent.data, data.train_inputs, options.teacher_output)
     classes = soft.shape[1]
+    data.check_labels(classes)  # the teacher's classes; every split, before training
     student = _train(data, soft, spec, classes, options)
     name = student_model.replace("-", "_")
     model = student.to_onnx(name, input_name=spec.name)
@@ -187,6 +216,8 @@ def distill_version(
         "epochs": options.train.epochs,
         "train_examples": len(data.train_labels),
     }
+    if routing_note is not None:
+        details["routing"] = routing_note
     if options.baseline:
         hard = _train(data, None, spec, classes, options)
         details["hard_label_accuracy"] = round(
@@ -213,14 +244,10 @@ def distill_version(
         precision="fp32",
         data=model,
         inputs=parent.inputs,
-        outputs=["probabilities", "embedding"],
+        outputs=list(STUDENT_OUTPUTS),
         trainable=[HEAD_WEIGHT, HEAD_BIAS],
         dataset=data.name,
     )
-    gate_options = options.gate
-    if gate_options.cloud_model is None and parent.task == "classification":
-        # Hard inputs go to the teacher unless told otherwise: it is the better model.
-        gate_options = replace(gate_options, cloud_model=(parent.model, parent.version))
     calibration, routing, area = routing_for(context, as_student, model, data, gate_options)
     if area is not None:
         metrics["apgr"] = area

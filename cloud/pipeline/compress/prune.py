@@ -18,9 +18,19 @@ from cloud.pipeline.compress.channels import Graph, Group, find_groups
 from cloud.pipeline.evaluate import make_session
 from shared.errors import InvalidInput
 
-__all__ = ["PruneMethod", "Pruned", "magnitude_prune", "structured_prune", "tensor"]
+__all__ = [
+    "STATISTICS_BUDGET_BYTES",
+    "PruneMethod",
+    "Pruned",
+    "magnitude_prune",
+    "structured_prune",
+    "tensor",
+]
 
 Array = npt.NDArray[Any]
+# The scores' and refit's statistics live in memory all at once, on the API's host: past
+# this, structured pruning is refused before collecting rather than exhausting memory.
+STATISTICS_BUDGET_BYTES = 1 << 30
 _WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1}  # op -> index of its weight input
 
 
@@ -101,7 +111,16 @@ class _Statistics:
     data (scores need its diagonal; the least-squares repair all of it)."""
 
     def __init__(self, proto: onnx.ModelProto, groups: list[Group]) -> None:
-        self.tensors = sorted({tensor for g in groups for _, tensor in g.consumers})
+        widths = {tensor: g.channels for g in groups for _, tensor in g.consumers}
+        # float64, (C + 1)^2 each, and a batch's product beside the running sum.
+        need = sum(2 * 8 * (c + 1) ** 2 for c in widths.values())
+        if need > STATISTICS_BUDGET_BYTES:
+            raise InvalidInput(
+                f"structured pruning of this graph needs statistics of {need / 1e9:.1f} GB "
+                f"({len(widths)} layer inputs, up to {max(widths.values())} neurons wide), over "
+                f"the {STATISTICS_BUDGET_BYTES / 1e9:.1f} GB allowed: prune by magnitude instead"
+            )
+        self.tensors = sorted(widths)
         probe = onnx.ModelProto()
         probe.CopyFrom(proto)
         known = {o.name for o in probe.graph.output}
@@ -132,7 +151,7 @@ def _importance(graph: Graph, group: Group, stats: _Statistics) -> Array:
         rms = np.sqrt(np.maximum(np.diag(gram)[:-1], 0.0) / max(gram[-1, -1], 1.0))
         weight = graph.constant(linear.weight)
         assert weight is not None
-        score += rms * np.linalg.norm(np.moveaxis(weight, linear.in_axis, 0), axis=1)
+        score += rms * np.linalg.norm(linear.alpha * np.moveaxis(weight, linear.in_axis, 0), axis=1)
     return score
 
 
@@ -144,18 +163,21 @@ def _repair(graph: Graph, group: Group, stats: _Statistics, kept: Array) -> None
         gram = stats.gram[tensor]
         weight = graph.constant(linear.weight)
         assert weight is not None
-        w = np.moveaxis(weight, linear.in_axis, 0).astype(np.float64)  # [in, out]
-        bias = graph.constant(linear.bias) if linear.bias is not None else None
+        # What the layer adds: alpha * W and beta * b (Gemm's scales; 1 for a MatMul).
+        w = linear.alpha * np.moveaxis(weight, linear.in_axis, 0).astype(np.float64)  # [in, out]
+        bias = graph.constant(linear.bias) if linear.bias is not None and linear.beta else None
+        if bias is not None:
+            bias = linear.beta * bias.astype(np.float64)
         full = np.vstack([w, bias[None, :] if bias is not None else np.zeros((1, w.shape[1]))])
         rows = np.append(kept, group.channels) if bias is not None else kept
         lhs = gram[np.ix_(rows, rows)]
         ridge = 1e-3 * float(np.mean(np.diag(lhs))) + 1e-12
         rhs = gram[rows, :] @ full + ridge * full[rows]
         solved = np.linalg.solve(lhs + ridge * np.eye(len(rows)), rhs)
-        new_w = solved[: len(kept)]
+        new_w = solved[: len(kept)] / linear.alpha
         graph.set_constant(linear.weight, np.moveaxis(new_w, 0, linear.in_axis))
         if bias is not None and linear.bias is not None:
-            graph.set_constant(linear.bias, solved[-1])
+            graph.set_constant(linear.bias, solved[-1] / linear.beta)
 
 
 def _cut(graph: Graph, group: Group, kept: Array, *, readers: bool) -> None:

@@ -8,17 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloud.context import CloudContext
+from cloud.pipeline.compress.children import check_cloud_model
 from cloud.pipeline.compress.data import compress_data
 from cloud.pipeline.compress.measure import apgr
 from cloud.pipeline.evaluate import make_session, run_model
 from cloud.pipeline.service import load_version_bytes
 from cloud.registry import repository
 from cloud.registry.tables import ModelVersion
-from shared.errors import EdgeFleetError, NotFound
+from shared.errors import EdgeFleetError, InvalidInput, NotFound
 from shared.messages import RoutingSpec, TensorSpec
 from shared.routing import spec_confidence
 
 __all__ = ["VersionFigures", "compression_report"]
+
+_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +33,8 @@ class VersionFigures:
     teacher: str | None  # "model:version" of a distilled student's teacher
     size: int
     size_ratio: float | None  # to its parent (or teacher)
-    latency_ratio: float | None  # p50 child / parent, batch 1, 1 thread, timed side by side
+    # p50 child / parent, batch 1, 1 thread, timed side by side; None for FP16 timed on CPU
+    latency_ratio: float | None
     accuracy: float | None
     accuracy_drop_pt: float | None
     cosine_mean: float | None
@@ -56,6 +60,8 @@ def _read(row: ModelVersion, sizes: dict[int, int]) -> _Row:
     if teacher is not None:
         base = metrics.get("parent_size_bytes")
     latency = metrics.get("latency") or {}
+    if row.precision == "fp16" and latency.get("provider") not in _GPU_PROVIDERS:
+        latency = {}  # timed on a CPU, where FP16 runs through casts: not what a GPU serves
     figures = {
         "version": row.version,
         "precision": row.precision,
@@ -120,6 +126,11 @@ def compression_report(
         rows = [_read(v, sizes) for v in versions]
     if not rows:
         raise NotFound(f"model {model!r} has no versions")
+    for row in rows:
+        if cloud_model is not None and "probabilities" in row.outputs:  # 400 before any run
+            check_cloud_model(
+                context, cloud_model, output="probabilities", inputs=[i.name for i in row.inputs]
+            )
     report = []
     for row in rows:
         figures = dict(row.figures)
@@ -127,6 +138,12 @@ def compression_report(
         named = row.routing.cloud_model if row.routing is not None else None
         if cloud is None and figures["apgr"] is None and named and isinstance(named.version, int):
             cloud = (named.name, named.version)  # versions registered before APGR was kept
+            try:
+                check_cloud_model(
+                    context, cloud, output="probabilities", inputs=[i.name for i in row.inputs]
+                )
+            except InvalidInput:
+                cloud = None  # not asked for: the row keeps what it recorded
         if cloud is not None:
             figures["apgr"] = _apgr_now(context, row, cloud)
             figures["apgr_cloud_model"] = (

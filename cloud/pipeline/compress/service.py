@@ -9,6 +9,7 @@ from typing import Any
 from cloud.context import CloudContext
 from cloud.pipeline.compress.children import (
     Child,
+    check_cloud_model,
     gate_child,
     measure_child,
     register_child,
@@ -21,6 +22,7 @@ from cloud.pipeline.compress.prune import Pruned, PruneMethod, magnitude_prune, 
 from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.quantize import QuantMethod, quantize
 from cloud.pipeline.service import ParentVersion, QuantizeOptions, load_parent
+from cloud.registry import repository
 from shared.errors import InvalidInput
 
 __all__ = ["Fp16Options", "PruneOptions", "fp16_version", "prune_candidate", "prune_version"]
@@ -84,6 +86,8 @@ def prune_candidate(parent: ParentVersion, data: CompressData, options: PruneOpt
             "fine-tuning after magnitude pruning needs the edge MLP layout; "
             "prune structured (refit by least squares) or without fine_tune"
         )
+    if options.fine_tune and mlp:  # before any work: training indexes by the labels
+        data.check_labels(Mlp.from_onnx(parent.data).head[0].shape[1])
     if options.method is PruneMethod.MAGNITUDE:
         pruned = magnitude_prune(parent.data, options.sparsity, keep=parent.trainable)
     else:
@@ -133,6 +137,13 @@ def prune_version(
 ) -> int:
     """Prune ``model:version`` (FP32), gate the child against it, register it as a child."""
     parent = load_parent(context, model, version, action="prune")
+    gate = options.gate
+    routed = parent.task != "embedding" and gate.probabilities_output in parent.outputs
+    if gate.cloud_model is not None and routed:  # a 400 now, not a 500 after the work
+        check_cloud_model(
+            context, gate.cloud_model,
+            output=gate.cloud_probabilities_output, inputs=[i.name for i in parent.inputs],
+        )  # fmt: skip
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     child = prune_candidate(parent, data, options)
     return _finish(context, parent, child, data, options.gate, actor)
@@ -151,6 +162,16 @@ def fp16_version(
     runs here on the CPU, where onnxruntime computes FP16 nodes through casts; the serving
     side picks FP16 versions only where CUDA runs them."""
     parent = load_parent(context, model, version, action="convert to FP16")
+    with context.database.session() as s:
+        routed = repository.get_version(s, model_name=model, version=version).routing is not None
+    if parent.trainable or routed:
+        # Devices run edge models on their CPUs (and train the head there): FP16 only adds
+        # casts there, and no rollout asks what a device's runtime can do.
+        raise InvalidInput(
+            f"FP16 is for cloud models served on a GPU; {model}:{version} is an edge model "
+            "(a trainable head or routing) that devices run on their CPUs: quantize it to "
+            "INT8 instead"
+        )
     data = compress_data(upload=upload, dataset=parent.dataset, inputs=parent.inputs)
     child = Child(to_fp16(parent.data), "fp16", "fp16", "FP16", {"method": "fp16"})
     return _finish(context, parent, child, data, options.gate, actor, routed=False)

@@ -4,6 +4,8 @@ by number is served as asked."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,7 @@ def _register_fp16(
 
 
 def test_the_provider_decides_whether_fp16_is_served() -> None:
+    """``available``: the providers a session actually got (see the next-but-one test)."""
     assert serves_fp16([CUDA, CPU], [CUDA, CPU])
     assert serves_fp16(["TensorrtExecutionProvider", CUDA, CPU], ["TensorrtExecutionProvider", CPU])
     assert not serves_fp16([CUDA, CPU], [CPU])
@@ -82,3 +85,24 @@ def test_the_cpu_service_answers_latest_from_the_fp32_version(context: CloudCont
     probs = answers["/versions/2"].outputs["probabilities"]
     assert probs.dtype == np.float32
     np.testing.assert_allclose(probs, answers[""].outputs["probabilities"], atol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+def test_a_listed_but_unusable_cuda_does_not_serve_fp16(
+    context: CloudContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime lists CUDA among the available providers even when its libraries are
+    missing; a session then falls back to the CPU. Here CUDA is listed but cannot run (this
+    build has no CUDA): the service asks a session which provider it got, and does not
+    serve FP16 versions as "latest"."""
+    import onnxruntime as ort
+
+    from cloud.inference.service import InferenceService
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    wants_gpu = context.settings.model_copy(update={"inference_providers": [CUDA, CPU]})
+    service = InferenceService(dataclasses.replace(context, settings=wants_gpu))
+    try:
+        assert service.catalog.fp16 is False
+    finally:
+        service.close()

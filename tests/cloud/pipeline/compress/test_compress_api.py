@@ -8,10 +8,12 @@ import io
 import re
 
 import numpy as np
+import onnx
 import pytest
 
 from cloud.pipeline.reference.digits import digits_splits
-from tests.cloud.api.helpers import snapshot
+from cloud.pipeline.service import load_version_bytes
+from tests.cloud.api.helpers import snapshot, upload
 from tests.conftest import RunningApi, seed_reference_cache
 
 GATE_REFUSAL = (
@@ -28,6 +30,11 @@ def reference(api: RunningApi, reference_onnx: dict[str, bytes]) -> RunningApi:
         r = c.post("/v1/reference-models", json={"models": ["digits-edge"]})
         assert r.status_code == 201, r.text
     return api
+
+
+def _cloud_bytes(api: RunningApi) -> bytes:
+    """digits-cloud:1 as registered."""
+    return load_version_bytes(api.context, "digits-cloud", 1)
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
@@ -212,3 +219,197 @@ def test_the_compression_report_lists_every_version(reference: RunningApi) -> No
     for row in rows.values():
         assert 0 < row["apgr"] <= 1.5
         assert row["apgr_cloud_model"] == "digits-cloud:1"
+
+
+def _renamed(model: bytes, old: str, new: str) -> bytes:
+    """``model`` with its graph input or output ``old`` called ``new``."""
+    proto = onnx.load_from_string(model)
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name == old:
+            value.name = new
+    for node in proto.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        node.output[:] = [new if o == old else o for o in node.output]
+    return proto.SerializeToString()
+
+
+def _register(api: RunningApi, name: str, model: bytes) -> None:
+    with api.client() as c:
+        assert c.post("/v1/models", json={"name": name}).status_code == 201
+        r = upload(c, name, model)
+        assert r.status_code == 201, r.text
+
+
+def _digits_npz(labels: np.ndarray | None = None) -> dict[str, tuple[str, bytes, str]]:
+    s = digits_splits(0)
+    y = np.concatenate([s.y_train, s.y_test]) if labels is None else labels
+    data = _npz(x=np.concatenate([s.x_train, s.x_test]), y=y)
+    return {"dataset": ("d.npz", data, "application/octet-stream")}
+
+
+def test_labels_outside_the_classes_are_400_and_change_nothing(reference: RunningApi) -> None:
+    """An uploaded y with a 10 (ten classes: 0..9) or a -1 is refused before any training,
+    for a fine-tune after pruning and for distillation alike, with the classes named: a
+    -1 would otherwise train as class 9, a 10 would fail deep in training."""
+    s = digits_splits(0)
+    labels = np.concatenate([s.y_train, s.y_test])
+    before = snapshot(reference.context)
+    for bad in (10, -1):
+        y = labels.copy()
+        y[7] = bad
+        prune = _post(
+            reference, "/v1/models/digits-edge/versions/1/prune",
+            '{"sparsity": 0.3, "fine_tune": true}', files=_digits_npz(y),
+        )  # fmt: skip
+        distil = _post(
+            reference, "/v1/models/student/distill",
+            '{"student": "mlp:8", "teacher": "digits-cloud:1", "epochs": 2, "baseline": false}',
+            files=_digits_npz(y),
+        )  # fmt: skip
+        for r in (prune, distil):
+            assert r.status_code == 400, (bad, r.text)
+            assert f"labels must be class indices 0 to 9, got {bad}" in r.json()["error"], r.text
+    assert snapshot(reference.context) == before
+
+
+def test_a_teacher_with_another_output_name_distils(reference: RunningApi) -> None:
+    """The cloud SVM registered with its softmax output called "scores": distilled from it
+    by naming that output, the student is registered. Its routing does not send hard inputs
+    to that teacher (the edge router merges the cloud's "probabilities", which it does not
+    give) but to the student's own cloud model, and says so."""
+    _register(reference, "scorer", _renamed(_cloud_bytes(reference), "probabilities", "scores"))
+    r = _post(
+        reference, "/v1/models/scored-student/distill",
+        '{"student": "mlp:16", "teacher": "scorer:1", "teacher_output": "scores", '
+        '"epochs": 40, "baseline": false, "max_drop_pt": 100}',
+        files=_digits_npz(),
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["metrics"]["teacher"] == {"model": "scorer", "version": 1}
+    assert body["routing"]["cloud_model"] is None
+    assert body["routing"]["threshold"] is not None
+    assert "no 'probabilities' output" in body["metrics"]["compression"]["routing"]
+
+
+def test_report_against_a_model_without_probabilities_is_400(reference: RunningApi) -> None:
+    """The report computes APGR from the named cloud model's "probabilities" on the
+    version's inputs: a cloud model without that output, or taking another input, is a
+    400 that says so."""
+    cloud = _cloud_bytes(reference)
+    _register(reference, "scorer", _renamed(cloud, "probabilities", "scores"))
+    _register(reference, "pixels", _renamed(cloud, "input", "pixels"))
+    with reference.client() as c:
+        for ref, reason in (
+            ("scorer:1", "has no output 'probabilities'"),
+            ("pixels:1", "takes inputs ['pixels']"),
+        ):
+            r = c.get("/v1/models/digits-edge/compression", params={"cloud_model": ref})
+            assert r.status_code == 400, r.text
+            assert reason in r.json()["error"], r.text
+
+
+def test_distilling_into_the_teachers_model_is_refused(reference: RunningApi) -> None:
+    """A student as the next version of its own teacher's model would become that model's
+    "latest"; a student into a model with another interface would break its clients. Both
+    are refused before training, and nothing changes."""
+    _register(reference, "scorer", _renamed(_cloud_bytes(reference), "probabilities", "scores"))
+    before = snapshot(reference.context)
+    cases = [
+        ("digits-cloud", "digits-cloud:1", 400, "is the teacher's model"),
+        ("scorer", "digits-cloud:1", 400, "gives outputs ['scores']"),
+        # The edge model's interface is the student's: only the gate stops 2 epochs.
+        ("digits-edge", "digits-cloud:1", 422, "candidate refused"),
+    ]
+    for student, teacher, code, reason in cases:
+        r = _post(
+            reference, f"/v1/models/{student}/distill",
+            f'{{"student": "mlp:8", "teacher": "{teacher}", "epochs": 2}}',
+        )  # fmt: skip
+        assert r.status_code == code, (student, r.text)
+        assert reason in r.json()["error"], (student, r.text)
+    assert snapshot(reference.context) == before
+
+
+def test_a_named_cloud_model_that_cannot_route_is_400(reference: RunningApi) -> None:
+    """Pruning or distilling with a cloud model (for routing) that lacks "probabilities"
+    or takes other inputs is refused before any work, not a 500 after it."""
+    cloud = _cloud_bytes(reference)
+    _register(reference, "scorer", _renamed(cloud, "probabilities", "scores"))
+    _register(reference, "pixels", _renamed(cloud, "input", "pixels"))
+    before = snapshot(reference.context)
+    for ref, reason in (
+        ("scorer:1", "has no output 'probabilities'"),
+        ("pixels:1", "takes inputs ['pixels']"),
+    ):
+        prune = _post(
+            reference, "/v1/models/digits-edge/versions/1/prune",
+            f'{{"sparsity": 0.3, "fine_tune": true, "cloud_model": "{ref}"}}',
+        )  # fmt: skip
+        distil = _post(
+            reference, "/v1/models/student/distill",
+            f'{{"student": "mlp:8", "teacher": "digits-cloud:1", "cloud_model": "{ref}"}}',
+        )  # fmt: skip
+        for r in (prune, distil):
+            assert r.status_code == 400, (ref, r.text)
+            assert reason in r.json()["error"], (ref, r.text)
+    assert snapshot(reference.context) == before
+
+
+def test_fp16_is_for_cloud_models_and_its_cpu_latency_is_not_reported(
+    reference: RunningApi,
+) -> None:
+    """An edge model (trainable head, routing; devices run it on their CPUs) is not
+    converted to FP16: refused, nothing changes. A cloud model's FP16 child keeps its
+    latency figures labelled with the provider they were timed on (the CPU here, where FP16
+    runs through casts), and the report shows no latency ratio for it."""
+    before = snapshot(reference.context)
+    r = _post(reference, "/v1/models/digits-edge/versions/1/fp16", "{}")
+    assert r.status_code == 400, r.text
+    assert "FP16 is for cloud models" in r.json()["error"]
+    assert snapshot(reference.context) == before
+    r = _post(reference, "/v1/models/digits-cloud/versions/1/fp16", "{}")
+    assert r.status_code == 201, r.text
+    assert r.json()["metrics"]["latency"]["provider"] == "CPUExecutionProvider"
+    with reference.client() as c:
+        rows = c.get("/v1/models/digits-cloud/compression").json()["versions"]
+    assert [(v["version"], v["precision"], v["latency_ratio"]) for v in rows] == [
+        (1, "fp32", None),
+        (2, "fp16", None),
+    ]
+
+
+def test_compression_jobs_are_admitted_one_per_model_and_a_few_at_a_time(
+    reference: RunningApi,
+) -> None:
+    """A job writing a model (held in Redis, across API replicas) turns a second one for
+    the same model away at once (409), not after all its work; with every job slot of this
+    process taken, a job is a 503 with Retry-After. Refusals and failures give their slots
+    back."""
+    from cloud.pipeline.compress import jobs
+
+    before = snapshot(reference.context)
+    lock = reference.context.redis.lock(jobs.lock_name("digits-edge"), timeout=60)
+    assert lock.acquire(blocking=False)
+    try:
+        r = _post(reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 409, r.text
+        assert "a compression job is writing model 'digits-edge'" in r.json()["error"]
+        other = _post(reference, "/v1/models/digits-cloud/versions/9/fp16", "{}")
+        assert other.status_code == 404, other.text  # another model: admitted
+    finally:
+        lock.release()
+    taken = [jobs.SLOTS.acquire(blocking=False) for _ in range(jobs.MAX_JOBS)]
+    assert all(taken)
+    try:
+        r = _post(reference, "/v1/models/digits-edge/versions/1/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 503, r.text
+        assert int(r.headers["Retry-After"]) > 0
+        assert f"{jobs.MAX_JOBS} compression jobs are running" in r.json()["error"]
+    finally:
+        for _ in taken:
+            jobs.SLOTS.release()
+    for _ in range(jobs.MAX_JOBS + 1):  # each admitted, fails inside, frees its slot
+        r = _post(reference, "/v1/models/digits-edge/versions/9/prune", '{"sparsity": 0.3}')
+        assert r.status_code == 404, r.text
+    assert snapshot(reference.context) == before

@@ -56,3 +56,15 @@ def test_data_that_cannot_serve_is_refused() -> None:
     other = [TensorSpec(name="pixels", datatype="FP32", shape=[-1, 64])]
     with pytest.raises(InvalidInput, match=r"gives inputs \['input'\], the model takes"):
         compress_data(upload=None, dataset="builtin:digits", inputs=other)
+
+
+@pytest.mark.parametrize("bad", [-1, 4])
+def test_labels_that_are_not_class_indices_are_refused(bad: int) -> None:
+    """Four classes: 0..3. A -1 or a 4 in any split is named; the valid labels pass."""
+    x = np.zeros((100, 3), np.float32)
+    y = np.arange(100) % 4
+    compress_data(upload=_npz(x=x, y=y), dataset=None, inputs=SPEC).check_labels(4)
+    y[-1] = bad
+    data = compress_data(upload=_npz(x=x, y=y), dataset=None, inputs=SPEC)
+    with pytest.raises(InvalidInput, match=f"class indices 0 to 3, got {bad}"):
+        data.check_labels(4)
