@@ -1,6 +1,7 @@
 """Bulk enrollment on a real Mosquitto with dynamic security: every device of the batch logs
 in with its own token; a leftover device login is replaced; a name that is another kind of
-login, or a broker that is down, refuses the whole batch and leaves no login behind."""
+login, or a broker that is down, refuses the whole batch and leaves no login behind; a device
+another replica enrolled meanwhile keeps its login."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
 
 from cloud.broker.provisioning import DynsecAccounts
 from cloud.embedded.services import ServiceUrls
+from cloud.registry import repository
+from cloud.registry.tables import Device
 from tests.brokers import DynsecBroker, MqttProbe, dynsec_cloud_api, dynsec_mosquitto
 from tests.cloud.api.helpers import snapshot
 from tests.conftest import RunningApi
@@ -106,3 +110,37 @@ def test_a_broker_that_is_down_refuses_the_batch(api: RunningApi, broker: Dynsec
     assert status == 503, body
     assert "broker" in str(body["error"])
     assert snapshot(api.context) == before
+
+
+def test_a_device_another_replica_enrolled_meanwhile_keeps_its_login(
+    api: RunningApi,
+    broker: DynsecBroker,
+    probes: list[MqttProbe],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replica B enrolls cam-2 (its login, then its row) while this replica's batch is between
+    its broker logins and its rows: the batch meets B's row, answers 409 and stores nothing;
+    the logins it made for the others go, but cam-2 keeps B's (removing it would lock that
+    device out — the rule of the one-device route). Before, every login of the batch went."""
+    accounts = DynsecAccounts(
+        broker.url, username=broker.cloud_username, password=broker.cloud_password
+    )
+    token_of_b = "efd_replica-b-token-0123456789abcdef"
+    real = repository.enroll_device
+
+    def replica_b_first(session: Session, **kwargs: object) -> tuple[Device, str]:
+        if kwargs["device_id"] == "cam-0":
+            accounts.provision_device("cam-2", token_of_b)
+            with api.context.database.session() as other:
+                real(other, device_id="cam-2", token=token_of_b)
+        return real(session, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "enroll_device", replica_b_first)
+    status, body = _bulk(api, [f"cam-{i}" for i in range(5)])
+    assert status == 409, body
+    assert "cam-2" in str(body["error"])
+    assert _logs_in(probes, broker, "cam-2", token_of_b)
+    with accounts.connect() as dynsec:
+        assert [d for d in ("cam-0", "cam-1", "cam-3", "cam-4") if dynsec.get_client(d)] == []
+    with api.context.database.session() as s:
+        assert s.get(Device, "cam-0") is None
