@@ -38,7 +38,12 @@ class MqttDelivery:
 
     A pass goes up the indices: a chunk arriving while one below it is still missing shows
     that one was lost (or not in this pass), and the device asks again ``skip_delay_s`` later
-    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s)."""
+    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s).
+
+    It gives up after ``max_stalls`` asks without a new chunk, and never before ``give_up_s``
+    without one: the cloud may hold a pass back for a wave still joining (at most
+    ``chunk_pass_max_wait_s``, which its settings keep below this), and a device that asks
+    again every second while it waits would otherwise count its stalls up meanwhile."""
 
     def __init__(
         self,
@@ -52,6 +57,7 @@ class MqttDelivery:
         backoff: Backoff | None = None,
         patience: float = 4.0,
         skip_delay_s: float = 2.5,
+        give_up_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
         self.link = link
@@ -63,6 +69,7 @@ class MqttDelivery:
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.patience = patience
         self.skip_delay_s = skip_delay_s
+        self.give_up_s = give_up_s
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._arrived = threading.Condition()
         self._active: dict[str, ArtifactRef] = {}
@@ -130,6 +137,7 @@ class MqttDelivery:
     def _fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
         stalls = 0
         first = True
+        gained = time.monotonic()
         while not stop.is_set():
             missing = self.store.missing_chunks(ref)
             if not missing:
@@ -142,12 +150,15 @@ class MqttDelivery:
             progress(self.store.bytes_done(ref))
             if now_missing < before:
                 stalls = 0
+                gained = time.monotonic()
                 continue
             stalls += 1
-            if stalls >= self.max_stalls:
+            silent = time.monotonic() - gained
+            if stalls >= self.max_stalls and silent >= self.give_up_s:
                 raise ServiceUnavailable(
                     f"download stalled: {now_missing} of {len(ref.chunks)} chunks missing after "
-                    f"{stalls} requests ({self.rejected_chunks} chunks failed their hash)"
+                    f"{stalls} requests and {silent:.0f}s without a new chunk "
+                    f"({self.rejected_chunks} chunks failed their hash)"
                 )
             stop.wait(self.backoff.delay(stalls))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,16 +242,21 @@ def test_mqtt_asks_again_for_a_chunk_that_failed_its_hash(tmp_path: Path, link: 
 
 
 def test_mqtt_gives_up_with_a_reason_when_nobody_answers(tmp_path: Path, link: MqttLink) -> None:
+    """Three asks without a chunk, and no sooner than give_up_s after the first."""
     delivery = MqttDelivery(
         link,
         ModelStore(tmp_path),
         device_id=_device(),
         wait_s=0.05,
         max_stalls=3,
+        give_up_s=0.5,
         backoff=Backoff(base=0.01, cap=0.02),
     )
+    began = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="download stalled: 6 of 6 chunks missing"):
         delivery.fetch(REF, lambda _done: None, threading.Event())
+    assert time.monotonic() - began >= 0.5
+    assert delivery.requests > 3
 
 
 def test_mqtt_returns_when_stopped(tmp_path: Path, link: MqttLink) -> None:
