@@ -5,12 +5,15 @@ another replica enrolled meanwhile keeps its login."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
 
+from cloud.broker.dynsec import Command, DynsecClient
 from cloud.broker.provisioning import DynsecAccounts
 from cloud.embedded.services import ServiceUrls
 from cloud.registry import repository
@@ -144,3 +147,33 @@ def test_a_device_another_replica_enrolled_meanwhile_keeps_its_login(
         assert [d for d in ("cam-0", "cam-1", "cam-3", "cam-4") if dynsec.get_client(d)] == []
     with api.context.database.session() as s:
         assert s.get(Device, "cam-0") is None
+
+
+def test_a_batch_asks_the_broker_about_its_own_names_only(
+    broker: DynsecBroker, probes: list[MqttProbe], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker holds 300 other device logins (and the cloud's): enrolling two devices, one
+    of them a leftover login, sends and gets back nothing about the 300 — what a batch costs
+    the broker does not grow with the fleet (an answer listing 100,000 logins nears the
+    broker's 2 MiB packet limit). Before, every batch listed every login."""
+    accounts = DynsecAccounts(
+        broker.url, username=broker.cloud_username, password=broker.cloud_password
+    )
+    accounts.provision_devices([(f"other-{i:03d}", f"efd_other-token-{i:03d}") for i in range(300)])
+    accounts.provision_device("cam-old", "efd_old-token-0123456789")
+    exchanged: list[str] = []
+    real = DynsecClient.request
+
+    def spied(self: DynsecClient, commands: Sequence[Command]) -> list[dict[str, Any]]:
+        responses = real(self, commands)
+        exchanged.append(json.dumps([c.args for c in commands]) + json.dumps(responses))
+        return responses
+
+    monkeypatch.setattr(DynsecClient, "request", spied)
+    accounts.provision_devices([("cam-new", "efd_new-token-0123456789"), ("cam-old", "efd_old-2")])
+    assert exchanged
+    assert not [text for text in exchanged if "other-" in text]
+    assert _logs_in(probes, broker, "cam-new", "efd_new-token-0123456789")
+    assert _logs_in(probes, broker, "cam-old", "efd_old-2")
+    assert not _logs_in(probes, broker, "cam-old", "efd_old-token-0123456789")
+    assert _logs_in(probes, broker, "other-007", "efd_other-token-007")
