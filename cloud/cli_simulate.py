@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import stat
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -16,28 +15,14 @@ from rich.console import Console
 from cloud.cli_models import DEFAULT_API, ApiOption, TokenOption
 from cloud.launcher import stop_on_signals
 from cloud.settings import DEV_ADMIN_TOKEN
+from cloud.simulate.data_dir import check_room, clean, default_data_dir
 from cloud.simulate.fleet import Faults, FleetStatus, SimulatedFleet
 from shared.errors import EdgeFleetError
 
-__all__ = ["default_data_dir", "simulate"]
+__all__ = ["simulate"]
 
 console = Console(soft_wrap=True, highlight=False)
 _REPORT_EVERY_S = 2.0
-
-
-def default_data_dir(prefix: str) -> Path:
-    """In memory where the machine has a tmpfs: a thousand devices' downloads are then no
-    thousand disks' fsyncs on one disk (the agent still makes each call). The folder is ours
-    alone (0700, checked): the devices' tokens are in it."""
-    shm = Path("/dev/shm")  # noqa: S108 - a private folder of ours is made and checked below
-    if not shm.is_dir():
-        return Path(".edgefleet") / "sim" / prefix
-    mine = shm / f"edgefleet-{os.getuid()}"
-    mine.mkdir(mode=0o700, exist_ok=True)
-    info = mine.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise typer.BadParameter(f"{mine} is not a private folder of ours: give --data-dir")
-    return mine / f"sim-{prefix}"
 
 
 def describe(status: FleetStatus, total: int) -> str:
@@ -92,11 +77,31 @@ def simulate(
         ),
     ] = None,
     duration: Annotated[float | None, typer.Option(help="stop after N seconds")] = None,
+    fresh: Annotated[
+        bool, typer.Option("--clean", help="first remove what earlier runs left in the data dir")
+    ] = False,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            "--keep", help="leave the devices' folders (tokens, models) after a run that ends well"
+        ),
+    ] = False,
 ) -> None:
     """Enroll N devices and run them as real agents (their MQTT, delivery, verification,
     health check and activation) in worker processes, until Ctrl-C; print the fleet's state.
-    Roll a model out to them with `POST /v1/rollouts` and selector {"simulated": PREFIX}."""
-    root = data_dir or default_data_dir(prefix)
+    Roll a model out to them with `POST /v1/rollouts` and selector {"simulated": PREFIX}.
+    The devices' folders are removed when the run ends well, unless --keep."""
+    try:
+        root = data_dir or default_data_dir(prefix, agents, say=console.print)
+        if fresh:
+            clean(root)
+        check_room(root, agents)
+    except EdgeFleetError as exc:
+        console.print(f"[red]cannot simulate:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        console.print(f"[red]cannot simulate:[/red] {exc}")
+        raise typer.Exit(2) from None
     faults = Faults(
         chunk_loss=chunk_loss, restart_share=restart_share, slow_share=slow_share,
         slow_delay_s=slow_delay_ms / 1000, seed=seed,
@@ -110,6 +115,7 @@ def simulate(
     except EdgeFleetError as exc:
         console.print(f"[red]cannot simulate:[/red] {exc.message}")
         raise typer.Exit(2) from None
+    ended_well = False
     with stop_on_signals(stop):
         try:
             if broken_version is not None:
@@ -133,6 +139,7 @@ def simulate(
                 console.print(describe(fleet.status(), agents))
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+            ended_well = True
         except EdgeFleetError as exc:
             console.print(f"[red]simulation stopped:[/red] {exc.message}")
             raise typer.Exit(1) from None
@@ -142,3 +149,21 @@ def simulate(
         finally:
             console.print("stopping the simulated devices")
             fleet.stop()
+            _tidy(root, removable=ended_well and not keep, ours=data_dir is None)
+
+
+def _tidy(root: Path, *, removable: bool, ours: bool) -> None:
+    """Remove the devices' folders (``ours``: the default data dir, itself too), or say
+    where they are kept."""
+    if not removable:
+        console.print(f"the devices' folders are kept under {root} (workers' logs in workers/)")
+        return
+    try:
+        clean(root)
+    except OSError as exc:
+        console.print(f"[red]could not remove the devices' folders under {root}:[/red] {exc}")
+        return
+    if ours:
+        with contextlib.suppress(OSError):  # not empty: something else is kept there
+            root.rmdir()
+    console.print(f"removed the devices' folders under {root}")

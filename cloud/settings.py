@@ -63,9 +63,11 @@ class CloudSettings(BaseSettings):
     chunk_size: int = Field(default=256 * 1024, ge=1024, le=16 * 1024 * 1024)
     # The chunk carousel (cloud/fleet/chunks.py): at most this many chunks unacknowledged by
     # the broker at a time; a pass over an artifact waits for the devices still joining at
-    # most this long once the one before is over.
+    # most this long once the one before is over — silence for a device that asked, so kept
+    # well below the 30 s an agent waits without a chunk before it gives a download up
+    # (edge_agent/config.py download_give_up_s).
     chunk_max_in_flight: int = Field(default=8, ge=1, le=100)
-    chunk_pass_max_wait_s: float = Field(default=15.0, ge=0, le=300)
+    chunk_pass_max_wait_s: float = Field(default=15.0, ge=0, le=20)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Who gives devices their broker login at enrollment: nobody ("none": the embedded broker

@@ -82,6 +82,7 @@ class Agent:
                 device_id=self.device_id,
                 wait_s=settings.chunk_wait_s,
                 max_stalls=settings.download_max_stalls,
+                give_up_s=settings.download_give_up_s,
             )
         self.deployer = Deployer(
             device_id=self.device_id,

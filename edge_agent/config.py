@@ -66,6 +66,11 @@ class AgentSettings(BaseSettings):
     download_via: Literal["mqtt", "http"] = "mqtt"
     chunk_wait_s: float = Field(default=3.0, gt=0)
     download_max_stalls: int = Field(default=8, ge=1, description="requests without progress")
+    # Longer than the cloud's longest wait before a pass (EDGEFLEET_CHUNK_PASS_MAX_WAIT_S, at
+    # most 20 s): a device that asked while the cloud gathers a wave hears nothing meanwhile.
+    download_give_up_s: float = Field(
+        default=30.0, gt=0, description="a download fails only after this long without a chunk"
+    )
     cloud_budget_s: float = Field(default=0.5, gt=0, description="latency budget for offload")
     cloud_breaker_failures: int = Field(
         default=3, ge=1, le=1000, description="consecutive cloud failures that open the breaker"

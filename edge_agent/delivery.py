@@ -38,7 +38,15 @@ class MqttDelivery:
 
     A pass goes up the indices: a chunk arriving while one below it is still missing shows
     that one was lost (or not in this pass), and the device asks again ``skip_delay_s`` later
-    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s)."""
+    — beyond the cloud's grace for repeated asks (``cloud/fleet/carousel.py``, 2 s) — for
+    that gap only, and for each missing chunk at most once a pass (a chunk arriving below
+    the last one heard begins the next pass): a device that joined mid-pass would otherwise
+    ask for all it lacks again at every arrival until the pass ends.
+
+    It gives up after ``max_stalls`` asks without a new chunk, and never before ``give_up_s``
+    without one: the cloud may hold a pass back for a wave still joining (at most
+    ``chunk_pass_max_wait_s``, which its settings keep below this), and a device that asks
+    again every second while it waits would otherwise count its stalls up meanwhile."""
 
     def __init__(
         self,
@@ -52,6 +60,7 @@ class MqttDelivery:
         backoff: Backoff | None = None,
         patience: float = 4.0,
         skip_delay_s: float = 2.5,
+        give_up_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
         self.link = link
@@ -63,14 +72,21 @@ class MqttDelivery:
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.patience = patience
         self.skip_delay_s = skip_delay_s
+        self.give_up_s = give_up_s
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._arrived = threading.Condition()
         self._active: dict[str, ArtifactRef] = {}
         # Per artifact being fetched: when a chunk of it last arrived, one we lacked, and
-        # (since the last ask) one above a chunk still missing.
+        # (since the last ask) one above a gap not asked for yet, with its index.
         self._heard: dict[str, float] = {}
         self._gained: dict[str, float] = {}
-        self._skipped: dict[str, float] = {}
+        self._skipped: dict[str, tuple[float, int]] = {}
+        # This pass: the last index heard; the gaps below ``_asked_below`` were asked for;
+        # every chunk from there up to ``_present_to`` is on disk (so each arrival looks at
+        # the chunks below it once, not all of them again).
+        self._top: dict[str, int] = {}
+        self._asked_below: dict[str, int] = {}
+        self._present_to: dict[str, int] = {}
         self.rejected_chunks = 0
         self.requests = 0
 
@@ -91,14 +107,30 @@ class MqttDelivery:
             _LOGGER.warning(
                 "chunk %s of %s failed its hash; will ask again", index, ref.sha256[:12]
             )
-        below = self.store.first_missing(ref)
+        sha = ref.sha256
         with self._arrived:
-            self._heard[ref.sha256] = now
+            self._heard[sha] = now
             if lacked:
-                self._gained[ref.sha256] = now
-            if below is not None and below < index:
-                self._skipped.setdefault(ref.sha256, now)
+                self._gained[sha] = now
+            if index < self._top.get(sha, -1):
+                # The carousel came round: the gaps of this new pass were not asked for yet.
+                self._asked_below[sha] = self._present_to[sha] = 0
+            self._top[sha] = index
+            if self._new_gap(ref, index):
+                self._skipped.setdefault(sha, (now, index))
             self._arrived.notify_all()
+
+    def _new_gap(self, ref: ArtifactRef, index: int) -> bool:
+        """A chunk below ``index`` is missing that no ask of this pass covered (under
+        ``_arrived``)."""
+        sha = ref.sha256
+        start = max(self._asked_below.get(sha, 0), self._present_to.get(sha, 0))
+        for below in range(start, index):
+            if not self.store.has_chunk(ref, below):
+                self._present_to[sha] = below
+                return True
+        self._present_to[sha] = max(start, index)
+        return False
 
     def fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
         chunk_filter = topics.artifact_chunks_filter(ref.sha256)
@@ -110,18 +142,31 @@ class MqttDelivery:
             self.link.unsubscribe(chunk_filter)
             self._active.pop(ref.sha256, None)
             with self._arrived:
-                for seen in (self._heard, self._gained, self._skipped):
+                for seen in (
+                    self._heard, self._gained, self._skipped, self._top, self._asked_below,
+                    self._present_to,
+                ):  # fmt: skip
                     seen.pop(ref.sha256, None)
 
-    def _ask(self, ref: ArtifactRef, missing: list[int], *, first: bool) -> bool:
+    def _ask(
+        self, ref: ArtifactRef, missing: list[int], *, first: bool, gap: int | None = None
+    ) -> bool:
+        """Ask for ``missing``; or, with ``gap``, for those of them below it that no ask of
+        this pass covered yet."""
         if not self.link.connected:
             return False
         topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
         with self._arrived:
             self._skipped.pop(ref.sha256, None)
+            if gap is not None:
+                asked = self._asked_below.get(ref.sha256, 0)
+                missing = [i for i in missing if asked <= i < gap]
+                self._asked_below[ref.sha256] = max(asked, gap)
         for start in range(0, len(missing), self.request_window):
             request = ArtifactRequest(
-                sha256=ref.sha256, chunks=missing[start : start + self.request_window], first=first
+                sha256=ref.sha256,
+                chunks=missing[start : start + self.request_window],
+                first=first and start == 0,  # one join, however many messages it takes
             )
             self.link.publish(topic, request.model_dump_json(), qos=1)
         self.requests += 1
@@ -130,47 +175,55 @@ class MqttDelivery:
     def _fetch(self, ref: ArtifactRef, progress: Progress, stop: threading.Event) -> None:
         stalls = 0
         first = True
+        gained = time.monotonic()
+        gap: int | None = None
         while not stop.is_set():
             missing = self.store.missing_chunks(ref)
             if not missing:
                 return
             before = len(missing)
-            if self._ask(ref, missing, first=first):
+            if self._ask(ref, missing, first=first, gap=gap):
                 first = False
-            self._wait_for_the_carousel(ref, stop)
+            gap = self._wait_for_the_carousel(ref, stop)
             now_missing = len(self.store.missing_chunks(ref))
             progress(self.store.bytes_done(ref))
             if now_missing < before:
                 stalls = 0
+                gained = time.monotonic()
                 continue
             stalls += 1
-            if stalls >= self.max_stalls:
+            silent = time.monotonic() - gained
+            if stalls >= self.max_stalls and silent >= self.give_up_s:
                 raise ServiceUnavailable(
                     f"download stalled: {now_missing} of {len(ref.chunks)} chunks missing after "
-                    f"{stalls} requests ({self.rejected_chunks} chunks failed their hash)"
+                    f"{stalls} requests and {silent:.0f}s without a new chunk "
+                    f"({self.rejected_chunks} chunks failed their hash)"
                 )
             stop.wait(self.backoff.delay(stalls))
 
-    def _wait_for_the_carousel(self, ref: ArtifactRef, stop: threading.Event) -> None:
-        """Until nothing is missing, or it is time to ask again (see the class docstring)."""
+    def _wait_for_the_carousel(self, ref: ArtifactRef, stop: threading.Event) -> int | None:
+        """Until nothing is missing, or it is time to ask again (see the class docstring):
+        for a gap below the index returned, or (None) for everything missing."""
         quiet = self.wait_s * self.rng.uniform(0.75, 1.25)
         start = time.monotonic()
         with self._arrived:
             while not stop.is_set():
                 if self.store.complete(ref):
-                    return
+                    return None
                 now = time.monotonic()
                 heard = max(start, self._heard.get(ref.sha256, start))
                 gained = max(start, self._gained.get(ref.sha256, start))
                 due = min(heard + quiet, gained + quiet * self.patience)
+                if due <= now:
+                    return None
                 skipped = self._skipped.get(ref.sha256)
                 if skipped is not None:
-                    due = min(due, skipped + self.skip_delay_s)
-                left = due - now
-                if left <= 0:
-                    return
+                    if skipped[0] + self.skip_delay_s <= now:
+                        return skipped[1]
+                    due = min(due, skipped[0] + self.skip_delay_s)
                 # In slices: ``stop`` is an Event of the deployer's, which cannot notify us.
-                self._arrived.wait(min(left, _STOP_POLL_S))
+                self._arrived.wait(min(due - now, _STOP_POLL_S))
+        return None
 
 
 class HttpDelivery:

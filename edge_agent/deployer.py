@@ -89,8 +89,9 @@ class Deployer:
         self.on_applied = on_applied
         self._queue: queue.Queue[DesiredState | None] = queue.Queue()
         self._highest_queued = store.state.rev_applied
-        # Nothing taken since this start: the rev applied, delivered again, is taken once
-        # more (its ACTIVE may not have left before the last stop; the rollout waits for it).
+        # Nothing taken since this start: the rev applied, delivered again, says ACTIVE once
+        # more for what it activated (that event may not have left before the last stop; the
+        # rollout waits for it). See _say_active_again.
         self._fresh = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="deployer", daemon=True)
@@ -169,6 +170,11 @@ class Deployer:
     def _apply(self, state: DesiredState) -> None:
         if state.rev < self._highest_queued:
             return  # a newer rev is queued behind this one: it decides
+        if state.rev == self.store.state.rev_applied:
+            # Only the first delivery after a start gets here (on_desired drops a repeat).
+            self._say_active_again(state)
+            self.on_applied()
+            return
         self._remove_unnamed(state)
         for deployment in state.deployments:
             if self._stop.is_set():
@@ -183,6 +189,30 @@ class Deployer:
         self.store.discard_partials({d.manifest.artifact.sha256 for d in state.deployments})
         self.store.set_rev_applied(state.rev)
         self.on_applied()
+
+    def _say_active_again(self, state: DesiredState) -> None:
+        """The rev was applied before this start: say ACTIVE again for each model it
+        activated (served and stored exactly as it names it), and leave the rest as it
+        ended — a FAILED rev is retried only by a newer rev (cloud/fleet/desired.py renew),
+        not downloaded and checked again at every start."""
+        for deployment in state.deployments:
+            manifest = deployment.manifest
+            served = self.runtime.models().get(manifest.model)
+            installed = self.store.active(manifest.model)
+            if (
+                served is not None
+                and served.manifest == manifest
+                and installed == Installed(manifest, deployment.rollout_id)
+            ):
+                self._status(
+                    DeploymentState.ACTIVE, rev=state.rev, deployment=deployment,
+                    done=manifest.artifact.size,
+                )  # fmt: skip
+            else:
+                _LOGGER.info(
+                    "%s:%s of rev %s was not activated before this start; a newer rev retries it",
+                    manifest.model, manifest.version, state.rev,
+                )  # fmt: skip
 
     def _remove_unnamed(self, state: DesiredState) -> None:
         """The document is the device's whole desired state: a model it does not name is

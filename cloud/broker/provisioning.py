@@ -106,6 +106,18 @@ def _template_role() -> Command:
     )
 
 
+def _known(dynsec: DynsecClient, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` the broker has a login for, ``_BATCH`` names a message."""
+    known = set()
+    for start in range(0, len(names), _BATCH):
+        batch = names[start : start + _BATCH]
+        answers = dynsec.run(
+            [Command("getClient", {"username": n}, tolerate={"Client not found"}) for n in batch]
+        )
+        known |= {n for n, data in zip(batch, answers, strict=True) if data.get("client")}
+    return known
+
+
 class DynsecAccounts:
     """Device logins in Mosquitto's dynamic-security plugin, one short admin connection a call.
 
@@ -166,15 +178,15 @@ class DynsecAccounts:
         broker already has a login for is replaced if enrollment made it (as one at a time
         does), refused (Conflict) if not; on any failure the logins made are removed.
 
-        Names the broker knows are found first and replaced one by one, their login deleted
+        Names the broker knows are found first (asked about by name: what a batch costs the
+        broker does not grow with the fleet) and replaced one by one, their login deleted
         before their role: Mosquitto 2.0.11 crashes when a role still held by a login is
         deleted and made again (seen here)."""
         made: list[str] = []
         try:
             with self.connect() as dynsec:
                 dynsec.run([_template_role()])
-                listed = dynsec.run([Command("listClients", {"verbose": False, "count": -1})])
-                known = set(listed[0].get("clients") or [])
+                known = _known(dynsec, [d for d, _p in devices])
                 fresh = [(d, p) for d, p in devices if d not in known]
                 for start in range(0, len(fresh), _BATCH):
                     batch = fresh[start : start + _BATCH]

@@ -6,7 +6,10 @@ cursor, round and round: each wanted chunk once per pass. Sending a chunk satisf
 ask made before it (the broker hands it to every device subscribed); a device asking for a
 chunk the cursor has passed gets it on the next pass, and a device that joins mid-pass gets
 the rest of this pass and the start of the next. An ask nobody repeats within ``ttl_s``
-stops being sent: the device that made it is gone, or will ask again. A repeated ask that
+stops being sent: the device that made it is gone, or will ask again. That time runs only
+while no pass is under way (from the ask, or from the end of the pass it waited behind): a
+device receiving a pass in order gains chunk after chunk and has no reason to ask again,
+however long the pass lasts. A repeated ask that
 comes within ``grace_s`` of the chunk's sending is not taken (see ``Pacing.grace_s``).
 
 A pass waits for the devices still joining (a rollout's wave reaches its devices over
@@ -58,6 +61,7 @@ class Reel:
     last_join: float = float("-inf")  # the last first ask of a device
     joins: int = 0  # first asks since the last pass began
     due_since: float | None = None  # when a next pass became due (wants left behind)
+    pass_ended: float = float("-inf")  # when the last pass sent its last wanted chunk
     _order: list[int] = field(default_factory=list)  # ``wanted``'s keys, sorted
     _sent_at: dict[int, float] = field(default_factory=dict)  # chunk index -> last sent
 
@@ -115,10 +119,21 @@ class Reel:
         if self.wanted.pop(index, None) is not None:
             del self._order[bisect.bisect_left(self._order, index)]
         self.cursor = index + 1
+        if not self._under_way():
+            self.pass_ended = now
+
+    def _under_way(self) -> bool:
+        """A pass runs and still has wanted chunks ahead of its cursor."""
+        ahead = bisect.bisect_left(self._order, self.cursor) < len(self._order)
+        return self.pass_started is not None and ahead
 
     def expire(self, older_than: float) -> int:
-        """Forget asks made before ``older_than`` that nobody repeated; returns how many."""
-        stale = [i for i, at in self.wanted.items() if at < older_than]
+        """Forget asks that nobody repeated since ``older_than``, counting a want's age from
+        the end of the pass it waited behind; while a pass is under way none (see the module
+        docstring). Returns how many."""
+        if self._under_way():
+            return 0
+        stale = [i for i, at in self.wanted.items() if max(at, self.pass_ended) < older_than]
         for index in stale:
             del self.wanted[index]
             del self._order[bisect.bisect_left(self._order, index)]

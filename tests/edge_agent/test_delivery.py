@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,16 +242,21 @@ def test_mqtt_asks_again_for_a_chunk_that_failed_its_hash(tmp_path: Path, link: 
 
 
 def test_mqtt_gives_up_with_a_reason_when_nobody_answers(tmp_path: Path, link: MqttLink) -> None:
+    """Three asks without a chunk, and no sooner than give_up_s after the first."""
     delivery = MqttDelivery(
         link,
         ModelStore(tmp_path),
         device_id=_device(),
         wait_s=0.05,
         max_stalls=3,
+        give_up_s=0.5,
         backoff=Backoff(base=0.01, cap=0.02),
     )
+    began = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="download stalled: 6 of 6 chunks missing"):
         delivery.fetch(REF, lambda _done: None, threading.Event())
+    assert time.monotonic() - began >= 0.5
+    assert delivery.requests > 3
 
 
 def test_mqtt_returns_when_stopped(tmp_path: Path, link: MqttLink) -> None:
@@ -300,3 +306,79 @@ def test_mqtt_asks_again_soon_for_a_chunk_a_later_one_shows_was_lost(
         cloud.stop()
     assert cloud.requests[1] == [2]
     assert store.finish(REF).read_bytes() == DATA
+
+
+class PassUnderWay:
+    """The cloud's carousel as a device joining mid-pass meets it: the pass it joins is at
+    chunk ``JOIN`` and sends the rest, one chunk every 0.1 s; the next pass sends the chunks
+    below, and the device is done. Every request message is kept."""
+
+    JOIN = 20
+
+    def __init__(self, device_id: str, data: bytes) -> None:
+        self.data = data
+        self.ref = ArtifactRef.of(data, CHUNK)
+        self.requests: list[ArtifactRequest] = []
+        self.first_ask_in = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"cloud-{uuid.uuid4().hex[:8]}"
+        )
+        topic = topics.device_topic(device_id, DeviceTopic.ARTIFACT_REQUEST)
+        self.client.on_connect = lambda client, *_a: client.subscribe(topic, 1)
+        self.client.on_message = self._on_message
+        self.passes = threading.Thread(target=self._passes, daemon=True)
+        self.stop = threading.Event()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self.requests.append(decode(ArtifactRequest, message.payload))
+        if sum(len(r.chunks) for r in self.requests) >= len(self.ref.chunks):
+            self.first_ask_in.set()
+
+    def _send(self, indices: range, pause: float) -> None:
+        for index in indices:
+            if self.stop.wait(pause):
+                return
+            chunk = self.data[index * CHUNK : (index + 1) * CHUNK]
+            self.client.publish(topics.artifact_chunk(self.ref.sha256, index), chunk, qos=1)
+
+    def _passes(self) -> None:
+        if self.first_ask_in.wait(10):
+            self._send(range(self.JOIN, len(self.ref.chunks)), 0.1)
+            self._send(range(self.JOIN), 0.02)
+
+    def start(self) -> None:
+        self.client.connect("127.0.0.1", 1883)
+        self.client.loop_start()
+        self.passes.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.passes.join(10)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_a_device_joining_mid_pass_asks_for_the_gap_once_not_for_everything_again(
+    tmp_path: Path, link: MqttLink
+) -> None:
+    """The device asks for its 40 chunks in three messages (only the first says it joins);
+    the pass it joined sends 20..39 over 2 s, each arrival above the missing 0..19: it asks
+    once for 0..19 — not its whole missing list every skip_delay_s, as it did before."""
+    device = _device()
+    data = os.urandom(CHUNK * 40)
+    cloud = PassUnderWay(device, data)
+    cloud.start()
+    delivery = MqttDelivery(
+        link, ModelStore(tmp_path), device_id=device, request_window=16,
+        wait_s=60.0, patience=100.0, skip_delay_s=0.3,
+    )  # fmt: skip
+    try:
+        delivery.fetch(cloud.ref, lambda _d: None, threading.Event())
+    finally:
+        cloud.close()
+    first, again = cloud.requests[:3], cloud.requests[3:]
+    assert [r.first for r in first] == [True, False, False]
+    assert sorted(i for r in first for i in r.chunks) == list(range(40))
+    assert sorted(i for r in again for i in r.chunks) == list(range(20))
+    assert not any(r.first for r in again)
+    assert delivery.store.finish(cloud.ref).read_bytes() == data

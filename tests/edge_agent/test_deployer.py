@@ -336,6 +336,61 @@ def test_a_rev_applied_before_a_restart_is_said_active_again(tmp_path: Path) -> 
         second.deployer.stop()
 
 
+def test_a_failed_rev_is_not_retried_after_a_restart(tmp_path: Path) -> None:
+    """Rev 1 fails at DOWNLOADING (a stalled download) and is applied as failed. The next
+    start receives the retained rev 1 again: it neither downloads nor activates it, and says
+    nothing about it — a FAILED rev is retried only by a newer rev, on an operator's purpose
+    (cloud/fleet/desired.py renew). Before, every restart took it again in full."""
+    first = _rig(tmp_path)
+    manifest = _version(first, 1, seed=1)
+    first.fetcher.error = ServiceUnavailable("download stalled")
+    first.deploy(1, manifest)
+    assert first.states(1)[-1] == "FAILED"
+    assert first.store.state.rev_applied == 1
+    first.deployer.stop()
+    second = _rig(tmp_path, first.key)
+    second.fetcher.blobs = first.fetcher.blobs
+    try:
+        second.deploy(1, manifest)
+        assert second.states(1) == []
+        assert not second.fetcher.started.is_set()
+        assert "m" not in second.runtime.models()
+        assert second.store.active("m") is None
+    finally:
+        second.deployer.stop()
+
+
+def test_after_a_restart_only_what_the_rev_activated_is_said_active_again(
+    tmp_path: Path,
+) -> None:
+    """Rev 1 names two models: m activates, n fails its health check. After a restart the
+    retained rev 1 makes the agent say ACTIVE for m (that event may have been lost at the
+    stop) and nothing for n, which is not checked again."""
+    first = _rig(tmp_path)
+    good = _version(first, 1, seed=1)
+    data = tiny_classifier(seed=2)
+    first.fetcher.offer(data)
+    bad = manifest_for(
+        data, model="n", golden=[GoldenExample(inputs={"input": ROW[:3]}, outputs={})]
+    )
+    first.deploy(1, good, bad)
+    assert [
+        (e.model, e.state.value) for e in first.events if e.state.value in ("ACTIVE", "FAILED")
+    ] == [("m", "ACTIVE"), ("n", "FAILED")]
+    first.deployer.stop()
+    second = _rig(tmp_path, first.key)
+    installed = second.store.active("m")
+    assert installed is not None
+    path = second.store.blob_path(good.artifact.sha256)
+    second.runtime.swap(second.runtime.load(installed.manifest, path))  # the agent's start
+    try:
+        second.deploy(1, good, bad)
+        assert [(e.model, e.state.value, e.rev) for e in second.events] == [("m", "ACTIVE", 1)]
+        assert "n" not in second.runtime.models()
+    finally:
+        second.deployer.stop()
+
+
 def test_a_deployer_stopped_during_a_health_check_activates_nothing(tmp_path: Path) -> None:
     """Stop comes while the health check runs (and outlasts the stop's wait): when the check
     ends, the stopped deployer neither activates the model nor marks the rev applied — the

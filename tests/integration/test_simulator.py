@@ -4,6 +4,8 @@ take a rollout from one shared broadcast; each fault flag is shown to act on a f
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.integration.test_crash_safety import _big_model
 from tests.mosquitto import mosquitto
 
 MODEL = "digits-edge"
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
 
 
 @pytest.fixture
@@ -194,3 +197,35 @@ def test_a_version_that_fails_its_health_check_stops_at_the_canary(
     assert len(failed) == 1
     assert "differs by" in failed[0]["reason"]
     wait_for(lambda: fleet.status().serving(MODEL, v1) == 3, 30, "every device on v1")
+
+
+def test_the_simulate_command_leaves_no_device_folder_behind_unless_kept(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    """`edgefleet simulate --keep` leaves its devices' folders (their tokens, and the models
+    they would hold) in place; a run that ends normally without it removes them, and
+    `--clean` first removes what an earlier run left (say, one killed with SIGKILL): the
+    devices it still knows get new tokens. Before, nothing was ever removed (in /dev/shm by
+    default: memory) and there was no flag for it."""
+    root = tmp_path / "sim"
+
+    def simulate(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                EDGEFLEET, "simulate", "--agents", "2", "--processes", "1", "--prefix", "simc",
+                "--api", cloud.url, "--token", ADMIN_TOKEN, "--data-dir", str(root),
+                "--duration", "1", *flags,
+            ],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+
+    kept = simulate("--keep")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert (root / "devices" / "simc-0001" / "agent.json").is_file()
+    leftover = root / "devices" / "simc-0009" / "agent.json"
+    leftover.parent.mkdir()
+    leftover.write_text("{}")
+    again = simulate("--clean")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 devices (0 enrolled now)" in again.stdout
+    assert sorted(p.name for p in root.iterdir()) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import socket
 import threading
 import time
 import uuid
@@ -12,6 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from cloud.embedded.processes import free_port
 from cloud.embedded.services import ServiceUrls
 from shared.mqtt_link import Inbound, MqttLink, ack_all, topic_matches
 from shared.retry import Backoff
@@ -248,3 +251,82 @@ def test_in_flight_counts_what_the_broker_has_not_acknowledged(broker: str) -> N
         assert len(acks) == 1005
     finally:
         link.stop()
+
+
+class LossyProxy:
+    """A TCP proxy in front of the broker that can lose everything the broker sends (its
+    PUBACKs among it) and cut every connection, as a network that fails half way does."""
+
+    def __init__(self, broker_port: int) -> None:
+        self.broker_port = broker_port
+        self.port = free_port()
+        self.losing = False
+        self._sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_broker: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not (from_broker and self.losing):
+                    sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            end.close()
+
+    def cut(self) -> None:
+        for end in self._sockets:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+        self._sockets = []
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "kept-session"])
+def test_puback_lost_with_the_connection_still_ends_in_flight(
+    tmp_path: Path, clean_session: bool
+) -> None:
+    """Eight QoS 1 messages go out while the broker's PUBACKs are lost on the way back, then
+    the connection is cut: in_flight counts all eight meanwhile (the carousel waits on it);
+    after the reconnect paho sends them again, the broker acknowledges them, and in_flight
+    is back to 0 — the carousel is not held back for ever by acks that never came."""
+    with mosquitto(tmp_path / "broker") as port:
+        proxy = LossyProxy(port)
+        acks: list[int] = []
+        link = _link(
+            f"mqtt://127.0.0.1:{proxy.port}", clean_session=clean_session,
+            on_published=lambda: acks.append(1),
+        )  # fmt: skip
+        link.start()
+        try:
+            assert link.wait_connected(10)
+            proxy.losing = True
+            for index in range(8):
+                assert link.publish(TOPIC, b"chunk %d" % index, qos=1)
+            time.sleep(0.5)
+            assert link.in_flight == 8
+            assert acks == []
+            proxy.losing = False
+            proxy.cut()
+            wait_for(lambda: link.in_flight == 0, 15, "the messages acknowledged after the cut")
+            assert len(acks) == 8
+            assert link.stats.connects >= 2
+        finally:
+            link.stop()
+            proxy.close()  # the broker, and the kept session with it, goes at the end

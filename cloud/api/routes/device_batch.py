@@ -19,6 +19,8 @@ from cloud.api.deps import AdminAuth, ContextDep
 from cloud.api.routes.devices import _BROKER_DOWN, _LOCK_STRIPES, _LOCKS, _accounts
 from cloud.api.routes.devices import _device_mqtt_url as device_mqtt_url
 from cloud.api.schemas import DeviceCreate, DevicePublic, Strict
+from cloud.broker.provisioning import BrokerAccounts
+from cloud.context import CloudContext
 from cloud.registry import repository
 from cloud.registry.tables import Device
 from shared.errors import Conflict, EdgeFleetError, InvalidInput, ServiceUnavailable
@@ -57,6 +59,34 @@ def _changing_all(device_ids: list[str]) -> Iterator[None]:
         for stripe in stripes:
             held.enter_context(_LOCKS[stripe])
         yield
+
+
+def _undo_after_a_race(context: CloudContext, accounts: BrokerAccounts, ids: list[str]) -> None:
+    """Another replica enrolled some of ``ids`` after our check (our rows were rolled back):
+    their logins are theirs, or were replaced by ours, and removing them would lock those
+    devices out for sure (the one-device route's rule); the others' logins are ours to take
+    away. Which ones are enrolled now is read again: a race may have taken more than one."""
+    try:
+        with context.database.session() as s:
+            theirs = set(s.scalars(select(Device.id).where(Device.id.in_(ids))))
+    except SQLAlchemyError:
+        _LOGGER.exception(
+            "after a concurrent enrollment the registry could not say which of %d devices are "
+            "enrolled; their broker logins are kept (enroll the others again)", len(ids),
+        )  # fmt: skip
+        return
+    for device_id in sorted(theirs):
+        _LOGGER.warning(
+            "device %s was enrolled concurrently elsewhere; if its agent cannot log in to the "
+            "broker, rotate its token", device_id,
+        )  # fmt: skip
+    try:
+        accounts.remove_devices([d for d in ids if d not in theirs])
+    except EdgeFleetError as undo:
+        _LOGGER.error(
+            "the broker keeps logins for devices whose enrollment was not stored (%s); enroll "
+            "them again to replace them", undo.message,
+        )  # fmt: skip
 
 
 @router.post(
@@ -101,6 +131,9 @@ def enroll_devices(
                     DeviceToken(device=DevicePublic.model_validate(d), token=tokens[d.id])
                     for d in devices
                 ]
+        except Conflict:
+            _undo_after_a_race(context, accounts, ids)
+            raise
         except BaseException as exc:
             try:
                 accounts.remove_devices(ids)

@@ -88,6 +88,56 @@ def test_a_chunk_nobody_wants_any_more_stops_being_sent() -> None:
     assert _drain(reel, 7.0) == []
 
 
+def test_a_pass_longer_than_the_time_to_live_sends_its_tail() -> None:
+    """50 devices ask for all 400 chunks at once and receive them in order, gaining chunk
+    after chunk, so none asks again; the pass lasts 70 s (a chunk every 0.175 s) against a
+    time to live of 60 s, expiry running every second as the broadcaster's does. Every chunk
+    still goes out in that one pass. Before, the 66 chunks of its tail expired unsent."""
+    ttl = 60.0
+    reel = Reel(SHA, chunk_size=1024, chunks=400)
+    for device in range(50):
+        reel.ask(list(range(400)), 0.01 * device, PACING, first=True)
+    now, expired_at, expired, sent = 0.0, 0.0, 0, []
+    while now < 120:
+        if now - expired_at >= 1.0:
+            expired_at = now
+            expired += reel.expire(now - ttl)
+        index = reel.next_index(now, PACING)
+        if index is None:
+            now += 0.1
+            continue
+        reel.sent(index, now)
+        sent.append(index)
+        now += 0.175
+    assert expired == 0
+    assert sent == list(range(400))
+    assert reel.passes == 1
+
+
+def test_a_want_waiting_behind_a_long_pass_lives_until_the_next_one() -> None:
+    """A device joins when the cursor is at chunk 100 of a pass that lasts 70 s: it gets the
+    rest of this pass, and chunks 0..99 wait for the next — the time to live counts from the
+    end of this pass, not from the ask. Once no pass is under way, a want nobody repeats
+    within the time to live goes unsent."""
+    ttl = 60.0
+    reel = Reel(SHA, chunk_size=1024, chunks=400)
+    reel.ask(list(range(400)), 0.0, PACING, first=True)
+    now, sent = 1.0, []
+    while len(sent) < 400:
+        if len(sent) == 100:
+            reel.ask(list(range(400)), now, PACING, first=True)
+        assert reel.expire(now - ttl) == 0
+        index = reel.next_index(now, PACING)
+        assert index is not None
+        reel.sent(index, now)
+        sent.append(index)
+        now += 0.175
+    assert sent == list(range(400))
+    assert reel.expire(now + 10.0 - ttl) == 0  # 10 s after the pass: 62 s after the ask
+    assert sorted(reel.wanted) == list(range(100))
+    assert reel.expire(now + 1.0) == 100  # no pass under way: the wants age from its end
+
+
 def test_a_repeated_ask_right_after_the_chunk_left_is_not_a_want() -> None:
     """A device that heard nothing for a while asks again just as the chunk is on its way:
     within grace_s that is not a want (it would be sent twice); later it is, and a joining
