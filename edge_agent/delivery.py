@@ -25,6 +25,7 @@ _LOGGER = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]  # bytes done so far
 _STOP_POLL_S = 0.2
+_PROGRESS_S = 0.5  # how often a download under way says how far it is, at most
 
 
 class MqttDelivery:
@@ -184,7 +185,7 @@ class MqttDelivery:
             before = len(missing)
             if self._ask(ref, missing, first=first, gap=gap):
                 first = False
-            gap = self._wait_for_the_carousel(ref, stop)
+            gap = self._wait_for_the_carousel(ref, stop, progress)
             now_missing = len(self.store.missing_chunks(ref))
             progress(self.store.bytes_done(ref))
             if now_missing < before:
@@ -201,13 +202,18 @@ class MqttDelivery:
                 )
             stop.wait(self.backoff.delay(stalls))
 
-    def _wait_for_the_carousel(self, ref: ArtifactRef, stop: threading.Event) -> int | None:
+    def _wait_for_the_carousel(
+        self, ref: ArtifactRef, stop: threading.Event, progress: Progress
+    ) -> int | None:
         """Until nothing is missing, or it is time to ask again (see the class docstring):
-        for a gap below the index returned, or (None) for everything missing."""
+        for a gap below the index returned, or (None) for everything missing. Progress is
+        said along the way (every ``_PROGRESS_S`` at most), not only when the wait ends: a
+        carousel that keeps delivering may keep it going for the whole download."""
         quiet = self.wait_s * self.rng.uniform(0.75, 1.25)
         start = time.monotonic()
-        with self._arrived:
-            while not stop.is_set():
+        said = start
+        while not stop.is_set():
+            with self._arrived:
                 if self.store.complete(ref):
                     return None
                 now = time.monotonic()
@@ -223,6 +229,9 @@ class MqttDelivery:
                     due = min(due, skipped[0] + self.skip_delay_s)
                 # In slices: ``stop`` is an Event of the deployer's, which cannot notify us.
                 self._arrived.wait(min(due - now, _STOP_POLL_S))
+            if time.monotonic() - said >= _PROGRESS_S:
+                said = time.monotonic()
+                progress(self.store.bytes_done(ref))  # outside the lock: it publishes
         return None
 
 

@@ -1,5 +1,6 @@
-"""Federated: Flower runs, each run's metrics round by round, and the version it produced.
-Clouds without federated learning answer 404, which the page says plainly."""
+"""Federated: the Flower runs (``GET /v1/federated/runs``), one run's metrics round by round
+and the versions it produced (``GET /v1/federated/runs/{id}``), and cancelling a run that is
+still going on. Clouds without federated learning answer 404, which the page says plainly."""
 
 from __future__ import annotations
 
@@ -8,75 +9,110 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard.client import ApiClient
+from dashboard.client import ApiClient, ApiError
 from dashboard.ui import frame, live, not_available, optional, when
 
-__all__ = ["RUNS_PATH", "render", "rounds_of"]
+__all__ = ["ACTIVE", "RUNS_PATH", "render", "round_table"]
 
 RUNS_PATH = "/v1/federated/runs"
-_COLUMNS = ["id", "model", "base version", "state", "rounds", "result version", "created"]
+ACTIVE = ("PENDING", "RUNNING", "FINALIZING")  # a run that may still be cancelled
+_COLUMNS = [
+    "id", "model", "base version", "state", "rounds", "result version", "INT8 version",
+    "rollout", "created", "finished", "reason",
+]  # fmt: skip
+# Per-round series, as the API names them, and how the page labels them.
+_TRAINING = {"train_loss": "train loss"}
+_CLIENTS = {"clients": "clients", "dropped": "dropped", "refused": "refused"}
+_TRAFFIC = {"bytes_down": "MB down", "bytes_up": "MB up"}
 
 
 def render(api: ApiClient) -> None:
-    live(api, _runs)
-
-
-def _items(body: Any) -> list[dict[str, Any]]:
-    # A list, or a page {"items": [...]}: read either.
-    if isinstance(body, dict):
-        body = body.get("items", [])
-    return [run for run in body if isinstance(run, dict)] if isinstance(body, list) else []
-
-
-def rounds_of(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-round metrics of a run: ``rounds`` on the run or in its ``metrics``, as a list of
-    {round, metric: value} (numbers only)."""
-    rounds = run.get("rounds")
-    if rounds is None:
-        rounds = (run.get("metrics") or {}).get("rounds")
-    rows = []
-    for index, entry in enumerate(rounds if isinstance(rounds, list) else [], start=1):
-        if isinstance(entry, dict):
-            numbers = {k: v for k, v in entry.items() if isinstance(v, int | float)}
-            rows.append({"round": index, **numbers})
-    return rows
-
-
-def _version(run: dict[str, Any], *names: str) -> Any:
-    for name in names:
-        if run.get(name) is not None:
-            return run[name]
-    return "—"
-
-
-def _runs(api: ApiClient) -> None:
-    body = optional(api, RUNS_PATH)
-    if body is None:
+    if note := st.session_state.pop("federated_note", None):
+        st.success(note)
+    runs = optional(api, RUNS_PATH, params={"limit": 50})
+    if runs is None:
         not_available("Federated learning", RUNS_PATH)
         return
-    runs = _items(body)
     if not runs:
-        st.info("No federated runs yet.")
+        st.info(
+            "No federated runs yet. Start one with `edgefleet federated run MODEL` "
+            f"or POST {RUNS_PATH}."
+        )
         return
-    rows = [
-        {
-            "id": run.get("id"), "model": run.get("model"),
-            "base version": _version(run, "base_version", "base_version_id"),
-            "state": run.get("state"), "rounds": len(rounds_of(run)),
-            "result version": _version(run, "result_version", "result_version_id"),
-            "created": when(run.get("created_at")),
-        }
-        for run in runs
-    ]  # fmt: skip
+    rows = [_row(run) for run in runs]
     st.dataframe(frame(rows, _COLUMNS), hide_index=True, width="stretch")
-    ids = [run.get("id") for run in runs]
-    chosen = st.selectbox("Run", ids, key="federated_run")
-    run = next(r for r in runs if r.get("id") == chosen)
-    per_round = rounds_of(run)
-    if not per_round:
-        st.info("This run has no per-round metrics yet.")
+    ids = [run["id"] for run in runs]
+    chosen = st.selectbox(
+        "Run", ids, key="federated_run",
+        format_func=lambda i: _label(next(r for r in runs if r["id"] == i)),
+    )  # fmt: skip
+    live(api, lambda a: _detail(a, int(chosen)))
+
+
+def _row(run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": run["id"], "model": run["model"], "base version": run["base_version"],
+        "state": run["state"], "rounds": f"{run['rounds_done']}/{run['rounds']}",
+        "result version": run.get("result_version"),
+        "INT8 version": run.get("result_int8_version"), "rollout": run.get("rollout_id"),
+        "created": when(run.get("created_at")), "finished": when(run.get("finished_at")),
+        "reason": run.get("reason") or "",
+    }  # fmt: skip
+
+
+def _label(run: dict[str, Any]) -> str:
+    return f"#{run['id']} {run['model']}:{run['base_version']} ({run['state']})"
+
+
+def round_table(run: dict[str, Any]) -> pd.DataFrame:
+    """One row per finished round: the series the charts draw, bytes as MB."""
+    rows = []
+    for entry in run.get("round_metrics") or []:
+        row: dict[str, Any] = {"round": entry["round"], "examples": entry["examples"]}
+        row |= {label: entry[name] for name, label in (_TRAINING | _CLIENTS).items()}
+        row |= {label: entry[name] / 1e6 for name, label in _TRAFFIC.items()}
+        row["wall s"] = entry["wall_s"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _detail(api: ApiClient, run_id: int) -> None:
+    run = api.get(f"{RUNS_PATH}/{run_id}")
+    top = st.columns(4)
+    top[0].metric("State", run["state"])
+    top[1].metric("Rounds", f"{run['rounds_done']} of {run['rounds']}")
+    top[2].metric("Result version", _or_dash(run.get("result_version")))
+    top[3].metric("On devices (INT8)", _or_dash(run.get("result_int8_version")))
+    if run.get("reason"):
+        st.caption(f"Why: {run['reason']}")
+    if run["state"] in ACTIVE and st.button("Cancel run", key=f"federated_cancel_{run_id}"):
+        _cancel(api, run_id)
+    rounds = round_table(run)
+    if rounds.empty:
+        st.info("No round has finished yet.")
+    else:
+        left, right = st.columns(2)
+        left.caption("Training loss per round")
+        left.line_chart(rounds, x="round", y=list(_TRAINING.values()), height=220)
+        right.caption("Clients per round")
+        right.bar_chart(rounds, x="round", y=list(_CLIENTS.values()), height=220)
+        st.caption("Model traffic per round (MB)")
+        st.bar_chart(rounds, x="round", y=list(_TRAFFIC.values()), height=200)
+        st.dataframe(rounds, hide_index=True, width="stretch")
+    if run.get("metrics"):
+        with st.expander("Gate scores and timings"):
+            st.json(run["metrics"])
+
+
+def _cancel(api: ApiClient, run_id: int) -> None:
+    try:
+        after = api.post(f"{RUNS_PATH}/{run_id}/cancel")
+    except ApiError as exc:  # 409: it finished meanwhile; the message says so
+        st.error(str(exc))
         return
-    data = pd.DataFrame(per_round)
-    metrics = [c for c in data.columns if c != "round"]
-    st.caption("Metrics per round")
-    st.line_chart(data, x="round", y=metrics, height=260)
+    st.session_state["federated_note"] = f"Run #{run_id} is {after['state']}."
+    st.rerun()
+
+
+def _or_dash(value: Any) -> str:
+    return "—" if value is None else str(value)

@@ -17,6 +17,9 @@ import pytest
 from cloud.api.app import create_app
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls
+from cloud.federated.plan import RoundReport
+from cloud.federated.schemas import RunState
+from cloud.federated.store import record_rounds, set_state
 from cloud.pipeline.reference.build import register_reference
 from cloud.registry import repository
 from cloud.settings import CloudSettings
@@ -33,6 +36,7 @@ class FleetApi:
     url: str
     context: CloudContext
     rollout_id: int
+    federated_run_id: int
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -77,6 +81,27 @@ def fleet_reports(ids: list[str], now: datetime) -> list[tuple[str, DeviceTopic,
     return reports
 
 
+ROUNDS = [
+    RoundReport(round=r, clients=20 - r, dropped=r - 1, refused=0, examples=600 - 40 * r,
+                train_loss=1.2 / r, wall_s=8.0 + r, bytes_down=1_500_000, bytes_up=1_400_000)
+    for r in (1, 2, 3)
+]  # fmt: skip
+
+
+def finish_federated_run(context: CloudContext, run_id: int) -> None:
+    """The run as the coordinator leaves it after three rounds (no SuperLink here): its
+    rounds stored, COMPLETED with version 2 (the INT8 child of the base) as its result."""
+    with context.database.session() as s:
+        record_rounds(s, run_id, ROUNDS)
+        base = repository.get_version(s, model_name="digits-edge", version=1)
+        int8 = repository.get_version(s, model_name="digits-edge", version=2)
+        assert set_state(
+            s, run_id, expect=(RunState.PENDING,), to=RunState.COMPLETED,
+            result_version_id=base.id, result_int8_version_id=int8.id,
+            metrics={"gate": {"base_accuracy": 0.91, "result_accuracy": 0.93}},
+        )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fleet_api(
     tmp_path_factory: pytest.TempPathFactory,
@@ -108,6 +133,14 @@ def fleet_api(
                           "strategy": {"canary": 2, "growth": 3}},
                 )  # fmt: skip
                 assert answer.status_code == 201, answer.text
-            yield FleetApi(url, context, int(answer.json()["id"]))
+                run = client.post(
+                    "/v1/federated/runs",
+                    json={"model": "digits-edge", "base_version": 1, "rounds": 3,
+                          "selector": {"site": "lab"}},
+                )  # fmt: skip
+                assert run.status_code == 201, run.text
+            federated_run_id = int(run.json()["id"])
+            finish_federated_run(context, federated_run_id)
+            yield FleetApi(url, context, int(answer.json()["id"]), federated_run_id)
     finally:
         context.close()

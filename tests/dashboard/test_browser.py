@@ -205,10 +205,25 @@ def test_inference_page_totals_are_the_historys(page: Any, live: tuple[Cloud, st
     _shot(page, "inference")
 
 
-def test_federated_page_says_not_available(page: Any, live: tuple[Cloud, str, int]) -> None:
-    _cloud, url, _rollout = live
-    _open(page, f"{url}/federated", "federated", "not available on this cloud yet")
+def test_federated_page_shows_a_run_and_cancels_it(page: Any, live: tuple[Cloud, str, int]) -> None:
+    """A run started through the API is on the page (PENDING: no device runs a SuperNode
+    here); Cancel ends it, on the page and in the API."""
+    cloud, url, _rollout = live
+    with cloud.client() as client:
+        created = client.post(
+            "/v1/federated/runs",
+            json={"model": "digits-edge", "rounds": 2, "selector": {"site": "lab"},
+                  "wait_for_clients_s": 600},
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    _open(page, f"{url}/federated", "federated", "No round has finished yet")
+    assert metric(page, "Rounds") == "0 of 2"
+    assert metric(page, "State") in ("PENDING", "RUNNING")
     _shot(page, "federated")
+    page.get_by_role("button", name="Cancel run").click()
+    wait_for(lambda: metric(page, "State") == "CANCELLED", 20, "CANCELLED on the page")
+    assert cloud.get(f"/v1/federated/runs/{run_id}")["state"] == "CANCELLED"
 
 
 def test_pause_and_abort_change_the_rollout(page: Any, live: tuple[Cloud, str, int]) -> None:

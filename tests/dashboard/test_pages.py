@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from cloud.embedded.processes import free_port
 from tests.conftest import ADMIN_TOKEN
-from tests.dashboard.conftest import DEVICES, FleetApi
+from tests.dashboard.conftest import DEVICES, ROUNDS, FleetApi
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 TIMEOUT = 60
@@ -146,9 +146,45 @@ def test_inference_totals_and_budget(env: FleetApi) -> None:
     assert _metrics(at)["Requests"] == f"{own['totals']['requests']:,}"
 
 
-def test_federated_says_it_is_not_available_here(env: FleetApi) -> None:
+def test_federated_shows_runs_rounds_and_resulting_versions(env: FleetApi) -> None:
+    """The list is the API's; the chosen run shows its state, rounds done, the versions it
+    made and one row per round with the ServerApp's numbers (no Cancel once it finished)."""
     at = _page("federated")
-    assert "not available on this cloud yet" in at.info[0].value
+    listed = at.dataframe[0].value
+    row = listed[listed["id"] == env.federated_run_id].iloc[0]
+    assert (row["state"], row["rounds"]) == ("COMPLETED", "3/3")
+    assert (row["result version"], row["INT8 version"]) == (1, 2)
+    at.selectbox(key="federated_run").set_value(env.federated_run_id).run()
+    _clean(at)
+    assert _metrics(at) == {
+        "State": "COMPLETED", "Rounds": "3 of 3", "Result version": "1",
+        "On devices (INT8)": "2",
+    }  # fmt: skip
+    rounds = at.dataframe[1].value
+    assert list(rounds["round"]) == [r.round for r in ROUNDS]
+    assert list(rounds["train loss"]) == pytest.approx([r.train_loss for r in ROUNDS])
+    assert list(rounds["clients"]) == [r.clients for r in ROUNDS]
+    assert list(rounds["MB up"]) == pytest.approx([r.bytes_up / 1e6 for r in ROUNDS])
+    assert not [b for b in at.button if b.label == "Cancel run"]
+
+
+def test_a_pending_federated_run_is_cancelled_from_the_page(env: FleetApi) -> None:
+    with env.client() as client:
+        created = client.post(
+            "/v1/federated/runs",
+            json={"model": "digits-edge", "rounds": 2, "selector": {"site": "lab"}},
+        )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    at = _page("federated")
+    assert at.selectbox(key="federated_run").value == run_id  # the newest first
+    assert _metrics(at)["State"] == "PENDING"
+    assert any("No round has finished yet" in i.value for i in at.info)
+    at.button(key=f"federated_cancel_{run_id}").click().run()
+    _clean(at)
+    assert env.get(f"/v1/federated/runs/{run_id}")["state"] == "CANCELLED"
+    assert f"Run #{run_id} is CANCELLED." in [s.value for s in at.success]
+    assert _metrics(at)["State"] == "CANCELLED"
 
 
 def test_an_api_that_is_down_is_one_message(env: FleetApi, monkeypatch: pytest.MonkeyPatch) -> None:

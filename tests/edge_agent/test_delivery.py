@@ -151,9 +151,15 @@ class ChunkBroadcaster:
     it can corrupt the first copy of one chunk."""
 
     def __init__(
-        self, device_id: str, *, corrupt: int | None = None, lose: int | None = None
+        self,
+        device_id: str,
+        *,
+        corrupt: int | None = None,
+        lose: int | None = None,
+        pace_s: float = 0.0,
     ) -> None:
         self.device_id = device_id
+        self.pace_s = pace_s  # between chunks: a carousel that keeps delivering, slowly
         self.corrupt = corrupt
         self.lose = lose  # a chunk the first answer leaves out, as if lost on the way
         self.requests: list[list[int]] = []
@@ -171,6 +177,12 @@ class ChunkBroadcaster:
     def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         request = decode(ArtifactRequest, message.payload)
         self.requests.append(request.chunks)
+        if self.pace_s:  # off paho's thread, which sends nothing while a callback runs
+            threading.Thread(target=self._answer, args=(client, request), daemon=True).start()
+        else:
+            self._answer(client, request)
+
+    def _answer(self, client: mqtt.Client, request: ArtifactRequest) -> None:
         for index in request.chunks:
             if index == self.lose:
                 self.lose = None
@@ -180,6 +192,7 @@ class ChunkBroadcaster:
                 self.corrupt = None
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
             client.publish(topics.artifact_chunk(request.sha256, index), chunk, qos=1)
+            time.sleep(self.pace_s)
 
     def start(self) -> None:
         self.client.connect("127.0.0.1", 1883)
@@ -222,6 +235,28 @@ def test_mqtt_asks_for_the_missing_chunks_and_assembles_the_artifact(
     assert cloud.requests[0] == [0, 2, 3, 5]
     assert progress[-1] == len(DATA)
     assert store.finish(REF).read_bytes() == DATA
+
+
+def test_mqtt_says_how_far_it_is_while_the_chunks_keep_coming(
+    tmp_path: Path, link: MqttLink
+) -> None:
+    """A carousel that never goes quiet never ends the wait before the last chunk; the
+    download still says its progress along the way, not only 0 and then all of it (an
+    operator watching a slow rollout saw nothing move)."""
+    device = _device()
+    store = ModelStore(tmp_path)
+    cloud = ChunkBroadcaster(device, pace_s=0.4)
+    cloud.start()
+    progress: list[int] = []
+    try:
+        delivery = MqttDelivery(link, store, device_id=device, wait_s=5.0)
+        delivery.fetch(REF, progress.append, threading.Event())
+    finally:
+        cloud.stop()
+    assert cloud.requests == [list(range(len(REF.chunks)))]  # one ask: the wait never ended
+    assert [done for done in progress if 0 < done < len(DATA)], progress
+    assert progress == sorted(progress)
+    assert progress[-1] == len(DATA)
 
 
 def test_mqtt_asks_again_for_a_chunk_that_failed_its_hash(tmp_path: Path, link: MqttLink) -> None:
