@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/edgefleet demo $(ARGS)
 
+# Two workers: most tests wait on brokers, agents and timers rather than the CPU. A file's
+# tests stay together and the machine-Mosquitto tests share one worker (tests/conftest.py).
+# TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cloud edge_agent shared dashboard tests bench

@@ -25,6 +25,30 @@ from tests.services import POSTGRES, need
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
+# Modules whose every test talks to the machine's Mosquitto (1883).
+_MACHINE_BROKER_MODULES = {
+    "tests.edge_agent.test_delivery",
+    "tests.integration.test_carousel_patience",
+    "tests.cloud.test_services",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n N --dist loadgroup`, as `make test` runs): a file's tests stay
+    on one worker, so its module fixtures (a populated cloud, a browser) are set up once; and
+    every test on the machine's Mosquitto runs on one worker, since clouds there share
+    retained topics (the budget) and chunk topics (the same reference artifacts)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = item.nodeid.split("::", 1)[0]
+        callspec = getattr(item, "callspec", None)
+        on_machine_broker = callspec is not None and callspec.params.get("broker_url") == "mosquitto"
+        module = getattr(item, "module", None)
+        if on_machine_broker or getattr(module, "__name__", "") in _MACHINE_BROKER_MODULES:
+            group = "machine-mosquitto"
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceUrls]:
