@@ -55,6 +55,9 @@ class QuantizeOptions:
     embedding_output: str = "embedding"
     learned: bool = True
     second_opinion: bool = True
+    # Ship a second opinion beside ``policy`` (not only where the calibration chooses one):
+    # a new version of a model whose routing had one keeps it.
+    second_opinion_beside: bool = False
     # An INT8 child larger than its parent defeats the point of shipping it to a device;
     # registering one anyway is a decision someone takes explicitly.
     allow_larger: bool = False
@@ -188,6 +191,7 @@ def calibrate_routing(
         target=str(target),
         cloud_model=cloud_ref,
         probabilities_output=probs_name,
+        second_opinion_beside=options.second_opinion and options.second_opinion_beside,
     )
     if shipped is not None:
         result["shipped"] = shipped
