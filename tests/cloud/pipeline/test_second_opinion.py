@@ -4,6 +4,8 @@ that old and new agents read one threshold and one curve."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.learned_router import gain_area
 from cloud.pipeline.reference.digits import digits_splits
 from cloud.pipeline.second_opinion import train_second_opinion
-from shared.messages import RoutingPolicy, RoutingSpec
+from shared.messages import RoutingPolicy, RoutingSpec, decode
 from shared.routing import confidence, spec_confidence, threshold_for_budget
 from shared.second_opinion import agreement, on_curve, second_opinion_log_probabilities
 
@@ -172,3 +174,29 @@ def test_a_second_opinion_asked_for_beside_a_policy_ships_on_that_policy_s_scale
     plain = calibrate(cal["edge"], cal["y"], target=RoutingTarget("budget", 0.2))
     name, spec = routing_spec(plain, policy=RoutingPolicy.ENTROPY, second_opinion_beside=True)
     assert (name, spec.second_opinion) == ("entropy", None)
+
+
+def test_an_agent_that_does_not_know_the_second_opinion_routes_the_shipped_spec_at_its_share(
+    weak: dict[str, dict[str, np.ndarray]],
+) -> None:
+    """The spec the pipeline ships for a budget of 0.2 chooses the second opinion; an agent
+    from before it reads the spec without the field (decode drops it, as unknown) and routes
+    by the plain policy on the shipped threshold: about the same share of new rows goes to
+    the cloud, and the rows it sends are its least confident ones."""
+    cal, new = weak["calib"], weak["test"]
+    found = calibrate(
+        cal["edge"],
+        cal["y"],
+        target=RoutingTarget("budget", 0.2),
+        cloud_probs=cal["cloud"],
+        inputs=cal["x"],
+    )
+    name, spec = routing_spec(found)
+    assert name == SECOND_OPINION
+    raw = json.loads(spec.model_dump_json())
+    raw.pop("second_opinion")
+    old = decode(RoutingSpec, json.dumps(raw))
+    assert old.threshold is not None
+    for rows in (cal, new):
+        plain = confidence(rows["edge"], old.policy)
+        assert float((plain < old.threshold).mean()) == pytest.approx(0.2, abs=0.03)
