@@ -181,6 +181,9 @@ class Agent:
         self.meter.count(f"answers_{answer.source}")
         if answer.degraded:
             self.meter.count("degraded")
+        if answer.routing_fallback is not None:
+            # Calls whose spec's second opinion could not run (its plain policy routed).
+            self.meter.count("routing_fallback")
         # Per row: the offload rate is rows_hard / rows_total (a hard row the cloud could
         # not answer still counts: the router decided to offload it).
         self.meter.count("rows_total", len(answer.rows))

@@ -114,6 +114,9 @@ class _Routes:
                 "latency_ms": round(answer.latency_ms, 3),
                 "degraded": answer.degraded,
                 **({"reason": answer.reason} if answer.reason else {}),
+                **(
+                    {"routing_fallback": answer.routing_fallback} if answer.routing_fallback else {}
+                ),
                 "offloaded": answer.hard_rows,
                 "rows": [
                     {

@@ -24,6 +24,7 @@ from edge_agent.runtime import Runtime
 from shared.errors import EdgeFleetError
 from shared.messages import RoutingPolicy, RoutingSpec
 from shared.routing import spec_confidence
+from shared.second_opinion import second_opinion_confidence
 
 __all__ = [
     "Answer",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 _LOGGER = logging.getLogger(__name__)
+# Bounds the memory of which second-opinion failures were logged already.
+_MAX_WARNED = 256
 Array = npt.NDArray[Any]
 Source = Literal["edge", "cloud"]
 
@@ -72,6 +75,8 @@ class Answer:
     degraded: bool = False
     reason: str | None = None
     rows: list[RowRoute] = field(default_factory=list)
+    # Why the spec's plain policy ranked the rows in place of its second opinion.
+    routing_fallback: str | None = None
 
     @property
     def hard_rows(self) -> int:
@@ -124,6 +129,8 @@ class Router:
         self.cloud = cloud
         self.override = override
         self.budget = budget
+        # Second opinions that could not run, by (model, version, why): warned about once.
+        self._fallbacks_warned: set[tuple[str, int, str]] = set()
 
     def _spec(self, manifest_routing: RoutingSpec | None) -> RoutingSpec:
         return self.override or manifest_routing or RoutingSpec(policy=RoutingPolicy.ALWAYS_EDGE)
@@ -139,7 +146,8 @@ class Router:
         outputs = loaded.run(checked)
         n = len(next(iter(checked.values())))
         spec = self._spec(loaded.manifest.routing)
-        conf, hard, reason = self._decide(spec, checked, outputs, n)
+        second, fallback = self._second_opinion(model, loaded.version, spec, checked, outputs)
+        conf, hard, reason = self._decide(spec, checked, outputs, n, second)
         kept = None
         if self.budget is not None:
             limited = self.budget.limit(model, spec, conf, hard)
@@ -178,18 +186,60 @@ class Router:
             degraded=any(r.degraded for r in rows),
             reason=reason,
             rows=rows,
+            routing_fallback=fallback,
         )
 
+    def _second_opinion(
+        self,
+        model: str,
+        version: int,
+        spec: RoutingSpec,
+        inputs: dict[str, Array],
+        outputs: dict[str, Array],
+    ) -> tuple[Array | None, str | None]:
+        """The second opinion's per-row confidence (None: the spec has none), or, when it
+        cannot run (an input the model lacks, weights for another model, no number out),
+        None and why: the spec's plain policy then ranks the rows on the same threshold and
+        curve. A broken second opinion must cost neither the app its answer nor the cloud
+        its hard rows."""
+        opinion = spec.second_opinion
+        if opinion is None or spec.probabilities_output not in outputs:
+            return None, None
+        try:
+            if opinion.input not in inputs:
+                raise EdgeFleetError(f"the second opinion needs input {opinion.input!r}")
+            conf: Array = second_opinion_confidence(
+                opinion, outputs[spec.probabilities_output], inputs[opinion.input], spec.curve
+            )
+            if not np.isfinite(conf).all():
+                raise EdgeFleetError("the second opinion's confidence is not a number")
+        except Exception as exc:  # whatever it is, the plain policy still routes
+            why = exc.message if isinstance(exc, EdgeFleetError) else f"{type(exc).__name__}: {exc}"
+            fallback = f"second opinion unusable ({why}): routed by {spec.policy.value}"
+            key = (model, version, why)
+            if key not in self._fallbacks_warned and len(self._fallbacks_warned) < _MAX_WARNED:
+                self._fallbacks_warned.add(key)
+                _LOGGER.warning("%s:%s: %s", model, version, fallback)
+            return None, fallback
+        return conf, None
+
     def _decide(
-        self, spec: RoutingSpec, inputs: dict[str, Array], outputs: dict[str, Array], n: int
+        self,
+        spec: RoutingSpec,
+        inputs: dict[str, Array],
+        outputs: dict[str, Array],
+        n: int,
+        second: Array | None,
     ) -> tuple[Array | None, npt.NDArray[np.bool_], str | None]:
-        """Per-row confidence and hard mask; a spec the outputs cannot feed keeps all local."""
+        """Per-row confidence (``second``, the second opinion's, when it ran) and hard mask;
+        a spec the outputs cannot feed keeps all local."""
         if spec.policy is RoutingPolicy.ALWAYS_EDGE:
             return None, np.zeros(n, dtype=bool), None
         if spec.policy is RoutingPolicy.ALWAYS_CLOUD:
             return None, np.ones(n, dtype=bool), None
         try:
-            conf = spec_confidence(spec, outputs, inputs)
+            # Without the inputs, spec_confidence ranks by the spec's plain policy.
+            conf = second if second is not None else spec_confidence(spec, outputs)
         except EdgeFleetError as exc:
             # A routing spec that does not fit the model is the deployment's bug, not the
             # app's: answer locally and say why.

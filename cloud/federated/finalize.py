@@ -100,7 +100,8 @@ def _quantize_options(
     context: CloudContext, base: ModelVersion, gate: GateOptions
 ) -> QuantizeOptions:
     """Route the new INT8 version as the base's INT8 children were routed (same target,
-    policy and cloud model), so a device's offload behaviour does not change under it."""
+    policy, cloud model and, where it had one, a second opinion beside the policy, retrained
+    on the new model), so a device's offload behaviour does not change under it."""
     with context.database.session() as s:
         family = set(backbone_family(s, base))
         rows = repository.list_versions(s, model_name=base.model.name)
@@ -122,6 +123,7 @@ def _quantize_options(
         target=target,
         cloud_model=cloud_model,
         policy=RoutingPolicy(routing["policy"]) if routing.get("policy") else None,
+        second_opinion_beside=routing.get("second_opinion") is not None,
     )
 
 
@@ -144,9 +146,16 @@ def finalize_run(context: CloudContext, run_id: int, files: RunFiles) -> RunStat
         candidate_bytes = replace_head(base.data, files.read_head("result"))
         scores = _gate(base.data, candidate_bytes, held_out, gate)
         candidate = dataclasses.replace(base, data=candidate_bytes, version=0)
-        int8 = prepare_int8(
-            context, candidate, held_out, _quantize_options(context, base_row, gate)
-        )
+        options = _quantize_options(context, base_row, gate)
+        int8 = prepare_int8(context, candidate, held_out, options)
+        if options.second_opinion_beside and (
+            int8.routing is None or int8.routing.second_opinion is None
+        ):
+            _LOGGER.warning(
+                "federated run %s: the base routed with a second opinion; none could be "
+                "calibrated for the new model, which routes by its plain policy",
+                run_id,
+            )
     except (GateFailed, InvalidInput) as exc:
         _LOGGER.warning("federated run %s: %s", run_id, exc.message)
         with context.database.session() as s:

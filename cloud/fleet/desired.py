@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from cloud.registry import repository
 from cloud.registry.tables import AuditEvent, DeploymentEvent, Device, ModelVersion
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, PayloadTooLarge
 from shared.messages import (
     ArtifactRef,
     Deployment,
@@ -22,12 +22,14 @@ from shared.messages import (
     TensorSpec,
     decode,
 )
-from shared.signing import SignedEnvelope, sign
+from shared.signing import SignedEnvelope, canonical_json, sign
 
 __all__ = [
     "DEVICE_DELETED",
+    "MAX_DOCUMENT_BYTES",
     "MAX_REV",
     "applied_rev",
+    "check_documents_fit",
     "desired_artifacts",
     "devices_deleted_since",
     "devices_due_for_renewal",
@@ -46,6 +48,18 @@ __all__ = [
 DEVICE_DELETED = "device.delete"
 # ``devices.desired_rev`` is an int4 on PostgreSQL.
 MAX_REV = 2**31 - 1
+# A signed document travels as one retained MQTT message. The shipped brokers take packets
+# of at most 2 MiB (deploy/mosquitto max_packet_size, the embedded BROKER_MAX_PAYLOAD); the
+# topic and headers take a few hundred bytes of that. A larger packet is not refused back:
+# Mosquitto drops the cloud's connection, paho sends it again after the reconnect, and the
+# device never gets it. So a document that would not fit is never signed.
+MAX_DOCUMENT_BYTES = 2 * 1024 * 1024 - 16 * 1024
+# The envelope around the base64 payload: {"payload":"","signature":"<88>","key_id":"<16>"}.
+_ENVELOPE_BYTES = len(
+    SignedEnvelope(payload="", signature="=" * 88, key_id="0" * 16).model_dump_json()
+)
+# A time as long as any in a document (microseconds are left out when they are 0).
+_LONGEST_TIME = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 
 
 def manifest_for(row: ModelVersion) -> Manifest:
@@ -100,6 +114,64 @@ def _build(
     )
 
 
+def _signed_bytes(payload_bytes: int) -> int:
+    """The size of the envelope of a payload of ``payload_bytes`` bytes."""
+    return 4 * -(-payload_bytes // 3) + _ENVELOPE_BYTES
+
+
+def _too_large(device_id: str, size: int, manifests: dict[str, int]) -> PayloadTooLarge:
+    parts = ", ".join(f"{name} {n:,} B" for name, n in sorted(manifests.items()))
+    return PayloadTooLarge(
+        f"the desired state of device {device_id!r} would be {size:,} bytes signed "
+        f"(deployments: {parts}), over the {MAX_DOCUMENT_BYTES:,} bytes one broker message "
+        "carries: the device could never receive it. Deploy fewer models to it, or versions "
+        "with smaller routing specs (a second opinion's weights travel in the document)"
+    )
+
+
+def _check_fits(state: DesiredState, envelope: SignedEnvelope) -> None:
+    size = len(envelope.model_dump_json())
+    if size > MAX_DOCUMENT_BYTES:
+        manifests = {d.manifest.model: len(canonical_json(d.manifest)) for d in state.deployments}
+        raise _too_large(state.device_id, size, manifests)
+
+
+def check_documents_fit(session: Session, *, device_ids: list[str], version: ModelVersion) -> None:
+    """PayloadTooLarge (413) unless each of ``device_ids``' documents, with ``version`` in
+    place of whatever version of its model the device runs, fits one broker message: checked
+    when a rollout is created, before any device is moved. An upper bound of the signed
+    size, from each version's deployment entry measured once."""
+    model = version.model.name
+    entries: dict[int, int] = {}
+
+    def entry_bytes(row: ModelVersion) -> int:
+        if row.id not in entries:
+            entry = Deployment(rollout_id=MAX_REV, manifest=manifest_for(row))
+            entries[row.id] = len(canonical_json(entry))
+        return entries[row.id]
+
+    chosen = set(device_ids)
+    # All rows, filtered here: an IN list of a whole fleet's ids is past SQLite's limits.
+    rows = session.execute(select(Device.id, Device.desired).order_by(Device.id))
+    for device_id, desired in rows.all():
+        if device_id not in chosen:
+            continue
+        sizes = {model: entry_bytes(version)}
+        for name, entry in (desired or {}).items():
+            other = session.get(ModelVersion, entry["version_id"]) if name != model else None
+            if other is not None:
+                sizes[name] = entry_bytes(other)
+        empty = DesiredState(
+            device_id=device_id, rev=MAX_REV, issued_at=_LONGEST_TIME.replace(year=9998),
+            expires_at=_LONGEST_TIME, deployments=[],
+        )  # fmt: skip
+        # Each entry after the first adds a comma.
+        payload = len(canonical_json(empty)) + sum(sizes.values()) + len(sizes) - 1
+        size = _signed_bytes(payload)
+        if size > MAX_DOCUMENT_BYTES:
+            raise _too_large(device_id, size, sizes)
+
+
 def _store(device: Device, state: DesiredState, envelope: SignedEnvelope) -> None:
     # Renewal is due once a third of the lifetime is left.
     device.desired_document = envelope.model_dump_json()
@@ -142,7 +214,9 @@ def issue(
         raise Conflict(f"device {device.id!r} reports rev {floor}: no higher rev can be signed")
     device.desired_rev = floor + 1
     state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
-    _store(device, state, sign(state, key))
+    envelope = sign(state, key)
+    _check_fits(state, envelope)
+    _store(device, state, envelope)
     session.flush()
     repository.record_audit(
         session,
@@ -184,7 +258,9 @@ def renew(
         state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
     else:
         state = current.model_copy(update={"issued_at": now, "expires_at": now + lifetime})
-    _store(device, state, sign(state, key))
+    envelope = sign(state, key)
+    _check_fits(state, envelope)
+    _store(device, state, envelope)
     session.flush()
     repository.record_audit(
         session,

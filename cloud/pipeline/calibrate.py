@@ -227,12 +227,14 @@ def routing_spec(
     target: str | None = None,
     cloud_model: CloudModelRef | None = None,
     probabilities_output: str = "probabilities",
+    second_opinion_beside: bool = False,
 ) -> tuple[str | None, RoutingSpec]:
     """The spec a device gets and the name of what ranks its rows (None: nothing was
     calibrated for ``policy``): ``policy`` if given, else the calibration's choice. A chosen
     second opinion ships beside the best plain policy, its threshold moved onto that
     policy's scale, so an agent that does not know it routes by the plain policy at about
-    the same offload share."""
+    the same offload share. ``second_opinion_beside`` ships one (when one was calibrated)
+    beside ``policy`` itself: a new version routed as one that had it."""
     common: dict[str, Any] = {
         "target": target,
         "cloud_model": cloud_model,
@@ -248,6 +250,8 @@ def routing_spec(
         assert policy is not None  # the calibration's own choice was calibrated
         return None, RoutingSpec(policy=policy, **common)
     plain = found.fallback if name == SECOND_OPINION else name
+    if second_opinion_beside and found.second is not None and plain in found.curves:
+        name = SECOND_OPINION
     threshold = found.threshold(plain)
     opinion = None
     if name == SECOND_OPINION:

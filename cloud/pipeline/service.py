@@ -29,6 +29,7 @@ __all__ = [
     "ParentVersion",
     "QuantizeOptions",
     "calibrate_routing",
+    "check_cloud_model",
     "load_parent",
     "load_version_bytes",
     "prepare_int8",
@@ -54,6 +55,9 @@ class QuantizeOptions:
     embedding_output: str = "embedding"
     learned: bool = True
     second_opinion: bool = True
+    # Ship a second opinion beside ``policy`` (not only where the calibration chooses one):
+    # a new version of a model whose routing had one keeps it.
+    second_opinion_beside: bool = False
     # An INT8 child larger than its parent defeats the point of shipping it to a device;
     # registering one anyway is a decision someone takes explicitly.
     allow_larger: bool = False
@@ -113,6 +117,29 @@ def load_parent(
         )
 
 
+def check_cloud_model(
+    context: CloudContext, cloud: tuple[str, int], *, output: str, inputs: list[str]
+) -> None:
+    """InvalidInput unless the registered ``cloud`` model gives ``output`` and takes the
+    inputs named: routing compares its probabilities with the edge's on the same requests,
+    and the edge router merges the cloud's answer under that name."""
+    ref = f"{cloud[0]}:{cloud[1]}"
+    with context.database.session() as s:
+        row = repository.get_version(s, model_name=cloud[0], version=cloud[1])
+        outputs = [o["name"] for o in row.outputs]
+        takes = sorted(i["name"] for i in row.inputs)
+    if output not in outputs:
+        raise InvalidInput(
+            f"cloud model {ref} has no output {output!r} (its outputs: {outputs}): routing "
+            "needs the cloud's class probabilities under that name"
+        )
+    if takes != sorted(inputs):
+        raise InvalidInput(
+            f"cloud model {ref} takes inputs {takes}, this model {sorted(inputs)}: the cloud "
+            "must answer the edge's own requests"
+        )
+
+
 def calibrate_routing(
     context: CloudContext,
     parent: ParentVersion,
@@ -164,6 +191,7 @@ def calibrate_routing(
         target=str(target),
         cloud_model=cloud_ref,
         probabilities_output=probs_name,
+        second_opinion_beside=options.second_opinion and options.second_opinion_beside,
     )
     if shipped is not None:
         result["shipped"] = shipped
@@ -189,6 +217,12 @@ def prepare_int8(
     """Quantize ``parent``, gate it, calibrate routing; writes nothing (raises
     :class:`GateFailed` when the candidate is refused)."""
     embedding = parent.task == "embedding"
+    routed = not embedding and options.probabilities_output in parent.outputs
+    if options.cloud_model is not None and routed:  # a 400 now, not a 500 after the work
+        check_cloud_model(
+            context, options.cloud_model,
+            output=options.cloud_probabilities_output, inputs=[i.name for i in parent.inputs],
+        )  # fmt: skip
     method = options.method or (QuantMethod.DYNAMIC if embedding else QuantMethod.STATIC)
     int8 = quantize(
         parent.data,

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from cloud.fleet.desired import issue, set_deployment
+from cloud.fleet.desired import check_documents_fit, issue, set_deployment
 from cloud.registry import repository
 from cloud.registry.tables import Device, ModelVersion, Rollout, RolloutTarget
 from cloud.rollout.progress import Decision
@@ -81,6 +81,9 @@ def create_rollout(
         device_ids = _running(session, device_ids, model)
         if not device_ids:
             raise InvalidInput(f"no device with the labels {selector} runs {model!r}")
+    else:
+        # A device whose document would not fit one broker message could never take it.
+        check_documents_fit(session, device_ids=device_ids, version=row)
     older = _older(session, model=model, model_id=model_id)
     rollout = Rollout(
         model_id=model_id, model_version_id=version_id, selector=dict(selector),

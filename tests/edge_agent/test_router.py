@@ -468,6 +468,78 @@ def test_a_second_opinion_on_the_input_sends_the_row_it_doubts(
     np.testing.assert_array_equal(answer.outputs["probabilities"][0], rows[0])
 
 
+_DOUBTING = SecondOpinion(
+    weights=[20.0, 0.0, 0.0, 0.0, 20.0, 0.0, 0.0, 0.0, 60.0],
+    bias=[0.0, 0.0, 0.0],
+    alpha=0.5,
+    knots=[0.0, 0.5, 1.0],
+)
+_CURVE = [
+    CurvePoint(offload=0.0, threshold=0.3),
+    CurvePoint(offload=0.5, threshold=0.6),
+    CurvePoint(offload=1.0, threshold=1.0),
+]
+
+
+@pytest.mark.parametrize(
+    ("opinion", "why"),
+    [
+        (_DOUBTING.model_copy(update={"input": "pixels"}), "needs input 'pixels'"),
+        (
+            _DOUBTING.model_copy(update={"weights": [1.0] * 12, "bias": [0.0] * 3}),
+            "reads 4 values a row",
+        ),
+        (
+            _DOUBTING.model_copy(update={"weights": [float("nan")] * 9}),
+            "not a number",
+        ),
+    ],
+    ids=["missing-input", "another-model", "nan-weights"],
+)
+def test_a_second_opinion_that_cannot_run_falls_back_to_the_plain_policy(
+    tmp_path: Path,
+    cloud: Cloud,
+    client: CloudClient,
+    caplog: pytest.LogCaptureFixture,
+    opinion: SecondOpinion,
+    why: str,
+) -> None:
+    """The second opinion reads an input the model lacks, was trained for another model, or
+    gives no number: the rows are routed by the spec's own policy (max_prob at 0.6), so the
+    0.5 row still goes to the cloud and the 0.8 row stays; the answer and the log say the
+    policy stood in, once per spec, not once per request."""
+    spec = RoutingSpec(
+        policy=RoutingPolicy.MAX_PROB, threshold=0.6, curve=_CURVE, second_opinion=opinion
+    )
+    router = _router(tmp_path, spec, client)
+    rows = np.array([[0.8, 0.1, 0.1], [0.5, 0.3, 0.2]], dtype=np.float32)
+    with caplog.at_level("WARNING", logger="edge_agent.router"):
+        first = router.infer("m", {"input": rows})
+        again = router.infer("m", {"input": rows})
+    for answer in (first, again):
+        assert [r.hard for r in answer.rows] == [False, True]
+        assert [r.source for r in answer.rows] == ["edge", "cloud"]
+        assert [r.confidence for r in answer.rows] == pytest.approx([0.8, 0.5])
+        assert answer.routing_fallback is not None
+        assert why in answer.routing_fallback
+        assert "routed by max_prob" in answer.routing_fallback
+    assert len(cloud.requests) == 2
+    warned = [r for r in caplog.records if "second opinion" in r.getMessage()]
+    assert len(warned) == 1
+    assert why in warned[0].getMessage()
+
+
+def test_a_second_opinion_that_runs_is_no_fallback(tmp_path: Path, client: CloudClient) -> None:
+    spec = RoutingSpec(
+        policy=RoutingPolicy.MAX_PROB, threshold=0.6, curve=_CURVE, second_opinion=_DOUBTING
+    )
+    answer = _router(tmp_path, spec, client).infer(
+        "m", {"input": np.array([[0.8, 0.1, 0.1], [0.7, 0.0, 0.3]], dtype=np.float32)}
+    )
+    assert [r.hard for r in answer.rows] == [False, True]
+    assert answer.routing_fallback is None
+
+
 class TrickleServer:
     """A real HTTP server that reads the request, then sends a 200 answer one byte every
     50 ms: each read is quick, the whole answer takes seconds."""

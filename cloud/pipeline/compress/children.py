@@ -21,6 +21,7 @@ from cloud.pipeline.service import (
     ParentVersion,
     QuantizeOptions,
     calibrate_routing,
+    check_cloud_model,
     load_version_bytes,
 )
 from cloud.registry import repository
@@ -50,29 +51,6 @@ class Child:
     source: str  # short: the registry keeps 32 characters
     label: str  # how the gate's refusal names it, e.g. "structured-pruned (50%)"
     details: dict[str, Any]  # how it was made, kept in its metrics under "compression"
-
-
-def check_cloud_model(
-    context: CloudContext, cloud: tuple[str, int], *, output: str, inputs: list[str]
-) -> None:
-    """InvalidInput unless the registered ``cloud`` model gives ``output`` and takes the
-    inputs named: routing compares its probabilities with the edge's on the same requests,
-    and the edge router merges the cloud's answer under that name."""
-    ref = f"{cloud[0]}:{cloud[1]}"
-    with context.database.session() as s:
-        row = repository.get_version(s, model_name=cloud[0], version=cloud[1])
-        outputs = [o["name"] for o in row.outputs]
-        takes = sorted(i["name"] for i in row.inputs)
-    if output not in outputs:
-        raise InvalidInput(
-            f"cloud model {ref} has no output {output!r} (its outputs: {outputs}): routing "
-            "needs the cloud's class probabilities under that name"
-        )
-    if takes != sorted(inputs):
-        raise InvalidInput(
-            f"cloud model {ref} takes inputs {takes}, this model {sorted(inputs)}: the cloud "
-            "must answer the edge's own requests"
-        )
 
 
 def gate_child(

@@ -25,6 +25,7 @@ from cloud.federated.plan import Outcome, RoundReport
 from cloud.federated.schemas import RunState
 from cloud.federated.settings import FederatedSettings
 from cloud.federated.store import set_state
+from cloud.pipeline.calibrate import SECOND_OPINION, RoutingTarget, calibrate
 from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.reference.build import register_reference
 from cloud.pipeline.reference.digits import digits_splits
@@ -32,6 +33,7 @@ from cloud.registry import repository
 from cloud.registry.tables import FederatedRun, ModelVersion, Rollout
 from cloud.settings import CloudSettings
 from edge_agent.federated.head import TrainConfig, train_head
+from shared.messages import RoutingSpec
 from tests.conftest import ADMIN_TOKEN, RunningApi, seed_reference_cache, serve_in_thread
 
 MODEL = "digits-edge"
@@ -261,6 +263,58 @@ def test_a_completed_run_registers_fp32_and_int8_with_lineage_and_a_canary(
         assert rollout is not None
         assert rollout.model_version_id == int8.id
         assert rollout.selector == {"site": "lab"}
+
+
+def _route_base_int8_with_a_second_opinion(context: CloudContext) -> dict[str, Any]:
+    """Give the base's INT8 child :2 a second opinion beside its own policy (what a quantize
+    whose calibration chose one ships); its routing as stored."""
+    splits = digits_splits(0)
+    with context.database.session() as s:
+        row = repository.get_version(s, model_name=MODEL, version=2)
+        model = context.artifacts.path(row.artifact_sha256).read_bytes()
+        edge = run_model(model, {"input": splits.x_calib}, output="probabilities")
+        found = calibrate(
+            edge, splits.y_calib, target=RoutingTarget("budget", 0.2), inputs=splits.x_calib
+        )
+        assert found.second is not None
+        opinion = found.second.opinion([p.threshold for p in found.curves[SECOND_OPINION]])
+        routing = {**(row.routing or {}), "second_opinion": opinion.model_dump(mode="json")}
+        row.routing = RoutingSpec.model_validate(routing).model_dump(mode="json")
+        return dict(row.routing)
+
+
+def test_the_int8_version_of_a_run_keeps_the_base_s_second_opinion(
+    api_with_coordinator: tuple[RunningApi, Coordinator],
+) -> None:
+    """The base's INT8 child routes with a second opinion beside max_prob (or whichever plain
+    policy it had): the run's INT8 version ships a second opinion too, retrained on the new
+    model, beside the same plain policy, target and cloud model; a federated update must not
+    quietly change how devices route."""
+    api, coordinator = api_with_coordinator
+    base = _route_base_int8_with_a_second_opinion(api.context)
+    run_id = _running(api.context, coordinator, selector={"site": "lab"})
+    files = run_files(api.context, run_id)
+    files.append_round(_report(1))
+    files.write_head("result", _adapted_head(api.context))
+    files.write_outcome(Outcome(state="COMPLETED", rounds=1))
+    coordinator.tick()
+    with api.client() as c:
+        done = c.get(f"/v1/federated/runs/{run_id}").json()
+    assert done["state"] == "COMPLETED", done["reason"]
+    with api.context.database.session() as s:
+        int8 = repository.get_version(s, model_name=MODEL, version=done["result_int8_version"])
+        routing = RoutingSpec.model_validate(int8.routing)
+        shipped = int8.calibration["shipped"]
+    assert routing.second_opinion is not None
+    assert shipped == SECOND_OPINION
+    assert routing.policy.value == base["policy"]
+    assert (routing.target, routing.cloud_model) == (
+        base["target"],
+        RoutingSpec.model_validate(base).cloud_model,
+    )
+    assert len(routing.second_opinion.knots) == len(routing.curve)
+    # Calibrated on the new model's answers: its knots are the new edge's, not the base's.
+    assert routing.second_opinion.knots != base["second_opinion"]["knots"]
 
 
 def test_a_result_the_gate_refuses_registers_nothing(

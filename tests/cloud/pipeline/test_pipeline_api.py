@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from cloud.pipeline.datasets import EvalData
@@ -181,3 +182,43 @@ def test_the_model_cli_end_to_end(api_with_reference: RunningApi, tmp_path: Path
     missing = _cli(api_with_reference, "quantize", "nope", "1")
     assert missing.returncode == 1
     assert "unknown model 'nope'" in missing.stdout
+
+
+def _renamed_output(model: bytes, old: str, new: str) -> bytes:
+    """``model`` with its output ``old`` called ``new`` (graph output and producing node)."""
+    graph = onnx.load_from_string(model)
+    for node in graph.graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+    for output in graph.graph.output:
+        if output.name == old:
+            output.name = new
+    return graph.SerializeToString()
+
+
+def test_a_cloud_model_without_probabilities_is_a_clear_400_before_any_work(
+    api_with_reference: RunningApi,
+) -> None:
+    """The cloud model named for routing gives its answers as 'scores', not 'probabilities':
+    the quantize route says which output is missing (400), registers nothing, and never
+    gets as far as running the model (it answered 500 from onnxruntime)."""
+    context = api_with_reference.context
+    reference = context.artifacts.root.parent / "reference"
+    with api_with_reference.client() as c:
+        assert c.post("/v1/reference-models", json={"models": ["digits-cloud"]}).status_code == 201
+        c.post("/v1/models", json={"name": "edge"})
+        c.post("/v1/models", json={"name": "scorer"})
+        assert upload(c, "edge", (reference / "digits-edge.onnx").read_bytes()).status_code == 201
+        scorer = _renamed_output(
+            (reference / "digits-cloud.onnx").read_bytes(), "probabilities", "scores"
+        )
+        assert upload(c, "scorer", scorer).status_code == 201
+        before = snapshot(context)
+        splits = digits_splits(0)
+        r = c.post(
+            "/v1/models/edge/versions/1/quantize",
+            data={"options": '{"cloud_model": "scorer:1"}'},
+            files={"dataset": ("d.npz", _npz(x=splits.x_test, y=splits.y_test), "x/y")},
+        )
+        assert r.status_code == 400, r.text
+        assert "scorer:1 has no output 'probabilities'" in r.json()["error"]
+        assert snapshot(context) == before

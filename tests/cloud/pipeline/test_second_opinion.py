@@ -4,6 +4,8 @@ that old and new agents read one threshold and one curve."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -12,9 +14,9 @@ from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.learned_router import gain_area
 from cloud.pipeline.reference.digits import digits_splits
 from cloud.pipeline.second_opinion import train_second_opinion
-from shared.messages import RoutingPolicy, RoutingSpec
+from shared.messages import RoutingPolicy, RoutingSpec, decode
 from shared.routing import confidence, spec_confidence, threshold_for_budget
-from shared.second_opinion import agreement, second_opinion_log_probabilities
+from shared.second_opinion import agreement, on_curve, second_opinion_log_probabilities
 
 
 def _outputs(models: dict[str, bytes], split: str) -> dict[str, np.ndarray]:
@@ -146,3 +148,55 @@ def test_what_it_cannot_learn_from_gives_no_second_opinion() -> None:
     found = calibrate(probs, labels, target=RoutingTarget("budget", 0.1))
     assert SECOND_OPINION not in found.report["policies"]
     assert found.second is None
+
+
+def test_a_second_opinion_asked_for_beside_a_policy_ships_on_that_policy_s_scale(
+    weak: dict[str, dict[str, np.ndarray]],
+) -> None:
+    """What a federated update asks for a model that routed with a second opinion beside
+    entropy: the second opinion again, beside entropy (not the calibration's fallback), its
+    threshold moved onto entropy's curve; without a calibrated one, entropy alone."""
+    cal = weak["calib"]
+    found = calibrate(
+        cal["edge"],
+        cal["y"],
+        target=RoutingTarget("budget", 0.2),
+        cloud_probs=cal["cloud"],
+        inputs=cal["x"],
+    )
+    name, spec = routing_spec(found, policy=RoutingPolicy.ENTROPY, second_opinion_beside=True)
+    assert (name, spec.policy) == (SECOND_OPINION, RoutingPolicy.ENTROPY)
+    assert spec.second_opinion is not None
+    assert spec.curve == found.curves["entropy"]
+    knots = [p.threshold for p in found.curves[SECOND_OPINION]]
+    raw = np.array([found.threshold(SECOND_OPINION)])
+    assert spec.threshold == pytest.approx(float(on_curve(raw, knots, spec.curve)[0]))
+    plain = calibrate(cal["edge"], cal["y"], target=RoutingTarget("budget", 0.2))
+    name, spec = routing_spec(plain, policy=RoutingPolicy.ENTROPY, second_opinion_beside=True)
+    assert (name, spec.second_opinion) == ("entropy", None)
+
+
+def test_an_agent_that_does_not_know_the_second_opinion_routes_the_shipped_spec_at_its_share(
+    weak: dict[str, dict[str, np.ndarray]],
+) -> None:
+    """The spec the pipeline ships for a budget of 0.2 chooses the second opinion; an agent
+    from before it reads the spec without the field (decode drops it, as unknown) and routes
+    by the plain policy on the shipped threshold: about the same share of new rows goes to
+    the cloud, and the rows it sends are its least confident ones."""
+    cal, new = weak["calib"], weak["test"]
+    found = calibrate(
+        cal["edge"],
+        cal["y"],
+        target=RoutingTarget("budget", 0.2),
+        cloud_probs=cal["cloud"],
+        inputs=cal["x"],
+    )
+    name, spec = routing_spec(found)
+    assert name == SECOND_OPINION
+    raw = json.loads(spec.model_dump_json())
+    raw.pop("second_opinion")
+    old = decode(RoutingSpec, json.dumps(raw))
+    assert old.threshold is not None
+    for rows in (cal, new):
+        plain = confidence(rows["edge"], old.policy)
+        assert float((plain < old.threshold).mean()) == pytest.approx(0.2, abs=0.03)
