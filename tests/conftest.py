@@ -43,7 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         group = item.nodeid.split("::", 1)[0]
         callspec = getattr(item, "callspec", None)
-        on_machine_broker = callspec is not None and callspec.params.get("broker_url") == "mosquitto"
+        params = callspec.params if callspec is not None else {}
+        on_machine_broker = params.get("broker_url") == "mosquitto"
         module = getattr(item, "module", None)
         if on_machine_broker or getattr(module, "__name__", "") in _MACHINE_BROKER_MODULES:
             group = "machine-mosquitto"
