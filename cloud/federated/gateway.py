@@ -69,6 +69,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _named_by_connection(value: str) -> frozenset[str]:
+    """The headers a Connection header says are for this hop only."""
+    return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
+
+
 async def _forward(request: Request) -> Response:
     # The upstream URL is the allowed path alone: no query, no raw spelling of it.
     allowed = request.url.path
@@ -77,7 +82,8 @@ async def _forward(request: Request) -> Response:
     if request.method != "POST":
         return _error(405, f"{request.method} not allowed on {allowed}", {"allow": "POST"})
     client: httpx.AsyncClient = request.app.state.upstream
-    headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in _REQUEST_DROP]
+    drop = _REQUEST_DROP | _named_by_connection(request.headers.get("connection", ""))
+    headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
     outgoing = client.build_request("POST", allowed, headers=headers, content=request.stream())
     try:
         answer = await client.send(outgoing, stream=True)
@@ -89,13 +95,19 @@ async def _forward(request: Request) -> Response:
     except httpx.HTTPError as exc:
         _LOGGER.warning("fleet gateway: %s to the SuperLink failed: %s", allowed, exc)
         return _error(502, "the SuperLink did not answer")
-    kept = {k: v for k, v in answer.headers.items() if k.lower() not in _RESPONSE_DROP}
-    return StreamingResponse(
+    drop = _RESPONSE_DROP | _named_by_connection(answer.headers.get("connection", ""))
+    response = StreamingResponse(
         _relay(answer, allowed),
         status_code=answer.status_code,
-        headers=kept,
         background=BackgroundTask(answer.aclose),
     )
+    # Every header as sent, repeated ones included (a dict would keep one of each).
+    response.raw_headers = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in answer.headers.multi_items()
+        if name.lower() not in drop
+    ]
+    return response
 
 
 async def _relay(answer: httpx.Response, path: str) -> AsyncIterator[bytes]:

@@ -58,6 +58,14 @@ class FederatedSettings(BaseSettings):
             raise ValueError(
                 "EDGEFLEET_FEDERATED_INTERNAL_PORT must differ from EDGEFLEET_FEDERATED_PORT"
             )
+        if self.address is not None and self.address.rpartition(":")[2] == str(self.port):
+            # Before issue 11 this was the SuperLink's one port; now the gateway's, which
+            # refuses the Control API every `flwr` call needs.
+            raise ValueError(
+                "EDGEFLEET_FEDERATED_ADDRESS names EDGEFLEET_FEDERATED_PORT, the devices' fleet "
+                "gateway, which serves no Control API: unset it (the cloud then calls "
+                "127.0.0.1 on EDGEFLEET_FEDERATED_INTERNAL_PORT)"
+            )
         return self
 
     @property

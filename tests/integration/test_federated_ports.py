@@ -20,6 +20,7 @@ from flwr.proto.control_pb2 import (
 from flwr.proto.run_pb2 import GetRunRequest
 from google.protobuf.message import Message
 
+from cloud.embedded.processes import port_open
 from tests.federated_support import federation
 
 pytestmark = pytest.mark.federated
@@ -66,6 +67,9 @@ def test_the_devices_port_serves_the_fleet_api_and_refuses_the_control_api(
                         ListRunsRequest())  # fmt: skip
         assert control.status_code == 200
         assert dict(ListRunsResponse.FromString(control.content).run_dict) == {}
+    # Stopped together.
+    assert not port_open("127.0.0.1", fed.settings.port)
+    assert not port_open("127.0.0.1", fed.settings.superlink_port)
 
 
 def test_flower_processes_do_not_inherit_the_clouds_secrets(

@@ -151,7 +151,8 @@ def test_every_fleet_call_is_forwarded_with_its_body_and_auth_headers(
         body = path.encode() * 3
         response = gateway.post(
             path + "?x=1", content=body,
-            headers={"content-type": PROTOBUF, "accept": PROTOBUF, **auth},
+            headers={"content-type": PROTOBUF, "accept": PROTOBUF, "x-hop": "1",
+                     "connection": "keep-alive, x-hop", **auth},
         )  # fmt: skip
 
         assert response.status_code == 200, response.text
@@ -161,6 +162,7 @@ def test_every_fleet_call_is_forwarded_with_its_body_and_auth_headers(
         assert (seen.method, seen.path, seen.query) == ("POST", path, "")
         assert {k: seen.headers[k] for k in auth} == auth
         assert seen.headers["content-type"] == PROTOBUF
+        assert "x-hop" not in seen.headers  # named by Connection: for the first hop only
     assert len(upstream.seen) == len(FLEET_PATHS)
 
 

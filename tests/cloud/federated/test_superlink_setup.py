@@ -47,6 +47,16 @@ def test_the_internal_port_cannot_be_the_devices_port() -> None:
     assert FederatedSettings(port=65535).superlink_port == 65534
 
 
+def test_an_address_naming_the_devices_port_is_refused_at_start() -> None:
+    """A setting from before the gateway (the SuperLink's one port) would send every `flwr`
+    call to the gateway's 404: said when the settings are read, not at the first run."""
+    with pytest.raises(ValidationError, match="fleet gateway"):
+        FederatedSettings(port=9092, address="cloud.example:9092")
+    assert FederatedSettings(port=9092, address="localhost:9093").control_address == (
+        "localhost:9093"
+    )
+
+
 def test_flower_processes_get_an_allow_listed_environment(tmp_path: Path) -> None:
     environ = {
         "PATH": "/usr/bin", "HOME": "/home/cloud", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
