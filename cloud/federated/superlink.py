@@ -95,16 +95,13 @@ class SuperLink:
                 f"127.0.0.1:{port} is taken by another process: "
                 "set EDGEFLEET_FEDERATED_INTERNAL_PORT"
             )
-        fleet_host, _, fleet_port = self.address.rpartition(":")
-        if port_open(fleet_host.strip("[]"), int(fleet_port)):
-            raise ServiceUnavailable(
-                f"{self.address} is taken by another process: set EDGEFLEET_FEDERATED_PORT"
-            )
-        self.child.start(host="127.0.0.1", port=port, timeout=_START_TIMEOUT_S)
+        # The gateway first: its bind says at once whether the devices' port is free, and
+        # until the SuperLink listens it answers 503 (SuperNodes try again).
+        self.gateway.start()
         try:
-            self.gateway.start()
+            self.child.start(host="127.0.0.1", port=port, timeout=_START_TIMEOUT_S)
         except BaseException:
-            self.stop()
+            self.gateway.stop()
             raise
         _LOGGER.info(
             "SuperLink on 127.0.0.1:%d, its Fleet API for devices on %s:%d (log %s)",

@@ -4,15 +4,18 @@ an environment for Flower's processes that keeps the cloud's secrets out."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from cloud.embedded.processes import free_port
 from cloud.federated.coordinator import flower_cli
 from cloud.federated.flower import flower_env
 from cloud.federated.settings import FederatedSettings
-from cloud.federated.superlink import superlink_argv
+from cloud.federated.superlink import SuperLink, superlink_argv
+from shared.errors import ServiceUnavailable
 
 
 def _option(argv: list[str], name: str) -> str:
@@ -76,3 +79,15 @@ def test_flower_processes_get_an_allow_listed_environment(tmp_path: Path) -> Non
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_HOME": str(tmp_path / "home"),
     }  # fmt: skip
+
+
+def test_a_taken_devices_port_stops_the_start_before_any_superlink(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        settings = FederatedSettings(port=taken.getsockname()[1], internal_port=free_port())
+        link = SuperLink(settings, data_dir=tmp_path, dev_mode=True)
+
+        with pytest.raises(ServiceUnavailable, match="could not listen"):
+            link.start()
+
+    assert link.child.pid is None
+    assert not link.gateway.running
