@@ -84,11 +84,12 @@ def _central(model: bytes, shards: list[tuple[np.ndarray, np.ndarray]]) -> dict[
 def _federate(model: bytes, clients: int, rounds: int, root: Path, seed: int) -> dict[str, Any]:
     shards = device_shards(clients, degrees=DEGREES, seed=seed)
     settings = FederatedSettings(
-        host="127.0.0.1", port=free_port(), wait_for_clients_s=300, round_timeout_s=300
-    )
+        host="127.0.0.1", port=free_port(), internal_port=free_port(),
+        wait_for_clients_s=300, round_timeout_s=300,
+    )  # fmt: skip
     link = SuperLink(settings, data_dir=root / "cloud", dev_mode=True)
     link.start()
-    devices = Devices(root / "devices", model, shards, settings.resolved_address)
+    devices = Devices(root / "devices", model, shards, settings.fleet_address)
     try:
         connect_s = devices.start(timeout=300)
         cli = flower_cli(root / "cloud", settings)

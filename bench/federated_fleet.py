@@ -160,6 +160,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
 def canary_timing(root: Path, *, agents: int, rounds: int) -> dict[str, Any]:
     """The loop as `edgefleet demo --federated` runs it, timed from POST to canary ACTIVE."""
     os.environ["EDGEFLEET_FEDERATED_PORT"] = str(free_port())
+    os.environ["EDGEFLEET_FEDERATED_INTERNAL_PORT"] = str(free_port())
     federated = FederatedSettings()
     settings = CloudSettings(dev_mode=True, data_dir=root, api_port=0)
     stop = threading.Event()
@@ -178,7 +179,7 @@ def canary_timing(root: Path, *, agents: int, rounds: int) -> dict[str, Any]:
     assert command is not None
     env = {
         "EDGEFLEET_AGENT_FEDERATED": "true",
-        "EDGEFLEET_AGENT_FEDERATED_SUPERLINK": federated.resolved_address,
+        "EDGEFLEET_AGENT_FEDERATED_SUPERLINK": federated.fleet_address,
         "EDGEFLEET_AGENT_FEDERATED_INSECURE": "true",
         "EDGEFLEET_AGENT_TELEMETRY_INTERVAL_S": "1",
     }
@@ -243,3 +244,4 @@ def canary_timing(root: Path, *, agents: int, rounds: int) -> dict[str, Any]:
         stop.set()
         cloud.join(60)
         os.environ.pop("EDGEFLEET_FEDERATED_PORT", None)
+        os.environ.pop("EDGEFLEET_FEDERATED_INTERNAL_PORT", None)

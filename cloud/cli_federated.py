@@ -71,8 +71,9 @@ def _call(api: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
 
 @app.command()
 def serve(data_dir: DataDirOption = None) -> None:
-    """Run the SuperLink (`flower-superlink`) until Ctrl-C: TLS from
-    EDGEFLEET_FEDERATED_SSL_*, plain HTTP only in dev mode (EDGEFLEET_DEV_MODE=1)."""
+    """Run the SuperLink (`flower-superlink`, on 127.0.0.1:EDGEFLEET_FEDERATED_INTERNAL_PORT)
+    and the fleet gateway devices reach (EDGEFLEET_FEDERATED_HOST:PORT) until Ctrl-C: TLS
+    from EDGEFLEET_FEDERATED_SSL_*, plain HTTP only in dev mode (EDGEFLEET_DEV_MODE=1)."""
     cloud, settings = _settings(data_dir)
     try:
         superlink = SuperLink(settings, data_dir=cloud.data_dir, dev_mode=cloud.dev_mode)
@@ -81,7 +82,12 @@ def serve(data_dir: DataDirOption = None) -> None:
         raise _fail(f"the SuperLink did not start: {exc.message}") from None
     scheme = "TLS" if settings.tls else "plain HTTP (dev mode)"
     auth = ", SuperNode authentication on" if settings.supernode_auth else ""
-    console.print(f"SuperLink on {superlink.address} ({scheme}{auth}); log {superlink.log_path}")
+    console.print(
+        f"SuperLink on 127.0.0.1:{settings.superlink_port} (Control API, this host only); "
+        f"Fleet API for devices on {settings.host}:{settings.port} ({scheme}{auth}); "
+        f"log {superlink.log_path}",
+        highlight=False,
+    )
     console.print("Ctrl-C stops it.")
     stop = threading.Event()
     try:

@@ -209,7 +209,7 @@ class Federation:
         supervisor = SupernodeSupervisor(
             SupernodeConfig(
                 command=[flower_command("flower-supernode")],
-                superlink=self.settings.resolved_address,
+                superlink=self.settings.fleet_address,
                 node_config_file=write_node_config(
                     home / "node.toml", device_id=device_id, data_dir=data_dir
                 ),
@@ -244,7 +244,9 @@ def federation(root: Path, *, pki: Pki | None = None, auth: bool = False) -> Ite
     if pki is not None:
         tls = {"ssl_certfile": pki.server_cert, "ssl_keyfile": pki.server_key,
                "ssl_ca_certfile": pki.ca_file}  # fmt: skip
-    settings = FederatedSettings(host="127.0.0.1", port=free_port(), supernode_auth=auth, **tls)
+    settings = FederatedSettings(
+        host="127.0.0.1", port=free_port(), internal_port=free_port(), supernode_auth=auth, **tls
+    )
     cloud_dir = root / "cloud"
     link = SuperLink(settings, data_dir=cloud_dir, dev_mode=pki is None)
     link.start()

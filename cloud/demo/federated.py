@@ -54,7 +54,8 @@ class DemoFederation:
             return
         self.superlink = superlink
         self.say(
-            f"  SuperLink  {self.superlink.address}  (Flower, dev mode: plain HTTP; "
+            f"  SuperLink  {self.superlink.address}  (Flower's Fleet API through the gateway, "
+            f"the SuperLink on 127.0.0.1:{self.settings.superlink_port}; dev mode: plain HTTP; "
             f"log {self.superlink.log_path})"
         )
 

@@ -50,7 +50,7 @@ def flower_cli(data_dir: Path, settings: FederatedSettings) -> FlowerCli:
     """The flwr CLI against the configured SuperLink, with its home under the data dir."""
     return FlowerCli(
         data_dir / "federated" / "flwr-home",
-        address=settings.resolved_address,
+        address=settings.control_address,
         root_certificates=settings.ssl_ca_certfile if settings.tls else None,
     )
 

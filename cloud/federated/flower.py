@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from shared.errors import ServiceUnavailable
 from shared.fsutil import atomic_write
 
-__all__ = ["FLWR_ENV", "FlowerCli", "FlowerRun", "flower_command"]
+__all__ = ["FLWR_ENV", "FlowerCli", "FlowerRun", "flower_command", "flower_env"]
 
 _LOGGER = logging.getLogger(__name__)
 _CONNECTION = "edgefleet"
@@ -28,6 +29,29 @@ FLWR_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+
+# What Flower's processes may inherit from the cloud's environment: never its secrets (admin
+# token, database and broker URLs with passwords, key paths), since a ServerApp runs a
+# submitted Flower App. Everything not named here is left out.
+_ENV_KEEP = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
+     "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED",
+     "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE",
+     "SSL_CERT_DIR", "COVERAGE_PROCESS_START"}
+)  # fmt: skip
+_ENV_KEEP_PREFIXES = ("LC_", "FLWR_", "OMP_", "OPENBLAS_", "MKL_")
+
+
+def flower_env(home: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Flower process: the allowed part of ``environ`` (default: ours),
+    FLWR_ENV, and ``home`` as its FLWR_HOME."""
+    source = os.environ if environ is None else environ
+    kept = {
+        name: value
+        for name, value in source.items()
+        if name in _ENV_KEEP or name.startswith(_ENV_KEEP_PREFIXES)
+    }
+    return {**kept, **FLWR_ENV, "FLWR_HOME": str(home)}
 
 
 def flower_command(name: str) -> str:
@@ -84,7 +108,7 @@ class FlowerCli:
 
     def _call(self, *args: str) -> dict[str, Any]:
         argv = [flower_command("flwr"), *args, "--format", "json"]
-        env = {**os.environ, **FLWR_ENV, "FLWR_HOME": str(self.home)}
+        env = flower_env(self.home)
         try:
             done = subprocess.run(
                 argv,

@@ -1,5 +1,6 @@
 """Federated learning's settings (env prefix ``EDGEFLEET_FEDERATED_``), validated once at start:
-where the SuperLink listens, its TLS files, SuperNode authentication, and run defaults."""
+where the devices' fleet gateway and the SuperLink behind it listen, the TLS files, SuperNode
+authentication, and run defaults."""
 
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ class FederatedSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EDGEFLEET_FEDERATED_", extra="forbid")
 
-    # The SuperLink's one HTTP port (Flower 1.41 serves its Fleet, Control and Runtime APIs
-    # there). Not Flower's default 8000: that is the EdgeFleet API's.
+    # The port devices reach: the fleet gateway (cloud.federated.gateway), which forwards only
+    # the Fleet API SuperNodes call. Not Flower's default 8000: that is the EdgeFleet API's.
     host: str = "127.0.0.1"
     port: int = Field(default=9092, ge=1, le=65535)
-    # Where the cloud and `flwr` reach it (unset: host:port; 0.0.0.0 is asked on 127.0.0.1).
+    # The SuperLink's own port, on 127.0.0.1 only: Flower 1.41 serves its Fleet, Control
+    # (start a run = run code on the cloud) and Runtime APIs on one port, so devices must
+    # never reach it. Unset: port + 1 (port - 1 for 65535), the same in every process.
+    internal_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where the cloud's `flwr` calls reach the SuperLink's Control API (unset: 127.0.0.1 on
+    # the internal port). The gateway refuses the Control API: never point this at `port`.
     address: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\[\]:-]+:\d{1,5}$")
-    # TLS for every SuperLink API; required outside dev mode.
+    # TLS for the gateway and the SuperLink behind it; required outside dev mode.
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     ssl_ca_certfile: Path | None = None
@@ -48,6 +54,18 @@ class FederatedSettings(BaseSettings):
                 raise ValueError(f"{path} is not a readable file")
         if self.supernode_auth and not self.tls:
             raise ValueError("EDGEFLEET_FEDERATED_SUPERNODE_AUTH needs the SuperLink's TLS files")
+        if self.superlink_port == self.port:
+            raise ValueError(
+                "EDGEFLEET_FEDERATED_INTERNAL_PORT must differ from EDGEFLEET_FEDERATED_PORT"
+            )
+        if self.address is not None and self.address.rpartition(":")[2] == str(self.port):
+            # Before issue 11 this was the SuperLink's one port; now the gateway's, which
+            # refuses the Control API every `flwr` call needs.
+            raise ValueError(
+                "EDGEFLEET_FEDERATED_ADDRESS names EDGEFLEET_FEDERATED_PORT, the devices' fleet "
+                "gateway, which serves no Control API: unset it (the cloud then calls "
+                "127.0.0.1 on EDGEFLEET_FEDERATED_INTERNAL_PORT)"
+            )
         return self
 
     @property
@@ -55,8 +73,20 @@ class FederatedSettings(BaseSettings):
         return self.ssl_certfile is not None
 
     @property
-    def resolved_address(self) -> str:
+    def superlink_port(self) -> int:
+        if self.internal_port is not None:
+            return self.internal_port
+        return self.port + 1 if self.port < 65535 else self.port - 1
+
+    @property
+    def control_address(self) -> str:
+        """Where the cloud's `flwr` calls reach the SuperLink's Control API."""
         if self.address is not None:
             return self.address
+        return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """The gateway as a SuperNode on this host reaches it (0.0.0.0 is asked on 127.0.0.1)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"{host}:{self.port}"

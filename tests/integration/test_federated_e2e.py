@@ -42,8 +42,9 @@ def _federated_cloud(context: CloudContext) -> Iterator[tuple[Cloud, Coordinator
     """The cloud as `edgefleet demo` runs it: API, fleet service, the coordinator, and a
     dev-mode SuperLink."""
     settings = FederatedSettings(
-        host="127.0.0.1", port=free_port(), wait_for_clients_s=90, round_timeout_s=90
-    )
+        host="127.0.0.1", port=free_port(), internal_port=free_port(),
+        wait_for_clients_s=90, round_timeout_s=90,
+    )  # fmt: skip
     link = SuperLink(settings, data_dir=context.settings.data_dir, dev_mode=True)
     link.start()
     fleet = FleetService(context)
@@ -96,7 +97,7 @@ def test_drifted_devices_to_a_new_version_active_on_the_canary(
     int8 = 2
     assert registered == {"digits-cloud": 1, MODEL: int8}
     with _federated_cloud(context) as (cloud, coordinator):
-        address = coordinator.settings.resolved_address
+        address = coordinator.settings.fleet_address
         agents = [
             cloud.start_agent(
                 cloud.agent_settings(
@@ -190,7 +191,8 @@ def test_the_demo_runs_a_federated_round_and_shows_the_new_version_going_out(
         # No traffic: its hard rows, labelled by the cloud, would join the 300 feedback rows.
         tmp_path, reference_onnx, "--federated", "--agents", "2", "--duration", "1",
         "--traffic", "0",
-        env={"EDGEFLEET_FEDERATED_PORT": str(free_port())},
+        env={"EDGEFLEET_FEDERATED_PORT": str(free_port()),
+             "EDGEFLEET_FEDERATED_INTERNAL_PORT": str(free_port())},
     )  # fmt: skip
     try:
         demo.wait_for("SuperLink  127.0.0.1:", timeout=180)
