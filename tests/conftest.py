@@ -134,7 +134,9 @@ class RunningApi:
 
     def client(self, token: str | None = ADMIN_TOKEN) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        # Registering the reference models (quantize, calibrate, gate) takes seconds on a
+        # quiet machine and tens of them on a loaded one: a request is given two minutes.
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
 
 @contextmanager
