@@ -36,6 +36,8 @@ _LOGGER = logging.getLogger(__name__)
 
 # Hands a device's newest desired document to the broker (the keeper's publish).
 Publish = Callable[[str], bool]
+# The same for a batch of devices at once (the keeper's publish_many): how many it took.
+PublishMany = Callable[[list[str]], int]
 # A rollout that fails with an unexpected error this many rounds in a row, for at least this
 # long, is ended: a bug that lasts a moment must not abort (and roll back) a healthy rollout.
 GIVE_UP_AFTER = 10
@@ -66,9 +68,12 @@ class RolloutEngine:
         tick_s: float = 0.5,
         leadership: Leadership | None = None,
         batch_size: int | None = None,
+        publish_many: PublishMany | None = None,
     ) -> None:
         self.context = context
         self.publish = publish
+        # When given, a committed batch is published with one call (one read of its rows).
+        self.publish_many = publish_many
         self.tick_s = tick_s
         # Devices moved per transaction (EDGEFLEET_ROLLOUT_BATCH_SIZE).
         self.batch_size = batch_size or context.settings.rollout_batch_size
@@ -299,8 +304,12 @@ class RolloutEngine:
                 for part in (device_ids[:half], device_ids[half:]):
                     self._send(move, rollout_id, token, part, reverting=reverting)
                 return
-            for device_id in done:
-                self.publish(device_id)
+            if self.publish_many is not None:
+                if done:
+                    self.publish_many(done)
+            else:
+                for device_id in done:
+                    self.publish(device_id)
             return
 
     def _cannot_move(

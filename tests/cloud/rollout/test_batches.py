@@ -184,3 +184,22 @@ def test_devices_that_cannot_be_moved_fail_alone_within_a_batch(cloud: CloudCont
     assert run.unmovable == 2
     assert sorted(published) == moved
     assert _signed(cloud) == Counter(dict.fromkeys(moved, 1))
+
+
+def test_a_committed_batch_is_published_with_one_call(sqlite_cloud: CloudContext) -> None:
+    """Given the keeper's publish_many, the engine hands each committed batch over in one call
+    (one read of the batch's rows, not one session per device) and never one by one."""
+    context = sqlite_cloud
+    ids = devices(context, 120)
+    start(context, 2, canary=120)
+    calls: list[list[str]] = []
+
+    def publish_many(device_ids: list[str]) -> int:
+        calls.append(list(device_ids))
+        return len(device_ids)
+
+    run, published = engine(context)
+    run.publish_many = publish_many
+    assert run.tick()
+    assert calls == [ids[:50], ids[50:100], ids[100:]]
+    assert published == []
