@@ -275,7 +275,7 @@ class RolloutEngine:
         the database roll the whole batch back: it is split in halves until that device is
         found, and it fails alone while the others are moved. A database error rolls it back
         too and it is tried again at once (``_BATCH_ATTEMPTS`` in all), then left to the
-        next round: a device is never half moved, nor moved twice."""
+        next round: a device is never half moved, nor given two revs."""
         for attempt in range(1, _BATCH_ATTEMPTS + 1):
             if not self._leading():
                 raise _LeaseLost
@@ -304,13 +304,20 @@ class RolloutEngine:
                 for part in (device_ids[:half], device_ids[half:]):
                     self._send(move, rollout_id, token, part, reverting=reverting)
                 return
-            if self.publish_many is not None:
-                if done:
-                    self.publish_many(done)
-            else:
-                for device_id in done:
-                    self.publish(device_id)
+            # After a database error the lost attempt may have committed after all (its
+            # devices are no longer PENDING, so not in ``done``): publish the whole batch then.
+            # Publishing sends what SQL holds, so a device sent twice gets the same document.
+            self._publish(done if attempt == 1 else device_ids)
             return
+
+    def _publish(self, device_ids: list[str]) -> None:
+        if not device_ids:
+            return
+        if self.publish_many is not None:
+            self.publish_many(device_ids)
+            return
+        for device_id in device_ids:
+            self.publish(device_id)
 
     def _cannot_move(
         self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception

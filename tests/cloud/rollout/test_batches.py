@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from cloud.context import CloudContext
 from cloud.fleet.desired import MAX_REV, stored_state
@@ -203,3 +204,40 @@ def test_a_committed_batch_is_published_with_one_call(sqlite_cloud: CloudContext
     assert run.tick()
     assert calls == [ids[:50], ids[50:100], ids[100:]]
     assert published == []
+
+
+def test_a_batch_whose_commit_was_lost_but_happened_is_still_published(
+    cloud: CloudContext,
+) -> None:
+    """The second batch commits, but the engine hears an error (the connection dropped as
+    the commit went through): tried again, it finds those devices moved already and moves
+    none twice, yet publishes them all, so no device waits for a document it was given."""
+    ids = devices(cloud, 120)
+    rollout_id = start(cloud, 2, canary=120)
+    seen: list[int] = []
+    lost: list[int] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
+        if "INSERT INTO audit_events" in sql and "d075" in repr(params):
+            seen.append(1)
+
+    def after_commit(_session: Session) -> None:
+        if seen and not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
+
+    db = cloud.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        run, published = engine(cloud)
+        assert run.tick()
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+        event.remove(Session, "after_commit", after_commit)
+    assert lost == [1]
+    assert run.batch_retries == 1
+    assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert sorted(published) == ids
+    assert set(_revs(cloud).values()) == {1}
+    assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
