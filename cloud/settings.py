@@ -52,6 +52,9 @@ class CloudSettings(BaseSettings):
     rollout_tick_s: float = Field(default=0.5, gt=0, le=60)
     # The rollout engine's lease in Redis: a replica that dies is replaced this soon.
     rollout_lease_s: float = Field(default=10.0, ge=1, le=600)
+    # Devices the rollout engine moves in one transaction (their new revs, signed documents
+    # and targets), then hands to the broker; the lease is checked between batches.
+    rollout_batch_size: int = Field(default=50, ge=1, le=1000)
     # -- telemetry history (cloud.history): per device per minute in SQL -------------------
     # Minutes older than this are deleted (checked every prune interval); windows are summed
     # in memory and written every flush interval (what a hard crash may lose of telemetry).

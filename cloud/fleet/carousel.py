@@ -35,7 +35,7 @@ class Pacing:
 
     pass_interval_s: float = 1.0
     # Longer than the gaps between the devices of one wave reaching us: the rollout engine
-    # signs a wave's documents one device at a time, and the devices answer with jitter.
+    # signs a wave's documents a batch at a time, and the devices answer with jitter.
     settle_s: float = 2.0
     lone_settle_s: float = 0.2
     max_wait_s: float = 15.0

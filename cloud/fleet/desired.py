@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_DOCUMENT_BYTES",
     "MAX_REV",
     "applied_rev",
+    "applied_revs",
     "check_documents_fit",
     "desired_artifacts",
     "devices_deleted_since",
@@ -40,6 +42,8 @@ __all__ = [
     "renew",
     "renewal_due",
     "set_deployment",
+    "sign_next",
+    "signing_audit",
     "stored_state",
 ]
 
@@ -195,6 +199,27 @@ def applied_rev(session: Session, device: Device) -> int:
     return max(from_report, from_events or 0)
 
 
+def applied_revs(session: Session, devices: list[Device]) -> dict[str, int]:
+    """``applied_rev`` of many devices in one query (their status events' highest revs)."""
+    ids = [device.id for device in devices]
+    from_events: dict[str, int] = {}
+    if ids:
+        rows = session.execute(
+            select(DeploymentEvent.device_id, func.max(DeploymentEvent.rev))
+            .where(DeploymentEvent.device_id.in_(ids))
+            .group_by(DeploymentEvent.device_id)
+        ).all()
+        from_events = {device_id: int(rev or 0) for device_id, rev in rows}
+    result: dict[str, int] = {}
+    for device in devices:
+        reported = (device.reported or {}).get("rev_applied")
+        from_report = (
+            reported if isinstance(reported, int) and not isinstance(reported, bool) else 0
+        )
+        result[device.id] = max(from_report, from_events.get(device.id, 0))
+    return result
+
+
 def issue(
     session: Session,
     *,
@@ -208,24 +233,48 @@ def issue(
     applied, sign its whole desired state (every model it should run) and store the signed
     document on its row; the caller holds the row lock (``repository.lock_device``) so
     concurrent changes get distinct, increasing revs."""
+    state = sign_next(
+        session, device=device, key=key, lifetime=lifetime,
+        applied=applied_rev(session, device), now=now,
+    )  # fmt: skip
+    session.flush()
+    repository.record_audit(session, **signing_audit(state, actor=actor))
+    return state
+
+
+def sign_next(
+    session: Session,
+    *,
+    device: Device,
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+    applied: int,
+    now: datetime | None = None,
+) -> DesiredState:
+    """``issue`` without its flush and audit, for a caller that writes many devices at once:
+    ``applied`` is the device's ``applied_rev`` (read in bulk by ``applied_revs``), and the
+    caller adds ``signing_audit``'s event. Conflict when no higher rev can be signed, before
+    the row is changed."""
     now = now or datetime.now(UTC)
-    floor = max(device.desired_rev or 0, applied_rev(session, device))
+    floor = max(device.desired_rev or 0, applied)
     if floor >= MAX_REV:
         raise Conflict(f"device {device.id!r} reports rev {floor}: no higher rev can be signed")
-    device.desired_rev = floor + 1
-    state = _build(session, device=device, rev=device.desired_rev, now=now, lifetime=lifetime)
+    state = _build(session, device=device, rev=floor + 1, now=now, lifetime=lifetime)
     envelope = sign(state, key)
-    _check_fits(state, envelope)
+    _check_fits(state, envelope)  # before the row changes: a refusal leaves it as it was
+    device.desired_rev = floor + 1
     _store(device, state, envelope)
-    session.flush()
-    repository.record_audit(
-        session,
-        actor=actor,
-        action="desired.sign",
-        subject=device.id,
-        detail={"rev": state.rev, "models": _models(state)},
-    )
     return state
+
+
+def signing_audit(state: DesiredState, *, actor: str) -> dict[str, Any]:
+    """The audit record of a signed rev (``repository.record_audit``'s arguments)."""
+    return {
+        "actor": actor,
+        "action": "desired.sign",
+        "subject": state.device_id,
+        "detail": {"rev": state.rev, "models": _models(state)},
+    }
 
 
 def renew(

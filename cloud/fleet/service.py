@@ -109,6 +109,7 @@ class FleetService:
         self.rollouts = RolloutEngine(
             context, self.desired.publish, tick_s=context.settings.rollout_tick_s,
             leadership=Leadership(context.redis, ttl_s=context.settings.rollout_lease_s),
+            publish_many=self.desired.publish_many,
         )  # fmt: skip
 
     def start(self, *, timeout: float = 10.0) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "list_models",
     "list_versions",
     "lock_device",
+    "lock_devices",
     "new_device_token",
     "put_artifact",
     "record_audit",
@@ -222,11 +223,7 @@ def lock_device(session: Session, *, device_id: str, to_delete: bool = False) ->
     holds it already). Only sessions that call this pay for it; every other session keeps
     pysqlite's usual deferred transactions.
     """
-    connection = session.connection()
-    if connection.dialect.name == "sqlite":
-        driver = connection.connection.driver_connection
-        if driver is not None and not driver.in_transaction:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    _sqlite_write_lock(session)
     # FOR NO KEY UPDATE: rows that only reference the device (its status events' foreign
     # key takes KEY SHARE) are still written meanwhile. Deleting it needs FOR UPDATE, taken
     # up front (upgrading later could deadlock with such a writer).
@@ -235,6 +232,31 @@ def lock_device(session: Session, *, device_id: str, to_delete: bool = False) ->
     if device is None:
         raise NotFound(f"unknown device {device_id!r}")
     return device
+
+
+def _sqlite_write_lock(session: Session) -> None:
+    """SQLite: take the database's write lock now unless this unit of work holds it."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        driver = connection.connection.driver_connection
+        if driver is not None and not driver.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def lock_devices(session: Session, *, device_ids: list[str]) -> dict[str, Device]:
+    """``lock_device`` for many devices in one query, locked in id order (as every other
+    batch takes them, so two batches cannot deadlock); the ids not found are left out."""
+    if not device_ids:
+        return {}
+    _sqlite_write_lock(session)
+    rows = session.scalars(
+        select(Device)
+        .where(Device.id.in_(sorted(set(device_ids))))
+        .order_by(Device.id)
+        .with_for_update(key_share=True)
+        .execution_options(populate_existing=True)
+    ).all()
+    return {device.id: device for device in rows}
 
 
 def list_devices(session: Session, *, labels: dict[str, str] | None = None) -> list[Device]:

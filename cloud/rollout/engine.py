@@ -24,8 +24,8 @@ from cloud.rollout.store import (
     Deposed,
     StaleDecision,
     apply_decision,
-    revert_target,
-    start_target,
+    revert_targets,
+    start_targets,
 )
 from cloud.rollout.strategy import RolloutState, stored_strategy
 from shared.errors import EdgeFleetError
@@ -36,6 +36,8 @@ _LOGGER = logging.getLogger(__name__)
 
 # Hands a device's newest desired document to the broker (the keeper's publish).
 Publish = Callable[[str], bool]
+# The same for a batch of devices at once (the keeper's publish_many): how many it took.
+PublishMany = Callable[[list[str]], int]
 # A rollout that fails with an unexpected error this many rounds in a row, for at least this
 # long, is ended: a bug that lasts a moment must not abort (and roll back) a healthy rollout.
 GIVE_UP_AFTER = 10
@@ -45,6 +47,12 @@ _TRANSIENT = (SQLAlchemyError, RedisError, OSError)
 # What makes one device impossible to move (no higher rev, a desired state that cannot be
 # built): that device fails, the others go on.
 _DEVICE_ERRORS = (EdgeFleetError, ValueError, LookupError, TypeError)
+
+
+# A batch rolled back by a database error is tried again at once this often in all.
+_BATCH_ATTEMPTS = 3
+# start_targets or revert_targets: one batch of devices moved in one transaction.
+_Move = Callable[..., list[str]]
 
 
 class _LeaseLost(Exception):
@@ -59,16 +67,24 @@ class RolloutEngine:
         *,
         tick_s: float = 0.5,
         leadership: Leadership | None = None,
+        batch_size: int | None = None,
+        publish_many: PublishMany | None = None,
     ) -> None:
         self.context = context
         self.publish = publish
+        # When given, a committed batch is published with one call (one read of its rows).
+        self.publish_many = publish_many
         self.tick_s = tick_s
+        # Devices moved per transaction (EDGEFLEET_ROLLOUT_BATCH_SIZE).
+        self.batch_size = batch_size or context.settings.rollout_batch_size
         self.leadership = leadership or Leadership(context.redis)
         self.lifetime = timedelta(seconds=context.settings.desired_lifetime_s)
         self.rounds = 0
         # For /metrics: rollout rounds that raised, and devices that could not be moved.
         self.errors = 0
         self.unmovable = 0
+        # Batches rolled back on a database error and tried again at once.
+        self.batch_retries = 0
         self.give_up_after, self.give_up_after_s = GIVE_UP_AFTER, GIVE_UP_AFTER_S
         # Rollout id → (rounds in a row that raised, time.monotonic() of the first of them).
         self._failures: dict[int, tuple[int, float]] = {}
@@ -237,30 +253,71 @@ class RolloutEngine:
         self._carry_out(rollout_id, token, decision)
 
     def _carry_out(self, rollout_id: int, token: int, decision: Decision) -> None:
-        """One transaction per device (its new rev and its target row together), then the
-        document goes to the broker. A device that cannot be moved fails on its own; a
-        rollout changed meanwhile (StaleDecision) or a lease lost stops the rest."""
-        key = self.context.signing_key
-        moves = [(start_target, d) for d in decision.deploy]
-        moves += [(revert_target, t.device_id) for t in decision.revert]
-        for move, device_id in moves:
-            if self._stop.is_set():
-                return
+        """The devices to move, ``batch_size`` to a transaction (their new revs and target
+        rows together), each batch's documents going to the broker once it committed. The
+        lease is checked before each batch; a rollout changed meanwhile (StaleDecision) or a
+        lease lost stops the rest, and what was not committed is decided again next round."""
+        moves = [
+            (start_targets, False, decision.deploy),
+            (revert_targets, True, [t.device_id for t in decision.revert]),
+        ]
+        for move, reverting, device_ids in moves:
+            for first in range(0, len(device_ids), self.batch_size):
+                if self._stop.is_set():
+                    return
+                batch = device_ids[first : first + self.batch_size]
+                self._send(move, rollout_id, token, batch, reverting=reverting)
+
+    def _send(
+        self, move: _Move, rollout_id: int, token: int, device_ids: list[str], *, reverting: bool
+    ) -> None:
+        """One batch in one transaction, then published. A device that cannot be moved makes
+        the database roll the whole batch back: it is split in halves until that device is
+        found, and it fails alone while the others are moved. A database error rolls it back
+        too and it is tried again at once (``_BATCH_ATTEMPTS`` in all), then left to the
+        next round: a device is never half moved, nor given two revs."""
+        for attempt in range(1, _BATCH_ATTEMPTS + 1):
             if not self._leading():
                 raise _LeaseLost
             try:
                 with self.context.database.session() as s:
                     done = move(
-                        s, rollout_id=rollout_id, token=token, device_id=device_id, key=key,
-                        lifetime=self.lifetime,
+                        s, rollout_id=rollout_id, token=token, device_ids=device_ids,
+                        key=self.context.signing_key, lifetime=self.lifetime,
                     )  # fmt: skip
-            except (Deposed, StaleDecision, *_TRANSIENT):
+            except (Deposed, StaleDecision):
                 raise
-            except _DEVICE_ERRORS as exc:
-                self._cannot_move(rollout_id, token, device_id, move is revert_target, exc)
+            except _TRANSIENT as exc:
+                if attempt == _BATCH_ATTEMPTS:
+                    raise
+                self.batch_retries += 1
+                _LOGGER.warning(
+                    "rollout %s: batch of %s rolled back (%s); trying again",
+                    rollout_id, len(device_ids), exc,
+                )  # fmt: skip
                 continue
-            if done:
-                self.publish(device_id)
+            except _DEVICE_ERRORS as exc:
+                if len(device_ids) == 1:
+                    self._cannot_move(rollout_id, token, device_ids[0], reverting, exc)
+                    return
+                half = len(device_ids) // 2
+                for part in (device_ids[:half], device_ids[half:]):
+                    self._send(move, rollout_id, token, part, reverting=reverting)
+                return
+            # After a database error the lost attempt may have committed after all (its
+            # devices are no longer PENDING, so not in ``done``): publish the whole batch then.
+            # Publishing sends what SQL holds, so a device sent twice gets the same document.
+            self._publish(done if attempt == 1 else device_ids)
+            return
+
+    def _publish(self, device_ids: list[str]) -> None:
+        if not device_ids:
+            return
+        if self.publish_many is not None:
+            self.publish_many(device_ids)
+            return
+        for device_id in device_ids:
+            self.publish(device_id)
 
     def _cannot_move(
         self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception

@@ -10,9 +10,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from cloud.fleet.desired import check_documents_fit, issue, set_deployment
+from cloud.fleet.desired import (
+    applied_revs,
+    check_documents_fit,
+    set_deployment,
+    sign_next,
+    signing_audit,
+)
 from cloud.registry import repository
-from cloud.registry.tables import Device, ModelVersion, Rollout, RolloutTarget
+from cloud.registry.tables import AuditEvent, Device, ModelVersion, Rollout, RolloutTarget
 from cloud.rollout.progress import Decision
 from cloud.rollout.reads import model_name
 from cloud.rollout.strategy import RolloutState, Strategy, TargetState, plan_waves
@@ -26,7 +32,9 @@ __all__ = [
     "command",
     "create_rollout",
     "revert_target",
+    "revert_targets",
     "start_target",
+    "start_targets",
 ]
 
 ACTIVE_STATES = (RolloutState.IN_PROGRESS, RolloutState.PAUSED, RolloutState.ABORTING)
@@ -273,29 +281,45 @@ def start_target(
     key: Ed25519PrivateKey,
     lifetime: timedelta,
 ) -> bool:
-    """Send one device the rollout's version (for an undeploy, a desired state without the
-    model): a new rev, signed, and the target DEPLOYING, in one transaction (a crash leaves
-    both or neither). False if it was not PENDING."""
+    """``start_targets`` for one device: False if it was not PENDING."""
+    return bool(start_targets(session, rollout_id=rollout_id, token=token,
+                              device_ids=[device_id], key=key, lifetime=lifetime))  # fmt: skip
+
+
+def start_targets(
+    session: Session,
+    *,
+    rollout_id: int,
+    token: int,
+    device_ids: list[str],
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+) -> list[str]:
+    """Send a batch of devices the rollout's version (for an undeploy, a desired state without
+    the model): for each, a new rev, signed, and its target DEPLOYING, all in this one
+    transaction (a crash leaves all of them or none). Their targets, rows (locked) and applied
+    revs are read in one query each. Returns the devices moved, in order (those still
+    PENDING); a device that cannot be moved raises, and the caller rolls the batch back."""
     rollout = _fenced(
         session, rollout_id=rollout_id, token=token, expect=RolloutState.IN_PROGRESS.value
     )
-    target = _target(session, rollout_id, device_id)
-    if target.state != TargetState.PENDING.value:
-        return False
-    device = repository.lock_device(session, device_id=device_id)
-    model = model_name(session, rollout)
-    # What it runs now, read under its lock: what an abort sends it back to.
-    target.previous_version_id = ((device.desired or {}).get(model) or {}).get("version_id")
-    if rollout.model_version_id is None:
-        rev = _drop(session, device_id=device_id, model=model, rollout_id=rollout_id,
-                    key=key, lifetime=lifetime)  # fmt: skip
-    else:
+    found = _targets(session, rollout_id, device_ids)
+    moving = [d for d in device_ids if found[d].state == TargetState.PENDING.value]
+    signer = _Signer(session, rollout=rollout, device_ids=moving, key=key, lifetime=lifetime)
+    row = None
+    if rollout.model_version_id is not None:
         row = session.get(ModelVersion, rollout.model_version_id)
         assert row is not None
-        rev = _issue(session, device_id=device_id, row=row, rollout_id=rollout_id, key=key,
-                     lifetime=lifetime)  # fmt: skip
-    target.state, target.rev, target.started_at = TargetState.DEPLOYING.value, rev, _now()
-    return True
+    now = _now()
+    for device_id in moving:
+        target, device = found[device_id], signer.device(device_id)
+        # What it runs now, read under its lock: what an abort sends it back to.
+        entry = (device.desired or {}).get(signer.model) or {}
+        target.previous_version_id = entry.get("version_id")
+        rev = signer.drop(device) if row is None else signer.deploy(device, row)
+        target.state, target.rev, target.started_at = TargetState.DEPLOYING.value, rev, now
+    session.flush()
+    return moving
 
 
 def revert_target(
@@ -307,83 +331,114 @@ def revert_target(
     key: Ed25519PrivateKey,
     lifetime: timedelta,
 ) -> bool:
-    """Send one device back to the version it ran before this rollout (a new rev; after an
-    undeploy, that puts the model back), or, when it ran none, take the model out of its
-    desired state (nothing to confirm then)."""
+    """``revert_targets`` for one device: False if it had not taken the new version."""
+    return bool(revert_targets(session, rollout_id=rollout_id, token=token,
+                               device_ids=[device_id], key=key, lifetime=lifetime))  # fmt: skip
+
+
+def revert_targets(
+    session: Session,
+    *,
+    rollout_id: int,
+    token: int,
+    device_ids: list[str],
+    key: Ed25519PrivateKey,
+    lifetime: timedelta,
+) -> list[str]:
+    """Send a batch of devices back to the version each ran before this rollout (a new rev;
+    after an undeploy, that puts the model back), or, for one that ran none, take the model
+    out of its desired state (nothing to confirm then); in one transaction, as
+    ``start_targets``. Returns the devices whose target changed, in order."""
     rollout = _fenced(
         session, rollout_id=rollout_id, token=token, expect=RolloutState.ABORTING.value
     )
-    target = _target(session, rollout_id, device_id)
-    if TargetState(target.state) not in _TOOK_NEW:
-        return False
-    if target.previous_version_id is None:
-        target.rev = _drop(session, device_id=device_id, model=model_name(session, rollout),
-                           rollout_id=rollout_id, key=key, lifetime=lifetime)  # fmt: skip
-        target.state, target.reason = TargetState.REVERTED.value, "model taken off the device"
-        return True
-    previous = session.get(ModelVersion, target.previous_version_id)
-    if previous is None:
-        target.state, target.reason = TargetState.REVERT_FAILED.value, "previous version gone"
-        return True
-    target.rev = _issue(session, device_id=device_id, row=previous, rollout_id=rollout_id,
-                        key=key, lifetime=lifetime)  # fmt: skip
-    target.state, target.started_at = TargetState.REVERTING.value, _now()
-    target.reason = f"sent back to version {previous.version}"
-    return True
+    found = _targets(session, rollout_id, device_ids)
+    moving = [d for d in device_ids if TargetState(found[d].state) in _TOOK_NEW]
+    signer = _Signer(session, rollout=rollout, device_ids=moving, key=key, lifetime=lifetime)
+    now = _now()
+    for device_id in moving:
+        target, device = found[device_id], signer.device(device_id)
+        if target.previous_version_id is None:
+            target.rev = signer.drop(device)
+            target.state, target.reason = TargetState.REVERTED.value, "model taken off the device"
+            continue
+        previous = session.get(ModelVersion, target.previous_version_id)
+        if previous is None:
+            target.state, target.reason = TargetState.REVERT_FAILED.value, "previous version gone"
+            continue
+        target.rev = signer.deploy(device, previous)
+        target.state, target.started_at = TargetState.REVERTING.value, now
+        target.reason = f"sent back to version {previous.version}"
+    session.flush()
+    return moving
 
 
-def _issue(
-    session: Session,
-    *,
-    device_id: str,
-    row: ModelVersion,
-    rollout_id: int,
-    key: Ed25519PrivateKey,
-    lifetime: timedelta,
-) -> int:
-    device = repository.lock_device(session, device_id=device_id)
-    set_deployment(device=device, version=row, rollout_id=rollout_id)
-    state = issue(session, device=device, key=key, lifetime=lifetime,
-                  actor=f"rollout:{rollout_id}")  # fmt: skip
-    repository.record_audit(
-        session, actor=f"rollout:{rollout_id}", action="device.deploy", subject=device_id,
-        detail={"model": row.model.name, "version": row.version, "rev": state.rev,
-                "rollout_id": rollout_id},
-    )  # fmt: skip
-    return state.rev
+class _Signer:
+    """Signs new revs for a batch of devices of one rollout: their rows locked in one query,
+    their applied revs read in one, and the audit events added for the one flush at the
+    end (no round trip per device)."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        rollout: Rollout,
+        device_ids: list[str],
+        key: Ed25519PrivateKey,
+        lifetime: timedelta,
+    ) -> None:
+        self.session, self.key, self.lifetime = session, key, lifetime
+        self.rollout_id, self.actor = rollout.id, f"rollout:{rollout.id}"
+        self.model = model_name(session, rollout)
+        self.devices = repository.lock_devices(session, device_ids=device_ids)
+        self.applied = applied_revs(session, list(self.devices.values()))
+
+    def device(self, device_id: str) -> Device:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise NotFound(f"unknown device {device_id!r}")
+        return device
+
+    def deploy(self, device: Device, row: ModelVersion) -> int:
+        """A new rev of the device's desired state running ``row`` of its model."""
+        set_deployment(device=device, version=row, rollout_id=self.rollout_id)
+        rev = self._sign(device)
+        detail = {"model": row.model.name, "version": row.version, "rev": rev}
+        self._audit("device.deploy", device.id, {**detail, "rollout_id": self.rollout_id})
+        return rev
+
+    def drop(self, device: Device) -> int:
+        """A new rev of the device's desired state without the model (signed even if it had
+        none: the device's answer to that rev is what confirms the model is gone)."""
+        device.desired = {k: v for k, v in (device.desired or {}).items() if k != self.model}
+        rev = self._sign(device)
+        self._audit("device.undeploy", device.id,
+                    {"model": self.model, "rev": rev, "rollout_id": self.rollout_id})  # fmt: skip
+        return rev
+
+    def _sign(self, device: Device) -> int:
+        state = sign_next(self.session, device=device, key=self.key, lifetime=self.lifetime,
+                          applied=self.applied.get(device.id, 0))  # fmt: skip
+        self.session.add(AuditEvent(**signing_audit(state, actor=self.actor)))
+        return state.rev
+
+    def _audit(self, action: str, subject: str, detail: dict[str, object]) -> None:
+        self.session.add(AuditEvent(actor=self.actor, action=action, subject=subject,
+                                    detail=detail))  # fmt: skip
 
 
-def _drop(
-    session: Session,
-    *,
-    device_id: str,
-    model: str,
-    rollout_id: int,
-    key: Ed25519PrivateKey,
-    lifetime: timedelta,
-) -> int:
-    """A new rev of the device's desired state without ``model`` (signed even if it had
-    none: the device's answer to that rev is what confirms the model is gone)."""
-    device = repository.lock_device(session, device_id=device_id)
-    device.desired = {k: v for k, v in (device.desired or {}).items() if k != model}
-    rev = issue(session, device=device, key=key, lifetime=lifetime,
-                actor=f"rollout:{rollout_id}").rev  # fmt: skip
-    repository.record_audit(
-        session, actor=f"rollout:{rollout_id}", action="device.undeploy", subject=device_id,
-        detail={"model": model, "rev": rev, "rollout_id": rollout_id},
-    )  # fmt: skip
-    return rev
-
-
-def _target(session: Session, rollout_id: int, device_id: str) -> RolloutTarget:
-    target = session.scalar(
+def _targets(session: Session, rollout_id: int, device_ids: list[str]) -> dict[str, RolloutTarget]:
+    """The rollout's targets of ``device_ids``, in one query; NotFound if one is not."""
+    rows = session.scalars(
         select(RolloutTarget).where(
-            RolloutTarget.rollout_id == rollout_id, RolloutTarget.device_id == device_id
+            RolloutTarget.rollout_id == rollout_id, RolloutTarget.device_id.in_(device_ids)
         )
-    )
-    if target is None:
-        raise NotFound(f"device {device_id!r} is not a target of rollout {rollout_id}")
-    return target
+    ).all()
+    found = {target.device_id: target for target in rows}
+    for device_id in device_ids:
+        if device_id not in found:
+            raise NotFound(f"device {device_id!r} is not a target of rollout {rollout_id}")
+    return found
 
 
 def _now() -> datetime:

@@ -13,10 +13,12 @@ import pytest
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls
 from cloud.fleet import keeper as keeper_module
-from cloud.fleet.desired import stored_state
-from cloud.fleet.keeper import LEGACY_REDIS_KEY, DesiredStateKeeper
+from cloud.fleet.desired import issue, set_deployment, stored_state
+from cloud.fleet.keeper import _CLEARED_WHEN_DELETED, LEGACY_REDIS_KEY, DesiredStateKeeper
 from cloud.registry import repository
+from shared import topics
 from shared.signing import verify_desired_state
+from shared.topics import DeviceTopic
 from tests.cloud.fleet.desired_support import (
     add_models,
     audit_of,
@@ -172,3 +174,32 @@ def test_the_keeper_removes_the_old_redis_copy_of_the_documents(context: CloudCo
     keeper.start()
     keeper.stop()
     assert not context.redis.exists(LEGACY_REDIS_KEY)
+
+
+def test_publish_many_hands_over_what_sql_says_and_keeps_what_was_refused(
+    quick_context: CloudContext,
+) -> None:
+    """A batch of devices in one call, as one publish each would: a device's newest signed
+    document, an empty desired topic for one without any, the three cleared topics of an id
+    SQL no longer has; a broker that refuses leaves them all pending for the next round."""
+    context = quick_context
+    signed, bare = enroll(context), enroll(context)
+    with context.database.session() as s:
+        device = repository.lock_device(s, device_id=signed)
+        set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
+                                                                      version=1))  # fmt: skip
+        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
+        document = device.desired_document
+    broker = Broker()
+    keeper = DesiredStateKeeper(context, broker)
+    broker.taking.set()
+    assert keeper.publish_many([signed, bare, "gone-1", signed]) == 3
+    assert broker.taken == [
+        (topics.device_topic(signed, DeviceTopic.DESIRED), document),
+        (topics.device_topic(bare, DeviceTopic.DESIRED), ""),
+        *[(topics.device_topic("gone-1", kind), "") for kind in _CLEARED_WHEN_DELETED],
+    ]
+    assert keeper.pending() == set()
+    broker.taking.clear()
+    assert keeper.publish_many([signed, bare]) == 0
+    assert keeper.pending() == {signed, bare}

@@ -132,6 +132,7 @@ def test_a_round_that_loses_its_lease_stops_acting(sqlite_cloud: CloudContext) -
         return True
 
     run, _ = engine(context, ttl_s=0.6, publish=publish)
+    run.batch_size = 5  # the lease is checked between batches: several of them in this wave
     assert not run.tick()
     assert run.leadership.token is None
     states = list(targets(context, rollout_id).values())

@@ -1,0 +1,243 @@
+"""The engine moves a wave's devices in batches: one transaction per ``batch_size`` devices,
+each batch's documents published once it committed; a batch the database rolls back leaves
+no device half moved and is tried again; a device that cannot be moved fails alone."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from cloud.context import CloudContext
+from cloud.fleet.desired import MAX_REV, stored_state
+from cloud.registry.tables import AuditEvent, DeploymentEvent, Device
+from tests.cloud.rollout.support import MODEL, devices, engine, start, targets
+
+
+@contextmanager
+def _writing_commits(context: CloudContext) -> Iterator[list[int]]:
+    """Counts the commits of transactions that changed a device row (one per dispatch)."""
+    commits: list[int] = []
+    wrote: set[int] = set()
+
+    def statement(conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        if sql.lstrip().upper().startswith("UPDATE DEVICES"):
+            wrote.add(id(conn))
+
+    def commit(conn: Any) -> None:
+        if id(conn) in wrote:
+            wrote.discard(id(conn))
+            commits.append(1)
+
+    def rollback(conn: Any) -> None:
+        wrote.discard(id(conn))
+
+    db = context.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    event.listen(db, "commit", commit)
+    event.listen(db, "rollback", rollback)
+    try:
+        yield commits
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+        event.remove(db, "commit", commit)
+        event.remove(db, "rollback", rollback)
+
+
+@contextmanager
+def _failing_batch(context: CloudContext, device_id: str, times: int) -> Iterator[list[int]]:
+    """The database refuses (``times`` times) the audit rows of the batch that holds
+    ``device_id``: after that batch's fence, device rows and targets were sent."""
+    failures: list[int] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
+        ours = "INSERT INTO audit_events" in sql and device_id in repr(params)
+        if ours and len(failures) < times:
+            failures.append(1)
+            raise OperationalError(sql, params, Exception("injected: connection lost"))
+
+    db = context.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    try:
+        yield failures
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+
+
+def _revs(context: CloudContext) -> dict[str, int]:
+    with context.database.session() as s:
+        return {d: r or 0 for d, r in s.execute(select(Device.id, Device.desired_rev)).all()}
+
+
+def _signed(context: CloudContext) -> Counter[str]:
+    """How many revs were signed for each device (its desired.sign audit events)."""
+    with context.database.session() as s:
+        subjects = s.scalars(select(AuditEvent.subject).where(AuditEvent.action == "desired.sign"))
+        return Counter(subjects)
+
+
+def test_a_wave_of_200_devices_is_sent_in_one_transaction_per_50(cloud: CloudContext) -> None:
+    """200 devices in one wave, batches of 50: four transactions change device rows (one per
+    device before), every device is DEPLOYING on rev 1 with its own signed document, and each
+    is published once, after its batch committed (the publish sees it in a fresh session)."""
+    ids = devices(cloud, 200)
+    rollout_id = start(cloud, 2, canary=200)
+    published: list[str] = []
+
+    def publish(device_id: str) -> bool:
+        with cloud.database.session() as s:
+            device = s.get(Device, device_id)
+            assert device is not None
+            state = stored_state(device)
+        assert state is not None, f"{device_id} published before its batch committed"
+        assert state.rev == device.desired_rev == 1
+        assert [d.manifest.version for d in state.deployments] == [2]
+        published.append(device_id)
+        return True
+
+    run, _ = engine(cloud, publish=publish)
+    with _writing_commits(cloud) as commits:
+        assert run.tick()
+    assert len(commits) == math.ceil(200 / 50)
+    assert run.batch_size == 50  # the default (EDGEFLEET_ROLLOUT_BATCH_SIZE)
+    assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert sorted(published) == ids
+    assert set(_revs(cloud).values()) == {1}
+    assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
+
+
+def test_a_batch_rolled_back_midway_is_tried_again_and_moves_each_device_once(
+    cloud: CloudContext,
+) -> None:
+    """The database drops the second batch's transaction once, after its device rows and
+    targets were written: it is rolled back and sent again at once; every device ends on
+    rev 1, signed once, published once."""
+    ids = devices(cloud, 120)
+    rollout_id = start(cloud, 2, canary=120)
+    run, published = engine(cloud)
+    with _failing_batch(cloud, "d075", times=1) as failures:
+        assert run.tick()
+    assert failures == [1]
+    assert run.errors == 0
+    assert run.batch_retries == 1
+    assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert sorted(published) == ids
+    assert set(_revs(cloud).values()) == {1}
+    assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
+
+
+def test_a_batch_the_database_keeps_refusing_leaves_no_device_half_moved(
+    cloud: CloudContext,
+) -> None:
+    """The second batch fails on every attempt: the round stops there with the batches before
+    it committed and published, and none of its devices changed (no rev, no document, still
+    PENDING, not published). Once the database takes it, the next round moves the rest."""
+    ids = devices(cloud, 120)
+    rollout_id = start(cloud, 2, canary=120)
+    run, published = engine(cloud)
+    with _failing_batch(cloud, "d075", times=3) as failures:
+        assert run.tick()
+    assert len(failures) == 3
+    assert run.errors == 1
+    first, rest = ids[:50], ids[50:]
+    assert targets(cloud, rollout_id) == dict.fromkeys(first, "DEPLOYING") | dict.fromkeys(
+        rest, "PENDING"
+    )
+    assert published == first
+    revs = _revs(cloud)
+    assert [revs[d] for d in rest] == [0] * len(rest)
+    with cloud.database.session() as s:
+        unsigned = s.scalars(select(Device).where(Device.id.in_(rest))).all()
+        assert all(device.desired_document is None for device in unsigned)
+    assert set(_signed(cloud)) == set(first)
+
+    assert run.tick()
+    assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert sorted(published) == ids
+    assert set(_revs(cloud).values()) == {1}
+    assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
+
+
+def test_devices_that_cannot_be_moved_fail_alone_within_a_batch(cloud: CloudContext) -> None:
+    """Two devices of a 60-device wave report rev MAX_REV: their batches are split until each
+    is found; they are FAILED and the other 58 are moved and published once each."""
+    ids = devices(cloud, 60)
+    stuck = {ids[7], ids[41]}
+    with cloud.database.session() as s:
+        for device_id in stuck:
+            s.add(DeploymentEvent(device_id=device_id, rev=MAX_REV, rollout_id=None, model=MODEL,
+                                  version=1, state="ACTIVE", at=datetime.now(UTC)))  # fmt: skip
+    rollout_id = start(cloud, 2, canary=60, min_failures=3, success_threshold=0.5)
+    run, published = engine(cloud)
+    run.batch_size = 25
+    assert run.tick()
+    moved = [d for d in ids if d not in stuck]
+    assert targets(cloud, rollout_id) == dict.fromkeys(moved, "DEPLOYING") | dict.fromkeys(
+        stuck, "FAILED"
+    )
+    assert run.unmovable == 2
+    assert sorted(published) == moved
+    assert _signed(cloud) == Counter(dict.fromkeys(moved, 1))
+
+
+def test_a_committed_batch_is_published_with_one_call(sqlite_cloud: CloudContext) -> None:
+    """Given the keeper's publish_many, the engine hands each committed batch over in one call
+    (one read of the batch's rows, not one session per device) and never one by one."""
+    context = sqlite_cloud
+    ids = devices(context, 120)
+    start(context, 2, canary=120)
+    calls: list[list[str]] = []
+
+    def publish_many(device_ids: list[str]) -> int:
+        calls.append(list(device_ids))
+        return len(device_ids)
+
+    run, published = engine(context)
+    run.publish_many = publish_many
+    assert run.tick()
+    assert calls == [ids[:50], ids[50:100], ids[100:]]
+    assert published == []
+
+
+def test_a_batch_whose_commit_was_lost_but_happened_is_still_published(
+    cloud: CloudContext,
+) -> None:
+    """The second batch commits, but the engine hears an error (the connection dropped as
+    the commit went through): tried again, it finds those devices moved already and moves
+    none twice, yet publishes them all, so no device waits for a document it was given."""
+    ids = devices(cloud, 120)
+    rollout_id = start(cloud, 2, canary=120)
+    seen: list[int] = []
+    lost: list[int] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
+        if "INSERT INTO audit_events" in sql and "d075" in repr(params):
+            seen.append(1)
+
+    def after_commit(_session: Session) -> None:
+        if seen and not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
+
+    db = cloud.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        run, published = engine(cloud)
+        assert run.tick()
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+        event.remove(Session, "after_commit", after_commit)
+    assert lost == [1]
+    assert run.batch_retries == 1
+    assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert sorted(published) == ids
+    assert set(_revs(cloud).values()) == {1}
+    assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
