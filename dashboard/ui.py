@@ -27,6 +27,7 @@ __all__ = [
     "summary_cached",
     "time_range",
     "when",
+    "window",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -97,10 +98,17 @@ def not_available(what: str, path: str) -> None:
     )
 
 
-def time_range(key: str) -> tuple[datetime, datetime]:
+def time_range(key: str) -> timedelta:
+    """The span the operator chose; a live part turns it into instants with :func:`window`
+    each time it runs (instants taken once would freeze its charts at the page's load)."""
     choice = st.selectbox("Time range", list(RANGES), key=key)
+    return RANGES[str(choice)]
+
+
+def window(span: timedelta) -> tuple[datetime, datetime]:
+    """The ``span`` that ends now."""
     end = datetime.now(UTC)
-    return end - RANGES[str(choice)], end
+    return end - span, end
 
 
 def when(value: str | None) -> str:

@@ -30,13 +30,15 @@ _COLUMNS = ["id", "presence", "degraded", "models", "deployment", "last seen", "
 
 def render(api: ApiClient) -> None:
     everything = summary_cached(api)
-    params = _filters(everything)
-    live(api, lambda a: _overview(a, params))
+    chosen = _filters(everything)
+    # The query is made at each refresh: "last seen within 5 minutes" is counted from now.
+    live(api, lambda a: _overview(a, device_filters(*chosen)))
     st.divider()
     _device_detail(api)
 
 
-def _filters(summary: dict[str, Any]) -> dict[str, Any]:
+def _filters(summary: dict[str, Any]) -> tuple[str, str, list[str], str, str]:
+    """What the filters say: label, version, presence, last seen, text."""
     labels = [f"{k}={v}" for k, values in summary["labels"].items() for v in values]
     cols = st.columns(5)
     label = cols[0].selectbox("Label", [_ANY, *labels], key="fleet_label")
@@ -46,7 +48,7 @@ def _filters(summary: dict[str, Any]) -> dict[str, Any]:
     )
     seen = cols[3].selectbox("Last seen", list(_SEEN), key="fleet_seen")
     text = cols[4].text_input("Device id or name", key="fleet_text")
-    return device_filters(label, version, presence, seen, text)
+    return str(label), str(version), list(presence), str(seen), text
 
 
 def device_filters(

@@ -4,14 +4,23 @@ percentiles, from the history the cloud keeps per device per minute."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
-from dashboard.ui import live, not_available, optional, percent, summary_cached, time_range, when
+from dashboard.ui import (
+    live,
+    not_available,
+    optional,
+    percent,
+    summary_cached,
+    time_range,
+    when,
+    window,
+)
 
 __all__ = ["BUDGET_PATH", "render"]
 
@@ -24,7 +33,7 @@ def render(api: ApiClient) -> None:
     cols = st.columns(4)
     scope = cols[0].radio("Scope", ["Fleet", "One device"], key="inference_scope", horizontal=True)
     with cols[1]:
-        start, end = time_range("inference_range")
+        span = time_range("inference_range")
     if scope == "Fleet":
         labels = [f"{k}={v}" for k, values in summary["labels"].items() for v in values]
         label = cols[2].selectbox("Label", [_ANY, *labels], key="inference_label")
@@ -44,12 +53,11 @@ def render(api: ApiClient) -> None:
             st.caption("Type a device id to see its history.")
             return
         params, path = {}, f"/v1/devices/{device_id}/history"
-    live(api, lambda a: _charts(a, path, params, start, end))
+    live(api, lambda a: _charts(a, path, params, span))
 
 
-def _charts(
-    api: ApiClient, path: str, params: dict[str, Any], start: datetime, end: datetime
-) -> None:
+def _charts(api: ApiClient, path: str, params: dict[str, Any], span: timedelta) -> None:
+    start, end = window(span)  # at each refresh: the range moves on with the clock
     try:
         history = api.get(path, params={**params, "from": start.isoformat(), "to": end.isoformat()})
     except NotFound as exc:

@@ -4,6 +4,9 @@ an API that is down, a wrong token or none at all is one clear message, never a 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cloud.embedded.processes import free_port
+from dashboard.client import ApiClient
+from dashboard.views import fleet, inference
 from tests.conftest import ADMIN_TOKEN
 from tests.dashboard.conftest import DEVICES, ROUNDS, FleetApi
 
@@ -79,6 +84,79 @@ def test_an_unknown_device_is_a_warning_not_an_error(env: FleetApi) -> None:
     at.text_input(key="fleet_device").set_value("nobody").run()
     _clean(at)
     assert "nobody" in at.warning[0].value
+
+
+def _record_gets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Each GET the dashboard's client makes from now on: (path, query)."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    original = ApiClient.get
+
+    def get(self: ApiClient, path: str, params: dict[str, Any] | None = None) -> Any:
+        asked.append((path, dict(params or {})))
+        return original(self, path, params)
+
+    monkeypatch.setattr(ApiClient, "get", get)
+    return asked
+
+
+class _Refreshes:
+    """Stands in for ``dashboard.ui.live``: runs the live part once, as the page does, and
+    keeps it so that the test can run it again as its fragment's next refresh would (the
+    same closure, later; outside the page's run, where Streamlit's calls draw nothing)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[ApiClient, Callable[[ApiClient], None]]] = []
+
+    def __call__(self, api: ApiClient, body: Callable[[ApiClient], None]) -> None:
+        body(api)
+        self.parts.append((api, body))
+
+    def again(self) -> None:
+        time.sleep(0.05)
+        api, body = self.parts[-1]
+        body(api)
+
+
+def test_the_inference_charts_move_on_with_the_clock(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refresh of the live charts asks for the chosen range ending now, not the range of
+    the page's first load (whose charts would never show a new minute)."""
+    refreshes = _Refreshes()
+    monkeypatch.setattr(inference, "live", refreshes)
+    asked = _record_gets(monkeypatch)
+    _page("inference")
+    refreshes.again()
+    ranges = [
+        (datetime.fromisoformat(q["from"]), datetime.fromisoformat(q["to"]))
+        for path, q in asked
+        if path == "/v1/history/fleet"
+    ]
+    assert len(ranges) == 2, asked
+    (first_from, first_to), (then_from, then_to) = ranges
+    assert then_to > first_to
+    assert first_to - first_from == then_to - then_from == timedelta(hours=1)
+
+
+def test_the_last_seen_filter_counts_from_each_refresh(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter "last seen within 5 minutes" means five minutes before each refresh of the
+    table, not before the filter was chosen (a device that went quiet would stay listed)."""
+    refreshes = _Refreshes()
+    monkeypatch.setattr(fleet, "live", refreshes)
+    at = _page()
+    asked = _record_gets(monkeypatch)
+    at.selectbox(key="fleet_seen").set_value("within 5 minutes").run()
+    _clean(at)
+    refreshes.again()
+    cutoffs = [
+        datetime.fromisoformat(q["seen_after"])
+        for path, q in asked
+        if path == "/v1/fleet/devices" and "seen_after" in q
+    ]
+    assert len(cutoffs) == 2, asked
+    assert cutoffs[1] > cutoffs[0]
 
 
 def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) -> None:
