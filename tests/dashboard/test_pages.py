@@ -174,6 +174,29 @@ def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) ->
     assert any("threshold that offloads" in c.value for c in at.caption)
 
 
+def test_a_double_click_on_start_starts_one_rollout(env: FleetApi) -> None:
+    """The second click of a double click reaches Streamlit while the first one's run is
+    going on: Streamlit folds it into the next run, which sees the Start button pressed
+    again. That run must not start a second rollout. (Before the test that aborts a
+    rollout of the model: a model's rollout cannot start while one is aborting.)"""
+    before = len(env.get("/v1/rollouts", limit=500))
+    at = _page("rollouts")
+    at.selectbox(key="rollout_form_model").set_value("digits-edge")
+    at.text_input[0].set_value("site=lab")
+    at.number_input(key="rollout_form_version").set_value(2)
+    click = at.form_submit_button[0].click()._widget_state
+    at.run()
+    _clean(at)
+    assert "started" in at.success[0].value
+    replayed = at._tree.get_widget_states()
+    kept = [w for w in replayed.widgets if w.id != click.id]
+    del replayed.widgets[:]
+    replayed.widgets.extend([*kept, click])
+    at._run(replayed)
+    _clean(at)
+    assert len(env.get("/v1/rollouts", limit=500)) == before + 1
+
+
 def test_rollouts_start_pause_resume_and_abort_through_the_api(env: FleetApi) -> None:
     """Start a rollout with the form (it supersedes the fixture's), then pause, resume and
     abort it with the buttons: each is the API's state right after."""
