@@ -13,10 +13,13 @@ import streamlit as st
 
 from dashboard.client import ApiClient, ApiError, ApiUnauthorized, ApiUnreachable, NotFound
 from dashboard.config import ConfigError, DashboardConfig
+from shared.errors import ProtocolError
+from shared.topics import validate_device_id
 
 __all__ = [
     "RANGES",
     "Render",
+    "device_id",
     "frame",
     "live",
     "not_available",
@@ -89,6 +92,20 @@ def live(api: ApiClient, body: Render) -> None:
             show_error(exc)
 
     _part()
+
+
+def device_id(typed: str) -> str | None:
+    """What the operator typed, if a device may have it as its id; else None, and a warning.
+    It goes into a URL path: "." or "cam-1?x" would ask for another URL (another device's,
+    or the list's) and show what that answers as this device's."""
+    try:
+        return validate_device_id(typed)
+    except ProtocolError:
+        st.warning(
+            f"{typed!r} is not a device id: 1 to 64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or a digit."
+        )
+        return None
 
 
 def not_available(what: str, path: str) -> None:

@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
+from dashboard.ui import device_id as checked_device_id
 from dashboard.ui import frame, live, percent, summary_cached, when
 
 __all__ = ["PAGE_SIZE", "device_filters", "render"]
@@ -133,9 +134,11 @@ def _page(api: ApiClient, params: dict[str, Any], page: int) -> Any:
 
 def _device_detail(api: ApiClient) -> None:
     st.subheader("Device")
-    device_id = st.text_input("Device id", key="fleet_device", placeholder="e.g. cam-01").strip()
-    if not device_id:
+    typed = st.text_input("Device id", key="fleet_device", placeholder="e.g. cam-01").strip()
+    if not typed:
         st.caption("Type a device id (from the table above) to see its history and events.")
+        return
+    if (device_id := checked_device_id(typed)) is None:
         return
     try:
         device = api.get(f"/v1/fleet/devices/{device_id}")

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
+from dashboard.ui import device_id as checked_device_id
 from dashboard.ui import (
     live,
     not_available,
@@ -48,9 +49,11 @@ def render(api: ApiClient) -> None:
             params["model"] = model
         path = "/v1/history/fleet"
     else:
-        device_id = cols[2].text_input("Device id", key="inference_device").strip()
-        if not device_id:
+        typed = cols[2].text_input("Device id", key="inference_device").strip()
+        if not typed:
             st.caption("Type a device id to see its history.")
+            return
+        if (device_id := checked_device_id(typed)) is None:
             return
         params, path = {}, f"/v1/devices/{device_id}/history"
     live(api, lambda a: _charts(a, path, params, span))

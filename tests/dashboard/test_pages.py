@@ -159,6 +159,21 @@ def test_the_last_seen_filter_counts_from_each_refresh(
     assert cutoffs[1] > cutoffs[0]
 
 
+@pytest.mark.parametrize("typed", [".", "..", "cam-001/events", "cam-001?x=1", "cam 001", "%2e"])
+def test_a_device_id_that_cannot_be_one_is_a_warning(env: FleetApi, typed: str) -> None:
+    """What an operator types goes into a URL path: one that no device can have says so,
+    on the Fleet and the Inference page, instead of asking for another URL."""
+    at = _page()
+    at.text_input(key="fleet_device").set_value(typed).run()
+    _clean(at)
+    assert "not a device id" in at.warning[0].value, typed
+    at = _page("inference")
+    at.radio(key="inference_scope").set_value("One device").run()
+    at.text_input(key="inference_device").set_value(typed).run()
+    _clean(at)
+    assert "not a device id" in at.warning[0].value, typed
+
+
 def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) -> None:
     versions: list[dict[str, Any]] = env.get("/v1/models/digits-edge/versions")  # type: ignore[assignment]
     at = _page("models")
