@@ -12,6 +12,7 @@ import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
 from dashboard.ui import device_id as checked_device_id
+from dashboard.ui import history as read_history
 from dashboard.ui import (
     live,
     not_available,
@@ -20,7 +21,6 @@ from dashboard.ui import (
     summary_cached,
     time_range,
     when,
-    window,
 )
 
 __all__ = ["BUDGET_PATH", "render"]
@@ -60,9 +60,9 @@ def render(api: ApiClient) -> None:
 
 
 def _charts(api: ApiClient, path: str, params: dict[str, Any], span: timedelta) -> None:
-    start, end = window(span)  # at each refresh: the range moves on with the clock
     try:
-        history = api.get(path, params={**params, "from": start.isoformat(), "to": end.isoformat()})
+        # Ending now at each refresh (a long range is read again less often: ui.history).
+        history = read_history(api, path, params, span)
     except NotFound as exc:
         st.warning(exc.message)
         return

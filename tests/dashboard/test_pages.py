@@ -14,6 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cloud.embedded.processes import free_port
+from dashboard import ui
 from dashboard.client import ApiClient
 from dashboard.views import fleet, inference
 from tests.conftest import ADMIN_TOKEN
@@ -136,6 +137,33 @@ def test_the_inference_charts_move_on_with_the_clock(
     (first_from, first_to), (then_from, then_to) = ranges
     assert then_to > first_to
     assert first_to - first_from == then_to - then_from == timedelta(hours=1)
+
+
+def test_a_long_range_is_not_summed_again_at_every_refresh(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day of a 1,000-device fleet is 1.4 M rows to sum: the Inference page reads it once
+    for the refreshes of the next two minutes, and for every browser session; the last hour
+    is read at each refresh."""
+    monkeypatch.setattr(ui, "_histories", {})
+    refreshes = _Refreshes()
+    monkeypatch.setattr(inference, "live", refreshes)
+    asked = _record_gets(monkeypatch)
+    at = _page("inference")
+    refreshes.again()
+    assert sum(path == "/v1/history/fleet" for path, _ in asked) == 2
+    asked.clear()
+    for _session in range(2):
+        at = _page("inference")
+        at.selectbox(key="inference_range").set_value("last 24 hours").run()
+        _clean(at)
+        refreshes.again()
+    spans = [
+        datetime.fromisoformat(q["to"]) - datetime.fromisoformat(q["from"])
+        for path, q in asked
+        if path == "/v1/history/fleet"
+    ]
+    assert spans.count(timedelta(hours=24)) == 1, spans
 
 
 def test_the_last_seen_filter_counts_from_each_refresh(
