@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from cloud.api.app import create_app
 from cloud.context import CloudContext
@@ -180,6 +181,21 @@ def test_each_window_counts_once_however_many_replicas_ingest_it(
     feed(context, split[2:], writer=second)
     own = client.get("/v1/devices/cam-b1/history", params=_range()).json()["totals"]
     assert (own["windows"], own["requests"]) == (3, 13)
+
+
+def test_windows_still_count_while_redis_is_away(
+    context: CloudContext, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Redis the ingest cannot ask which windows a replica already summed: it sums
+    them all (a window two replicas ingest then counts twice; none is lost)."""
+
+    def away(*_args: object, **_kwargs: object) -> None:
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(context.redis, "register_script", lambda _script: away)
+    feed(context, [_window("cam-a1", 0, edge=3, rows=3), _window("cam-a2", 1, edge=2, rows=2)])
+    totals = client.get("/v1/history/fleet", params=_range()).json()["totals"]
+    assert (totals["windows"], totals["requests"]) == (2, 5)
 
 
 @pytest.mark.parametrize(
