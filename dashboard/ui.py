@@ -139,6 +139,7 @@ def window(span: timedelta) -> tuple[datetime, datetime]:
 _FRESH_RANGE = timedelta(hours=1)
 _READS_PER_SPAN = 720
 _HISTORY_KEPT = 64
+_RETRY_SLOW_S = 60.0
 _histories: dict[tuple[Any, ...], tuple[float, Any]] = {}
 _histories_lock = threading.Lock()
 
@@ -157,14 +158,24 @@ def history(api: ApiClient, path: str, params: dict[str, Any], span: timedelta) 
     with _histories_lock:
         kept = _histories.get(key)
     if kept is not None and kept[0] > now:
+        if isinstance(kept[1], ApiUnreachable):
+            raise kept[1]
         return kept[1]
-    body = read()
+    fresh_s = span.total_seconds() / _READS_PER_SPAN
+    try:
+        body = read()
+    except ApiUnreachable as exc:
+        # Too slow (or failing): asking again at the next refresh would start one more scan
+        # while the cloud is still on the last one. Say the same for a while instead.
+        body, fresh_s = exc, min(fresh_s, _RETRY_SLOW_S)
     with _histories_lock:
         for old in [k for k, (until, _) in _histories.items() if until <= now]:
             del _histories[old]
         if len(_histories) >= _HISTORY_KEPT:
             _histories.pop(next(iter(_histories)))
-        _histories[key] = (now + span.total_seconds() / _READS_PER_SPAN, body)
+        _histories[key] = (now + fresh_s, body)
+    if isinstance(body, ApiUnreachable):
+        raise body
     return body
 
 
