@@ -59,31 +59,33 @@ _TRANSIENT = SQLAlchemyError
 # A batch's live view in one Redis command: redis-py spends ~10 µs of Python on every command
 # of a pipeline, and a batch has one or two per device. ARGV[1] is the telemetry TTL, ARGV[2]
 # now (s), ARGV[3] how long a telemetry window is remembered, then operations: h key field
-# value (HSET) | t key value (SET with the TTL) | c device n (HINCRBY of the telemetry
-# counter, KEYS[1]) | w key n member... (ZADD NX of n windows to the device's set of windows
-# seen, scored by now, those older than ARGV[3] dropped). Returns, for each window of the w
-# operations in order, 1 if no replica had seen it, 0 if one had.
+# value (HSET) | t key value (SET with the TTL) | w device n keys: n telemetry windows of the
+# device, counted (HINCRBY of KEYS[1]) and added (ZADD NX) to its set of windows seen, scored
+# by now, those older than ARGV[3] dropped; ``keys`` is their identities, _WINDOW_KEY_LEN
+# characters each, in one argument (redis-py packs each argument in Python, at a cost).
+# Returns, for each window of the w operations in order, 1 if no replica had seen it, else 0.
 _LIVE_VIEW = """
 local i = 4
 local fresh = {}
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'w' then
-    local key, n = ARGV[i + 1], tonumber(ARGV[i + 2])
-    for j = 1, n do
-      fresh[#fresh + 1] = redis.call('ZADD', key, 'NX', ARGV[2], ARGV[i + 2 + j])
+    local device, n, keys = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    local seen = 'edgefleet:telemetry:seen:' .. device
+    local size = #keys / n
+    redis.call('HINCRBY', KEYS[1], device, n)
+    for j = 0, n - 1 do
+      local key = string.sub(keys, j * size + 1, (j + 1) * size)
+      fresh[#fresh + 1] = redis.call('ZADD', seen, 'NX', ARGV[2], key)
     end
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
-    redis.call('EXPIRE', key, ARGV[3])
-    i = i + 3 + n
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+    redis.call('EXPIRE', seen, ARGV[3])
+    i = i + 4
   elseif op == 'h' then
     redis.call('HSET', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
-  elseif op == 't' then
-    redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', ARGV[1])
-    i = i + 3
   else
-    redis.call('HINCRBY', KEYS[1], ARGV[i + 1], ARGV[i + 2])
+    redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', ARGV[1])
     i = i + 3
   end
 end
@@ -94,6 +96,7 @@ _TELEMETRY_COUNTS = "edgefleet:telemetry:messages"
 # ingest (each has its own subscription, or the broker delivers it twice) is summed into the
 # history once: the longest that two replicas' copies of one message can arrive apart.
 WINDOWS_SEEN_S = 3600
+_WINDOW_KEY_LEN = 24
 _EVENTS: Table = DeploymentEvent.__table__  # type: ignore[assignment]
 _DEVICES: Table = Device.__table__  # type: ignore[assignment]
 
@@ -428,21 +431,18 @@ class Ingest:
         the telemetry windows no replica had seen before (all of them without Redis: counted
         twice if another replica ingests them too, rather than lost when it does not)."""
         last: dict[tuple[str, DeviceTopic], _Entry] = {}
-        telemetry: dict[str, int] = defaultdict(int)
         windows: dict[str, list[_Entry]] = defaultdict(list)
         for entry in entries:
             if entry.message is not None:
                 last[(entry.device_id, entry.kind)] = entry
-            if entry.kind is DeviceTopic.TELEMETRY:
-                telemetry[entry.device_id] += 1
-                if entry.message is not None:
-                    windows[entry.device_id].append(entry)
+            if entry.kind is DeviceTopic.TELEMETRY:  # never empty (_parse refuses that)
+                windows[entry.device_id].append(entry)
         seen = datetime.now(UTC).isoformat()
         args: list[str | int | float] = [TELEMETRY_TTL_S, time.time(), WINDOWS_SEEN_S]
         ordered: list[_Entry] = []
         for device_id, sent in windows.items():
-            args += ("w", f"edgefleet:telemetry:seen:{device_id}", len(sent))
-            args += [_window_key(entry.item.payload) for entry in sent]
+            keys = "".join([_window_key(entry.item.payload) for entry in sent])
+            args += ("w", device_id, len(sent), keys)
             ordered += sent
         for (device_id, kind), entry in last.items():
             key = f"edgefleet:device:{device_id}"
@@ -456,8 +456,6 @@ class Ingest:
             else:
                 json = entry.message.model_dump_json()
                 args += ("t", f"edgefleet:telemetry:{device_id}", json)
-        for device_id, count in telemetry.items():
-            args += ("c", device_id, count)
         try:
             fresh = self._live_view(keys=[_TELEMETRY_COUNTS], args=args)
         except redis.RedisError as exc:
@@ -484,9 +482,9 @@ def _held(count: int) -> str:
 
 
 def _window_key(payload: bytes) -> str:
-    """A telemetry window's identity among its device's: the same bytes are the same window
-    (an agent dates each window, so two windows never have the same bytes)."""
-    return hashlib.blake2b(payload, digest_size=12).hexdigest()
+    """A telemetry window's identity among its device's (_WINDOW_KEY_LEN characters): the
+    same bytes are the same window (an agent dates each window: two never have the same)."""
+    return hashlib.blake2b(payload, digest_size=_WINDOW_KEY_LEN // 2).hexdigest()
 
 
 def _event_row(device_id: str, event: StatusEvent, payload: bytes, now: datetime) -> dict[str, Any]:
