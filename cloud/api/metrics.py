@@ -86,6 +86,11 @@ class _FleetCollector(Collector):
             ("retries", "Batch writes retried after a database error", ingest.retries),
             ("redis_errors", "Batches whose live view update failed", ingest.redis_errors),
             ("blocked", "Times the network thread waited for room in the queue", ingest.blocked),
+            (
+                "telemetry_windows_repeated",
+                "Telemetry windows already summed into the history (by another replica)",
+                ingest.windows_repeated,
+            ),
             ("backlog_warnings", "Backlog warnings logged", self.fleet.ingest.backlog.warnings),
         ):
             yield CounterMetricFamily(f"edgefleet_ingest_{name}", help_text, value)

@@ -31,7 +31,7 @@ from shared.mqtt_link import Inbound, ack_all
 from shared.retry import Backoff
 from shared.topics import DeviceTopic
 
-__all__ = ["KINDS", "MAX_PAYLOAD", "TELEMETRY_TTL_S", "Ingest", "IngestSnapshot"]
+__all__ = ["KINDS", "MAX_PAYLOAD", "TELEMETRY_TTL_S", "WINDOWS_SEEN_S", "Ingest", "IngestSnapshot"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,27 +57,46 @@ TELEMETRY_TTL_S = 3600
 _REFUSED = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 _TRANSIENT = SQLAlchemyError
 # A batch's live view in one Redis command: redis-py spends ~10 µs of Python on every command
-# of a pipeline, and a batch has one or two per device. ARGV[1] is the telemetry TTL, then
-# operations: h key field value (HSET) | t key value (SET with the TTL) | c device n (HINCRBY
-# of the telemetry counter, KEYS[1]).
+# of a pipeline, and a batch has one or two per device. ARGV[1] is the telemetry TTL, ARGV[2]
+# now (s), ARGV[3] how long a telemetry window is remembered, then operations: h key field
+# value (HSET) | t key value (SET with the TTL) | w device n keys: n telemetry windows of the
+# device, counted (HINCRBY of KEYS[1]) and added (ZADD NX) to its set of windows seen, scored
+# by now, those older than ARGV[3] dropped; ``keys`` is their identities, _WINDOW_KEY_LEN
+# characters each, in one argument (redis-py packs each argument in Python, at a cost).
+# Returns, for each window of the w operations in order, 1 if no replica had seen it, else 0.
 _LIVE_VIEW = """
-local i = 2
+local i = 4
+local fresh = {}
 while i <= #ARGV do
   local op = ARGV[i]
-  if op == 'h' then
+  if op == 'w' then
+    local device, n, keys = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    local seen = 'edgefleet:telemetry:seen:' .. device
+    local size = #keys / n
+    redis.call('HINCRBY', KEYS[1], device, n)
+    for j = 0, n - 1 do
+      local key = string.sub(keys, j * size + 1, (j + 1) * size)
+      fresh[#fresh + 1] = redis.call('ZADD', seen, 'NX', ARGV[2], key)
+    end
+    redis.call('ZREMRANGEBYSCORE', seen, '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+    redis.call('EXPIRE', seen, ARGV[3])
+    i = i + 4
+  elseif op == 'h' then
     redis.call('HSET', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
-  elseif op == 't' then
-    redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', ARGV[1])
-    i = i + 3
   else
-    redis.call('HINCRBY', KEYS[1], ARGV[i + 1], ARGV[i + 2])
+    redis.call('SET', ARGV[i + 1], ARGV[i + 2], 'EX', ARGV[1])
     i = i + 3
   end
 end
-return 0
+return fresh
 """
 _TELEMETRY_COUNTS = "edgefleet:telemetry:messages"
+# How long the windows a device sent are remembered, so that a window that several replicas
+# ingest (each has its own subscription, or the broker delivers it twice) is summed into the
+# history once: the longest that two replicas' copies of one message can arrive apart.
+WINDOWS_SEEN_S = 3600
+_WINDOW_KEY_LEN = 24
 _EVENTS: Table = DeploymentEvent.__table__  # type: ignore[assignment]
 _DEVICES: Table = Device.__table__  # type: ignore[assignment]
 
@@ -112,6 +131,7 @@ class IngestSnapshot:
     retries: int
     redis_errors: int
     blocked: int
+    windows_repeated: int  # telemetry windows another replica (or an earlier copy) had summed
 
 
 class Ingest:
@@ -142,6 +162,7 @@ class Ingest:
         self.stored: dict[str, int] = defaultdict(int)
         self.dropped: dict[str, int] = defaultdict(int)
         self.received = self.batches = self.retries = self.redis_errors = self.blocked = 0
+        self.windows_repeated = 0
         self._queue: queue.Queue[Inbound] = queue.Queue(capacity)
         self._bytes = 0  # payload bytes queued, under _bytes_lock
         self._bytes_lock = threading.Lock()
@@ -231,7 +252,7 @@ class Ingest:
             depth=self._queue.qsize(), capacity=self.capacity, oldest_age_s=self.oldest_age_s(),
             received=self.received, stored=dict(self.stored), dropped=dict(self.dropped),
             batches=self.batches, retries=self.retries, redis_errors=self.redis_errors,
-            blocked=self.blocked,
+            blocked=self.blocked, windows_repeated=self.windows_repeated,
         )  # fmt: skip
 
     # -- the worker ----------------------------------------------------------------------
@@ -348,13 +369,9 @@ class Ingest:
                     return
         if not entries:
             return
-        self._publish_live(entries)
+        fresh = self._publish_live(entries)
         if self.history is not None:
-            self.history.add(
-                (e.device_id, e.message)
-                for e in entries
-                if e.kind is DeviceTopic.TELEMETRY and e.message is not None
-            )
+            self.history.add((e.device_id, e.message) for e in fresh)
         items = [entry.item for entry in entries]
         ack_all(items)
         self._acked.update(id(item) for item in items)
@@ -409,17 +426,24 @@ class Ingest:
             if rows:
                 s.execute(self._insert_events, rows)
 
-    def _publish_live(self, entries: list[_Entry]) -> None:
-        """The live view in Redis: the last of each kind per device, in one round trip."""
+    def _publish_live(self, entries: list[_Entry]) -> list[_Entry]:
+        """The live view in Redis: the last of each kind per device, in one round trip. Returns
+        the telemetry windows no replica had seen before (all of them without Redis: counted
+        twice if another replica ingests them too, rather than lost when it does not)."""
         last: dict[tuple[str, DeviceTopic], _Entry] = {}
-        telemetry: dict[str, int] = defaultdict(int)
+        windows: dict[str, list[_Entry]] = defaultdict(list)
         for entry in entries:
             if entry.message is not None:
                 last[(entry.device_id, entry.kind)] = entry
-            if entry.kind is DeviceTopic.TELEMETRY:
-                telemetry[entry.device_id] += 1
+            if entry.kind is DeviceTopic.TELEMETRY:  # never empty (_parse refuses that)
+                windows[entry.device_id].append(entry)
         seen = datetime.now(UTC).isoformat()
-        args: list[str | int] = [TELEMETRY_TTL_S]
+        args: list[str | int | float] = [TELEMETRY_TTL_S, time.time(), WINDOWS_SEEN_S]
+        ordered: list[_Entry] = []
+        for device_id, sent in windows.items():
+            keys = "".join([_window_key(entry.item.payload) for entry in sent])
+            args += ("w", device_id, len(sent), keys)
+            ordered += sent
         for (device_id, kind), entry in last.items():
             key = f"edgefleet:device:{device_id}"
             if kind is DeviceTopic.STATUS:
@@ -432,15 +456,17 @@ class Ingest:
             else:
                 json = entry.message.model_dump_json()
                 args += ("t", f"edgefleet:telemetry:{device_id}", json)
-        for device_id, count in telemetry.items():
-            args += ("c", device_id, count)
         try:
-            self._live_view(keys=[_TELEMETRY_COUNTS], args=args)
+            fresh = self._live_view(keys=[_TELEMETRY_COUNTS], args=args)
         except redis.RedisError as exc:
             # SQL holds the history; the live view catches up with the next message.
             self.redis_errors += 1
             if (held := self._throttle.allow("redis")) is not None:
                 _LOGGER.warning("ingest: live view not updated: %s%s", exc, _held(held))
+            return ordered
+        repeated = len(ordered) - sum(map(int, fresh))
+        self.windows_repeated += repeated
+        return [entry for entry, new in zip(ordered, fresh, strict=True) if int(new)]
 
     def _drop(self, item: Inbound, reason: str, detail: str | None) -> None:
         """A message that can never be stored is acked (or it would come back forever)."""
@@ -453,6 +479,12 @@ class Ingest:
 
 def _held(count: int) -> str:
     return f" ({count} more like it not logged)" if count else ""
+
+
+def _window_key(payload: bytes) -> str:
+    """A telemetry window's identity among its device's (_WINDOW_KEY_LEN characters): the
+    same bytes are the same window (an agent dates each window: two never have the same)."""
+    return hashlib.blake2b(payload, digest_size=_WINDOW_KEY_LEN // 2).hexdigest()
 
 
 def _event_row(device_id: str, event: StatusEvent, payload: bytes, now: datetime) -> dict[str, Any]:

@@ -5,7 +5,9 @@ Why in memory first: the ingest stores ~13,000 telemetry windows a second (B5) a
 slow down; a fleet of N devices costs at most ~N row upserts per flush whatever the message
 rate. Telemetry is QoS 0 (the broker keeps none of it for us), so what a hard crash loses is
 at most the last flush interval of history, as the live view in Redis would; a clean stop
-flushes. Several fleet replicas each add their share: the upsert adds, never replaces."""
+flushes. Several fleet replicas each add their share: the upsert adds, never replaces. A
+window that more than one replica receives (no shared subscription) reaches only one writer:
+the ingest gives a writer only the windows Redis had not seen (cloud.fleet.ingest)."""
 
 from __future__ import annotations
 

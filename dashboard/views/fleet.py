@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
+from dashboard.ui import device_id as checked_device_id
 from dashboard.ui import frame, live, percent, summary_cached, when
 
 __all__ = ["PAGE_SIZE", "device_filters", "render"]
@@ -30,13 +31,15 @@ _COLUMNS = ["id", "presence", "degraded", "models", "deployment", "last seen", "
 
 def render(api: ApiClient) -> None:
     everything = summary_cached(api)
-    params = _filters(everything)
-    live(api, lambda a: _overview(a, params))
+    chosen = _filters(everything)
+    # The query is made at each refresh: "last seen within 5 minutes" is counted from now.
+    live(api, lambda a: _overview(a, device_filters(*chosen)))
     st.divider()
     _device_detail(api)
 
 
-def _filters(summary: dict[str, Any]) -> dict[str, Any]:
+def _filters(summary: dict[str, Any]) -> tuple[str, str, list[str], str, str]:
+    """What the filters say: label, version, presence, last seen, text."""
     labels = [f"{k}={v}" for k, values in summary["labels"].items() for v in values]
     cols = st.columns(5)
     label = cols[0].selectbox("Label", [_ANY, *labels], key="fleet_label")
@@ -46,7 +49,7 @@ def _filters(summary: dict[str, Any]) -> dict[str, Any]:
     )
     seen = cols[3].selectbox("Last seen", list(_SEEN), key="fleet_seen")
     text = cols[4].text_input("Device id or name", key="fleet_text")
-    return device_filters(label, version, presence, seen, text)
+    return str(label), str(version), list(presence), str(seen), text
 
 
 def device_filters(
@@ -131,9 +134,11 @@ def _page(api: ApiClient, params: dict[str, Any], page: int) -> Any:
 
 def _device_detail(api: ApiClient) -> None:
     st.subheader("Device")
-    device_id = st.text_input("Device id", key="fleet_device", placeholder="e.g. cam-01").strip()
-    if not device_id:
+    typed = st.text_input("Device id", key="fleet_device", placeholder="e.g. cam-01").strip()
+    if not typed:
         st.caption("Type a device id (from the table above) to see its history and events.")
+        return
+    if (device_id := checked_device_id(typed)) is None:
         return
     try:
         device = api.get(f"/v1/fleet/devices/{device_id}")

@@ -4,14 +4,24 @@ percentiles, from the history the cloud keeps per device per minute."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from dashboard.client import ApiClient, NotFound
-from dashboard.ui import live, not_available, optional, percent, summary_cached, time_range, when
+from dashboard.ui import device_id as checked_device_id
+from dashboard.ui import history as read_history
+from dashboard.ui import (
+    live,
+    not_available,
+    optional,
+    percent,
+    summary_cached,
+    time_range,
+    when,
+)
 
 __all__ = ["BUDGET_PATH", "render"]
 
@@ -24,7 +34,7 @@ def render(api: ApiClient) -> None:
     cols = st.columns(4)
     scope = cols[0].radio("Scope", ["Fleet", "One device"], key="inference_scope", horizontal=True)
     with cols[1]:
-        start, end = time_range("inference_range")
+        span = time_range("inference_range")
     if scope == "Fleet":
         labels = [f"{k}={v}" for k, values in summary["labels"].items() for v in values]
         label = cols[2].selectbox("Label", [_ANY, *labels], key="inference_label")
@@ -39,19 +49,20 @@ def render(api: ApiClient) -> None:
             params["model"] = model
         path = "/v1/history/fleet"
     else:
-        device_id = cols[2].text_input("Device id", key="inference_device").strip()
-        if not device_id:
+        typed = cols[2].text_input("Device id", key="inference_device").strip()
+        if not typed:
             st.caption("Type a device id to see its history.")
             return
+        if (device_id := checked_device_id(typed)) is None:
+            return
         params, path = {}, f"/v1/devices/{device_id}/history"
-    live(api, lambda a: _charts(a, path, params, start, end))
+    live(api, lambda a: _charts(a, path, params, span))
 
 
-def _charts(
-    api: ApiClient, path: str, params: dict[str, Any], start: datetime, end: datetime
-) -> None:
+def _charts(api: ApiClient, path: str, params: dict[str, Any], span: timedelta) -> None:
     try:
-        history = api.get(path, params={**params, "from": start.isoformat(), "to": end.isoformat()})
+        # Ending now at each refresh (a long range is read again less often: ui.history).
+        history = read_history(api, path, params, span)
     except NotFound as exc:
         st.warning(exc.message)
         return

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard.client import ApiClient, ApiError
+from dashboard.client import ApiClient, ApiError, ApiUnreachable
 from dashboard.ui import frame, live, when
 
 __all__ = ["ACTIONS", "parse_selector", "render"]
@@ -152,6 +152,10 @@ def _start_form(api: ApiClient) -> None:
     if not models:
         st.info("Register a model first.")
         return
+    # Each start uses up its button: the next form's has a key of its own. A second click of
+    # the same button (a double click) reaches Streamlit while the first one's run is going
+    # on, and Streamlit replays it into the next run, which must not start a second rollout.
+    used = int(st.session_state.setdefault("rollout_form_used", 0))
     with st.form("start_rollout"):
         cols = st.columns(3)
         model = cols[0].selectbox("Model", models, key="rollout_form_model")
@@ -164,7 +168,7 @@ def _start_form(api: ApiClient) -> None:
             "Abort at failure share", min_value=0.01, max_value=1.0, value=0.2, step=0.05
         )
         timeout = knobs[3].number_input("Device timeout (s)", min_value=1, value=600, step=30)
-        submitted = st.form_submit_button("Start rollout")
+        submitted = st.form_submit_button("Start rollout", key=f"rollout_form_start_{used}")
     if not submitted:
         return
     try:
@@ -172,6 +176,9 @@ def _start_form(api: ApiClient) -> None:
     except ValueError as exc:
         st.error(f"Devices with labels: {exc}")
         return
+    # Before the request, and no Streamlit call in between: the run a second click
+    # interrupts stops at a Streamlit call, so the click is used up before it can be replayed.
+    st.session_state["rollout_form_used"] = used + 1
     body = {
         "model": model, "version": int(version), "selector": labels,
         "strategy": {"canary": int(canary), "growth": float(growth),
@@ -179,6 +186,13 @@ def _start_form(api: ApiClient) -> None:
     }  # fmt: skip
     try:
         created = api.post("/v1/rollouts", body)
+    except ApiUnreachable as exc:
+        # No answer is not a no: the cloud may have started it before the answer was lost.
+        st.error(
+            f"No answer to the start of the rollout ({exc.message}); it may have started: "
+            "look for it in the list before starting it again."
+        )
+        return
     except ApiError as exc:
         st.error(f"The rollout was not started: {exc.message}")
         return

@@ -4,6 +4,9 @@ an API that is down, a wrong token or none at all is one clear message, never a 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cloud.embedded.processes import free_port
+from dashboard import ui
+from dashboard.client import ApiClient
+from dashboard.views import fleet, inference
 from tests.conftest import ADMIN_TOKEN
 from tests.dashboard.conftest import DEVICES, ROUNDS, FleetApi
 
@@ -81,6 +87,121 @@ def test_an_unknown_device_is_a_warning_not_an_error(env: FleetApi) -> None:
     assert "nobody" in at.warning[0].value
 
 
+def _record_gets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Each GET the dashboard's client makes from now on: (path, query)."""
+    asked: list[tuple[str, dict[str, Any]]] = []
+    original = ApiClient.get
+
+    def get(self: ApiClient, path: str, params: dict[str, Any] | None = None) -> Any:
+        asked.append((path, dict(params or {})))
+        return original(self, path, params)
+
+    monkeypatch.setattr(ApiClient, "get", get)
+    return asked
+
+
+class _Refreshes:
+    """Stands in for ``dashboard.ui.live``: runs the live part once, as the page does, and
+    keeps it so that the test can run it again as its fragment's next refresh would (the
+    same closure, later; outside the page's run, where Streamlit's calls draw nothing)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[ApiClient, Callable[[ApiClient], None]]] = []
+
+    def __call__(self, api: ApiClient, body: Callable[[ApiClient], None]) -> None:
+        body(api)
+        self.parts.append((api, body))
+
+    def again(self) -> None:
+        time.sleep(0.05)
+        api, body = self.parts[-1]
+        body(api)
+
+
+def test_the_inference_charts_move_on_with_the_clock(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refresh of the live charts asks for the chosen range ending now, not the range of
+    the page's first load (whose charts would never show a new minute)."""
+    refreshes = _Refreshes()
+    monkeypatch.setattr(inference, "live", refreshes)
+    asked = _record_gets(monkeypatch)
+    _page("inference")
+    refreshes.again()
+    ranges = [
+        (datetime.fromisoformat(q["from"]), datetime.fromisoformat(q["to"]))
+        for path, q in asked
+        if path == "/v1/history/fleet"
+    ]
+    assert len(ranges) == 2, asked
+    (first_from, first_to), (then_from, then_to) = ranges
+    assert then_to > first_to
+    assert first_to - first_from == then_to - then_from == timedelta(hours=1)
+
+
+def test_a_long_range_is_not_summed_again_at_every_refresh(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day of a 1,000-device fleet is 1.4 M rows to sum: the Inference page reads it once
+    for the refreshes of the next two minutes, and for every browser session; the last hour
+    is read at each refresh."""
+    monkeypatch.setattr(ui, "_histories", {})
+    refreshes = _Refreshes()
+    monkeypatch.setattr(inference, "live", refreshes)
+    asked = _record_gets(monkeypatch)
+    at = _page("inference")
+    refreshes.again()
+    assert sum(path == "/v1/history/fleet" for path, _ in asked) == 2
+    asked.clear()
+    for _session in range(2):
+        at = _page("inference")
+        at.selectbox(key="inference_range").set_value("last 24 hours").run()
+        _clean(at)
+        refreshes.again()
+    spans = [
+        datetime.fromisoformat(q["to"]) - datetime.fromisoformat(q["from"])
+        for path, q in asked
+        if path == "/v1/history/fleet"
+    ]
+    assert spans.count(timedelta(hours=24)) == 1, spans
+
+
+def test_the_last_seen_filter_counts_from_each_refresh(
+    env: FleetApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter "last seen within 5 minutes" means five minutes before each refresh of the
+    table, not before the filter was chosen (a device that went quiet would stay listed)."""
+    refreshes = _Refreshes()
+    monkeypatch.setattr(fleet, "live", refreshes)
+    at = _page()
+    asked = _record_gets(monkeypatch)
+    at.selectbox(key="fleet_seen").set_value("within 5 minutes").run()
+    _clean(at)
+    refreshes.again()
+    cutoffs = [
+        datetime.fromisoformat(q["seen_after"])
+        for path, q in asked
+        if path == "/v1/fleet/devices" and "seen_after" in q
+    ]
+    assert len(cutoffs) == 2, asked
+    assert cutoffs[1] > cutoffs[0]
+
+
+@pytest.mark.parametrize("typed", [".", "..", "cam-001/events", "cam-001?x=1", "cam 001", "%2e"])
+def test_a_device_id_that_cannot_be_one_is_a_warning(env: FleetApi, typed: str) -> None:
+    """What an operator types goes into a URL path: one that no device can have says so,
+    on the Fleet and the Inference page, instead of asking for another URL."""
+    at = _page()
+    at.text_input(key="fleet_device").set_value(typed).run()
+    _clean(at)
+    assert "not a device id" in at.warning[0].value, typed
+    at = _page("inference")
+    at.radio(key="inference_scope").set_value("One device").run()
+    at.text_input(key="inference_device").set_value(typed).run()
+    _clean(at)
+    assert "not a device id" in at.warning[0].value, typed
+
+
 def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) -> None:
     versions: list[dict[str, Any]] = env.get("/v1/models/digits-edge/versions")  # type: ignore[assignment]
     at = _page("models")
@@ -94,6 +215,29 @@ def test_models_show_versions_lineage_accuracy_and_calibration(env: FleetApi) ->
     assert table["parent accuracy"][1] == f"{int8['parent_accuracy']:.1%}"
     assert at.selectbox(key="models_curve_version").value == 2
     assert any("threshold that offloads" in c.value for c in at.caption)
+
+
+def test_a_double_click_on_start_starts_one_rollout(env: FleetApi) -> None:
+    """The second click of a double click reaches Streamlit while the first one's run is
+    going on: Streamlit folds it into the next run, which sees the Start button pressed
+    again. That run must not start a second rollout. (Before the test that aborts a
+    rollout of the model: a model's rollout cannot start while one is aborting.)"""
+    before = len(env.get("/v1/rollouts", limit=500))
+    at = _page("rollouts")
+    at.selectbox(key="rollout_form_model").set_value("digits-edge")
+    at.text_input[0].set_value("site=lab")
+    at.number_input(key="rollout_form_version").set_value(2)
+    click = at.form_submit_button[0].click()._widget_state
+    at.run()
+    _clean(at)
+    assert "started" in at.success[0].value
+    replayed = at._tree.get_widget_states()
+    kept = [w for w in replayed.widgets if w.id != click.id]
+    del replayed.widgets[:]
+    replayed.widgets.extend([*kept, click])
+    at._run(replayed)
+    _clean(at)
+    assert len(env.get("/v1/rollouts", limit=500)) == before + 1
 
 
 def test_rollouts_start_pause_resume_and_abort_through_the_api(env: FleetApi) -> None:

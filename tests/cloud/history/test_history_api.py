@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from cloud.api.app import create_app
 from cloud.context import CloudContext
@@ -57,8 +58,11 @@ def client(context: CloudContext) -> Iterator[httpx.Client]:
         yield client
 
 
-def _window(device: str, minute: int, **counts: object) -> tuple[str, DeviceTopic, bytes]:
-    return device, DeviceTopic.TELEMETRY, telemetry(_at(minute), **counts)  # type: ignore[arg-type]
+def _window(
+    device: str, minute: int, second: int = 30, **counts: object
+) -> tuple[str, DeviceTopic, bytes]:
+    at = _at(minute, second)
+    return device, DeviceTopic.TELEMETRY, telemetry(at, **counts)  # type: ignore[arg-type]
 
 
 def _range(step: int = 60, **params: object) -> dict[str, object]:
@@ -148,6 +152,50 @@ def test_filters_by_label_model_and_device(context: CloudContext, client: httpx.
     missing = client.get("/v1/devices/nobody/history")
     assert missing.status_code == 404
     assert "nobody" in missing.json()["error"]
+
+
+def test_each_window_counts_once_however_many_replicas_ingest_it(
+    context: CloudContext, client: httpx.Client
+) -> None:
+    """Two fleet replicas on one broker without a shared subscription each receive every
+    report: both ingest all the windows (each with its own history writer; one Redis, one
+    database), and the history counts each window once. With a shared subscription the
+    broker splits the windows between them: the shares add up, nothing counted twice."""
+    windows = [
+        _window("cam-a1", 0, edge=8, rows=10, hard=3),
+        _window("cam-a2", 0, edge=4, rows=4, hard=1),
+        _window("cam-a1", 1, edge=2, rows=2),
+    ]
+    first = feed(context, windows)
+    second = feed(context, windows)
+    assert first.written_rows == 3
+    totals = client.get("/v1/history/fleet", params=_range()).json()["totals"]
+    assert (totals["windows"], totals["requests"], totals["rows_hard"]) == (3, 14, 4)
+
+    split = [
+        _window("cam-b1", 0, edge=5, rows=5),
+        _window("cam-b1", 0, second=40, edge=7, rows=7),
+        _window("cam-b1", 1, edge=1, rows=1),
+    ]
+    feed(context, split[:2], writer=first)
+    feed(context, split[2:], writer=second)
+    own = client.get("/v1/devices/cam-b1/history", params=_range()).json()["totals"]
+    assert (own["windows"], own["requests"]) == (3, 13)
+
+
+def test_windows_still_count_while_redis_is_away(
+    context: CloudContext, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Redis the ingest cannot ask which windows a replica already summed: it sums
+    them all (a window two replicas ingest then counts twice; none is lost)."""
+
+    def away(*_args: object, **_kwargs: object) -> None:
+        raise redis.ConnectionError("redis is down")
+
+    monkeypatch.setattr(context.redis, "register_script", lambda _script: away)
+    feed(context, [_window("cam-a1", 0, edge=3, rows=3), _window("cam-a2", 1, edge=2, rows=2)])
+    totals = client.get("/v1/history/fleet", params=_range()).json()["totals"]
+    assert (totals["windows"], totals["requests"]) == (2, 5)
 
 
 @pytest.mark.parametrize(
