@@ -28,18 +28,24 @@ FLWR_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Flower's legacy gRPC Control and Fleet APIs (flwr.common.constant), which
+    # `flower-superlink` would open on 0.0.0.0 beside the loopback HTTP port: never.
+    "FLWR_INTERNAL_GRPC_CONTROL_API": "0",
+    "FLWR_INTERNAL_GRPC_FLEET_API": "0",
 }
 
 # What Flower's processes may inherit from the cloud's environment: never its secrets (admin
 # token, database and broker URLs with passwords, key paths), since a ServerApp runs a
-# submitted Flower App. Everything not named here is left out.
+# submitted Flower App. Everything not named here is left out, Flower's own variables too
+# (FLWR_MODEL_API_KEY is a secret; FLWR_INTERNAL_GRPC_* open ports): only FLWR_LOG_LEVEL
+# passes, and FLWR_ENV and FLWR_HOME are set.
 _ENV_KEEP = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM",
      "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED",
      "PYTHONDONTWRITEBYTECODE", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SSL_CERT_FILE",
-     "SSL_CERT_DIR", "COVERAGE_PROCESS_START"}
+     "SSL_CERT_DIR", "COVERAGE_PROCESS_START", "FLWR_LOG_LEVEL"}
 )  # fmt: skip
-_ENV_KEEP_PREFIXES = ("LC_", "FLWR_", "OMP_", "OPENBLAS_", "MKL_")
+_ENV_KEEP_PREFIXES = ("LC_", "OMP_", "OPENBLAS_", "MKL_")
 
 
 def flower_env(home: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:

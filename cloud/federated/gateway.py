@@ -14,26 +14,30 @@ one that fails mid-call a JSON 502.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from cloud.api.server import JsonH11Protocol
 from shared.errors import ServiceUnavailable
 
-__all__ = ["FLEET_PATHS", "FleetGateway", "create_gateway_app"]
+__all__ = ["FLEET_PATHS", "FleetGateway", "GatewayLimits", "create_gateway_app"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,18 +64,109 @@ _REQUEST_DROP = frozenset(
     {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
      "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"}
 )  # fmt: skip
+# Who the client is and how it came in: the gateway says so itself (the SuperLink's uvicorn
+# believes these from 127.0.0.1, i.e. from the gateway), never the client.
+_FORWARDING = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+     "x-forwarded-port", "x-real-ip"}
+)  # fmt: skip
 _RESPONSE_DROP = _REQUEST_DROP | {"server", "date"}
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    """What one client may hold of the gateway. Flower pushes a model's arrays as objects of
+    at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), one per push-object call, and
+    messages and records without their arrays; 256 MiB leaves ample headroom."""
+
+    max_body_bytes: int = 256 * MIB
+    # A request body that sends nothing for this long, or is not all in by the deadline,
+    # is refused (408) and its upstream connection given back.
+    body_idle_s: float = 30.0
+    body_deadline_s: float = 600.0
+    # The answer relayed to a client that stops reading ends at this deadline.
+    response_deadline_s: float = 600.0
+    # Connections to the SuperLink, and connections plus requests the gateway's uvicorn
+    # takes before it answers 503 (bounds sockets and tasks, however many clients stall).
+    upstream_connections: int = 512
+    max_concurrency: int = 1024
+
+
+class _BodyRefused(Exception):
+    """The request body broke a limit; the answer the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _refuse_body(status: int, message: str) -> JSONResponse:
+    # The rest of the body is not read: the connection ends with this answer.
+    return _error(status, message, {"connection": "close"})
+
+
 def _named_by_connection(value: str) -> frozenset[str]:
     """The headers a Connection header says are for this hop only."""
     return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
+
+
+async def _body(receive: Receive, limits: GatewayLimits) -> AsyncIterator[bytes]:
+    """The request body as it comes, each wait for a chunk bounded by the idle timeout and
+    all of them by the deadline, its size by the limit (also for chunked uploads)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_deadline_s
+    size = 0
+    while True:
+        try:
+            wait = min(limits.body_idle_s, deadline - loop.time())
+            message = await asyncio.wait_for(receive(), max(wait, 0.0))
+        except TimeoutError:
+            if loop.time() >= deadline:
+                late = f"the request body took over {limits.body_deadline_s:g}s"
+                raise _BodyRefused(408, late) from None
+            raise _BodyRefused(408, "the request body stopped coming") from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise _BodyRefused(413, f"the request body is over {limits.max_body_bytes} bytes")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _request_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    drop = _REQUEST_DROP | _FORWARDING | _named_by_connection(request.headers.get("connection", ""))
+    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in drop]
+    peer = request.client.host if request.client else "unknown"
+    headers.append((b"x-forwarded-for", peer.encode("latin-1")))
+    headers.append((b"x-forwarded-proto", request.url.scheme.encode("latin-1")))
+    return headers
+
+
+def _declared_length(request: Request, limits: GatewayLimits) -> JSONResponse | None:
+    """A refusal for a body whose framing or declared size is not acceptable, else None."""
+    lengths = request.headers.getlist("content-length")
+    if lengths and "transfer-encoding" in request.headers:
+        # Two framings (RFC 9112 6.3): the shape of request smuggling; no client needs it.
+        return _refuse_body(400, "Content-Length and Transfer-Encoding together")
+    if not lengths:
+        return None
+    if len(set(lengths)) != 1 or not lengths[0].isdigit():
+        return _refuse_body(400, "invalid Content-Length")
+    if int(lengths[0]) > limits.max_body_bytes:
+        return _refuse_body(413, f"the request body is over {limits.max_body_bytes} bytes")
+    return None
 
 
 async def _forward(request: Request) -> Response:
@@ -81,48 +176,103 @@ async def _forward(request: Request) -> Response:
         return _error(404, "not found: this port serves only Flower's Fleet API")
     if request.method != "POST":
         return _error(405, f"{request.method} not allowed on {allowed}", {"allow": "POST"})
+    limits: GatewayLimits = request.app.state.limits
+    refused = _declared_length(request, limits)
+    if refused is not None:
+        return refused
     client: httpx.AsyncClient = request.app.state.upstream
-    drop = _REQUEST_DROP | _named_by_connection(request.headers.get("connection", ""))
-    headers = [(k, v) for k, v in request.headers.raw if k.decode().lower() not in drop]
-    outgoing = client.build_request("POST", allowed, headers=headers, content=request.stream())
+    outgoing = client.build_request(
+        "POST", allowed, headers=_request_headers(request), content=_body(request.receive, limits)
+    )
     try:
         answer = await client.send(outgoing, stream=True)
+    except _BodyRefused as exc:
+        return _refuse_body(exc.status, exc.message)
     except ClientDisconnect:
         return _error(400, "the request body ended early")
+    except h11.LocalProtocolError as exc:
+        # The body did not fit its own framing on the way out (a length it did not keep).
+        _LOGGER.warning("fleet gateway: %s could not be forwarded as sent: %s", allowed, exc)
+        return _refuse_body(400, "the request could not be forwarded as sent")
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         _LOGGER.warning("fleet gateway: the SuperLink is out of reach: %s", exc)
         return _error(503, "the SuperLink is not available; try again later")
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, h11.ProtocolError) as exc:
         _LOGGER.warning("fleet gateway: %s to the SuperLink failed: %s", allowed, exc)
         return _error(502, "the SuperLink did not answer")
-    drop = _RESPONSE_DROP | _named_by_connection(answer.headers.get("connection", ""))
-    response = StreamingResponse(
-        _relay(answer, allowed),
-        status_code=answer.status_code,
-        background=BackgroundTask(answer.aclose),
-    )
-    # Every header as sent, repeated ones included (a dict would keep one of each).
-    response.raw_headers = [
-        (name.encode("latin-1"), value.encode("latin-1"))
-        for name, value in answer.headers.multi_items()
-        if name.lower() not in drop
-    ]
-    return response
+    return _Relay(answer, allowed, limits.response_deadline_s)
 
 
-async def _relay(answer: httpx.Response, path: str) -> AsyncIterator[bytes]:
-    """The answer's bytes as they come (still encoded, as the headers say)."""
-    try:
-        async for chunk in answer.aiter_raw():
-            yield chunk
-    except httpx.HTTPError as exc:
-        # The status line is sent: all that is left is to end the connection early.
-        _LOGGER.warning("fleet gateway: the SuperLink's answer to %s broke off: %s", path, exc)
-        raise
+class _Relay(Response):
+    """The SuperLink's answer relayed as it comes (still encoded, as its headers say), every
+    header as sent (repeated ones included) in the bytes it came in, within a deadline; the
+    upstream connection is given back however the relay ends."""
+
+    def __init__(self, answer: httpx.Response, path: str, deadline_s: float) -> None:
+        self.answer = answer
+        self.path = path
+        self.deadline_s = deadline_s
+        self.status_code = answer.status_code
+        drop = _RESPONSE_DROP | _named_by_connection(answer.headers.get("connection", ""))
+        self.raw_headers = [
+            (name, value)
+            for name, value in answer.headers.raw
+            if name.decode("latin-1").lower() not in drop
+        ]
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                await send(
+                    {"type": "http.response.start", "status": self.status_code,
+                     "headers": self.raw_headers}
+                )  # fmt: skip
+                async for chunk in self.answer.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            # The status line is sent: all that is left is to end the connection early.
+            _LOGGER.warning(
+                "fleet gateway: the answer to %s was not relayed within %gs",
+                self.path, self.deadline_s,
+            )  # fmt: skip
+        except httpx.HTTPError as exc:
+            _LOGGER.warning("fleet gateway: the SuperLink's answer to %s broke off: %s",
+                            self.path, exc)  # fmt: skip
+        except OSError as exc:
+            raise ClientDisconnect() from exc
+        finally:
+            await self.answer.aclose()
 
 
-def create_gateway_app(upstream: str, *, verify: ssl.SSLContext | bool = True) -> Starlette:
+class _EveryMethod:
+    """_forward for any method at all, which refuses all but POST in JSON (a Route given the
+    function itself would answer the methods it was not given in Starlette's plain text)."""
+
+    def __init__(self) -> None:
+        self.app = request_response(_forward)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no route for the path, e.g. `OPTIONS *`) in JSON."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        return _error(404, "not found: this port serves only Flower's Fleet API")
+    return _error(status, "the request was refused" if status < 500 else "internal error")
+
+
+def create_gateway_app(
+    upstream: str,
+    *,
+    verify: ssl.SSLContext | bool = True,
+    limits: GatewayLimits | None = None,
+) -> Starlette:
     """The gateway in front of the SuperLink at ``upstream`` (``http(s)://host:port``)."""
+    chosen = limits or GatewayLimits()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -131,16 +281,19 @@ def create_gateway_app(upstream: str, *, verify: ssl.SSLContext | bool = True) -
             verify=verify,
             # A pull or push of a large object may take a while; connecting must not.
             timeout=httpx.Timeout(120.0, connect=5.0, pool=10.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=chosen.upstream_connections, max_keepalive_connections=64
+            ),
             follow_redirects=False,
             trust_env=False,  # loopback: never through a proxy the environment names
         ) as client:
             app.state.upstream = client
+            app.state.limits = chosen
             yield
 
-    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     return Starlette(
-        routes=[Route("/{path:path}", _forward, methods=methods)],
+        routes=[Route("/{path:path}", _EveryMethod(), methods=None)],
+        exception_handlers={HTTPException: _refused, Exception: _refused},
         lifespan=lifespan,
     )
 
@@ -157,6 +310,7 @@ class FleetGateway:
         certfile: Path | None = None,
         keyfile: Path | None = None,
         ca_file: Path | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -167,7 +321,10 @@ class FleetGateway:
             # without it); its certificate names 127.0.0.1, as SuperExec already needs.
             scheme = "https"
             verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        app = create_gateway_app(f"{scheme}://127.0.0.1:{upstream_port}", verify=verify)
+        chosen = limits or GatewayLimits()
+        app = create_gateway_app(
+            f"{scheme}://127.0.0.1:{upstream_port}", verify=verify, limits=chosen
+        )
         self.server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -178,6 +335,10 @@ class FleetGateway:
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=5,
+                limit_concurrency=chosen.max_concurrency,
+                # The peer is the client: uvicorn would otherwise take X-Forwarded-* from any
+                # client on 127.0.0.1 as the truth about who it is.
+                proxy_headers=False,
                 http=JsonH11Protocol,  # a bounded request head, refused in JSON
             )
         )

@@ -22,6 +22,10 @@ class FederatedSettings(BaseSettings):
     # the Fleet API SuperNodes call. Not Flower's default 8000: that is the EdgeFleet API's.
     host: str = "127.0.0.1"
     port: int = Field(default=9092, ge=1, le=65535)
+    # The largest request body the gateway forwards (Flower reads each one whole into
+    # memory). Flower pushes a model's arrays in objects of at most 5 MiB each; 256 MiB is
+    # headroom for heads and FABs far larger than ours. Larger: a JSON 413.
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=4 * 1024**3)
     # The SuperLink's own port, on 127.0.0.1 only: Flower 1.41 serves its Fleet, Control
     # (start a run = run code on the cloud) and Runtime APIs on one port, so devices must
     # never reach it. Unset: port + 1 (port - 1 for 65535), the same in every process.

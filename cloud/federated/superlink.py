@@ -15,7 +15,7 @@ import psutil
 
 from cloud.embedded.processes import ChildProcess, port_open
 from cloud.federated.flower import flower_command, flower_env
-from cloud.federated.gateway import FleetGateway
+from cloud.federated.gateway import FleetGateway, GatewayLimits
 from cloud.federated.settings import FederatedSettings
 from shared.errors import InvalidInput, ServiceUnavailable
 
@@ -80,6 +80,7 @@ class SuperLink:
             certfile=settings.ssl_certfile,
             keyfile=settings.ssl_keyfile,
             ca_file=settings.ssl_ca_certfile,
+            limits=GatewayLimits(max_body_bytes=settings.max_body_bytes),
         )
 
     @property

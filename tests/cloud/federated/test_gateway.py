@@ -6,22 +6,28 @@ a JSON 503 or 502, not a reset connection."""
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import hashlib
+import inspect
+import json
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+from flwr.supernode import fleet_http_client
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cloud.embedded.processes import free_port
-from cloud.federated.gateway import FLEET_PATHS, FleetGateway
+from cloud.federated.gateway import FLEET_PATHS, FleetGateway, GatewayLimits
 from tests.conftest import serve_in_thread
 
 PROTOBUF = "application/protobuf"
@@ -66,7 +72,10 @@ def _upstream_app(seen: list[Seen]) -> Starlette:
                     yield block[: min(MIB, answer_size - start)]
 
             return StreamingResponse(chunks(), media_type=PROTOBUF, headers={"x-sha": "-"})
-        return Response(digest.hexdigest().encode(), media_type=PROTOBUF, status_code=200)
+        answer = Response(digest.hexdigest().encode(), media_type=PROTOBUF, status_code=200)
+        if "x-answer-utf8" in request.headers:
+            answer.raw_headers.append((b"x-name", "café ☕".encode()))
+        return answer
 
     return Starlette(routes=[Route("/{path:path}", record, methods=["GET", "POST"])])
 
@@ -79,8 +88,10 @@ def upstream() -> Iterator[Upstream]:
 
 
 @contextmanager
-def _gateway(upstream_port: int) -> Iterator[str]:
-    gateway = FleetGateway(host="127.0.0.1", port=free_port(), upstream_port=upstream_port)
+def _gateway(upstream_port: int, limits: GatewayLimits | None = None) -> Iterator[str]:
+    gateway = FleetGateway(
+        host="127.0.0.1", port=free_port(), upstream_port=upstream_port, limits=limits
+    )
     gateway.start()
     try:
         yield f"http://127.0.0.1:{gateway.port}"
@@ -229,3 +240,202 @@ def test_a_taken_port_is_a_clear_error(upstream: Upstream) -> None:
         gateway = FleetGateway(host="127.0.0.1", port=port, upstream_port=upstream.port)
         with pytest.raises(Exception, match="could not listen"):
             gateway.start()
+
+
+def _raw(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A connection that sent ``head`` (CRLF added) and ``body`` and then nothing more."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return conn
+
+
+def _answer(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and body of the one answer on ``conn`` (read to its close)."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    conn.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_the_paths_allowed_are_those_flowers_supernode_calls() -> None:
+    """Read from flwr itself: a Flower upgrade that adds, drops or renames a Fleet call
+    fails here rather than in a device's round."""
+    tree = ast.parse(inspect.getsource(fleet_http_client))
+    called = {
+        keyword.value.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for keyword in node.keywords
+        if keyword.arg == "path" and isinstance(keyword.value, ast.Constant)
+    }
+
+    assert called
+    assert all(path.startswith("/v1/fleet/") for path in called)
+    assert called == FLEET_PATHS
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    ["TRACE /v1/fleet/get-run", "FOO /v1/fleet/get-run", "OPTIONS *", "PROPFIND /x"],
+)
+def test_every_refusal_is_json(
+    gateway: httpx.Client, upstream: Upstream, request_line: str
+) -> None:
+    """Methods no route names and targets that are not paths get the gateway's JSON, not
+    Starlette's plain text."""
+    conn = _raw(str(gateway.base_url), f"{request_line} HTTP/1.1\nHost: x\nConnection: close\n")
+
+    status, headers, body = _answer(conn)
+
+    assert status in (404, 405)
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]
+    assert upstream.seen == []
+
+
+def test_forwarding_headers_from_the_client_are_replaced_by_the_real_peer(
+    gateway: httpx.Client, upstream: Upstream
+) -> None:
+    """The SuperLink's uvicorn trusts X-Forwarded-* from 127.0.0.1, i.e. from the gateway:
+    a device must not choose the address and scheme it is taken to have."""
+    response = gateway.post(
+        "/v1/fleet/get-run",
+        content=b"x",
+        headers={"x-forwarded-for": "10.9.8.7", "forwarded": "for=10.9.8.7;proto=https",
+                 "x-forwarded-proto": "https", "x-forwarded-host": "evil", "x-real-ip": "1.2.3.4"},
+    )  # fmt: skip
+
+    assert response.status_code == 200
+    seen = upstream.seen[-1].headers
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert not {"forwarded", "x-forwarded-host", "x-real-ip"} & set(seen)
+
+
+def test_response_headers_are_relayed_as_their_bytes(
+    gateway: httpx.Client, upstream: Upstream
+) -> None:
+    """A header value in UTF-8 came back as a plain-text 500 (re-encoded to latin-1) and its
+    upstream connection was never given back."""
+    response = gateway.post("/v1/fleet/get-run", content=b"x", headers={"x-answer-utf8": "1"})
+
+    assert response.status_code == 200
+    assert response.headers.raw[-1] == (b"x-name", "café ☕".encode())
+
+
+def test_content_length_and_transfer_encoding_together_is_a_json_400(
+    gateway: httpx.Client, upstream: Upstream
+) -> None:
+    """Two framings of one body (the shape of request smuggling) was a plain-text 500."""
+    conn = _raw(
+        str(gateway.base_url),
+        "POST /v1/fleet/get-run HTTP/1.1\nHost: x\nContent-Length: 5\nTransfer-Encoding: chunked\n",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    )
+
+    status, headers, body = _answer(conn)
+
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert "Transfer-Encoding" in json.loads(body)["error"]
+    assert upstream.seen == []
+
+
+def test_a_declared_length_over_the_limit_is_a_json_413_before_the_superlink(
+    upstream: Upstream,
+) -> None:
+    """Refused on its Content-Length alone: no byte of it is waited for or forwarded."""
+    with _gateway(upstream.port, GatewayLimits(max_body_bytes=MIB)) as url:
+        conn = _raw(
+            url, f"POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: {MIB + 1}\n"
+        )
+        status, headers, body = _answer(conn)
+
+    assert status == 413
+    assert headers["content-type"] == "application/json"
+    assert str(MIB) in json.loads(body)["error"]
+    assert upstream.seen == []
+
+
+def test_a_chunked_upload_is_counted_and_refused_past_the_limit(upstream: Upstream) -> None:
+    """No length up front: the gateway counts what it forwards and stops at the limit (the
+    upstream sees a body cut short, never a whole one)."""
+    with _gateway(upstream.port, GatewayLimits(max_body_bytes=MIB)) as url:
+        conn = _raw(
+            url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
+        )
+        block = b"\x01" * (256 * 1024)
+        for chunk in [block] * 4 + [b"\x01"]:  # one byte past the limit, then it waits
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        status, _headers, body = _answer(conn)
+
+        assert status == 413
+        assert "body is over" in json.loads(body)["error"]
+        assert upstream.seen == []
+        # and the gateway serves the next call
+        assert httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30).status_code == 200
+
+
+def test_stalled_uploads_time_out_and_free_the_superlink_connections(upstream: Upstream) -> None:
+    """Content-Length 1000000, 2 bytes, then silence, as many times as the gateway has
+    connections to the SuperLink: each is a JSON 408 once idle, its upstream connection
+    given back, and a normal call made while they hang goes through."""
+    limits = GatewayLimits(upstream_connections=2, body_idle_s=1.0, body_deadline_s=30.0)
+    with _gateway(upstream.port, limits) as url:
+        head = "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 1000000\n"
+        stalled = [_raw(url, head, b"ab") for _ in range(2)]
+        time.sleep(0.3)  # both hold an upstream connection now
+
+        normal = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)
+        answers = [_answer(conn) for conn in stalled]
+
+    assert normal.status_code == 200, normal.text
+    for status, headers, body in answers:
+        assert status == 408
+        assert headers["content-type"] == "application/json"
+        assert "stopped coming" in json.loads(body)["error"]
+    assert [seen.path for seen in upstream.seen] == ["/v1/fleet/get-run"]
+
+
+def test_a_slow_trickle_is_cut_at_the_body_deadline(upstream: Upstream) -> None:
+    """A byte every half second never trips the idle timeout; the deadline ends it."""
+    limits = GatewayLimits(body_idle_s=1.0, body_deadline_s=2.0)
+    with _gateway(upstream.port, limits) as url:
+        conn = _raw(url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 100\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                conn.sendall(b"z")
+                time.sleep(0.5)
+        status, _headers, body = _answer(conn)
+
+    assert status == 408
+    assert "took over 2s" in json.loads(body)["error"]
+    assert time.monotonic() - started < 8
+    assert upstream.seen == []
+
+
+def test_a_client_that_stops_reading_frees_its_superlink_connection(upstream: Upstream) -> None:
+    """A 64 MiB answer to a client that reads none of it: at the relay deadline the
+    upstream connection is given back, and the one connection the gateway has serves the
+    next call."""
+    limits = GatewayLimits(upstream_connections=1, response_deadline_s=1.0)
+    with _gateway(upstream.port, limits) as url:
+        conn = _raw(
+            url,
+            "POST /v1/fleet/pull-object HTTP/1.1\nHost: x\nContent-Length: 1\n"
+            f"x-answer-size: {64 * MIB}\n",
+            b"x",
+        )
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        time.sleep(0.5)  # the answer has started and its relay is stuck on this client
+
+        normal = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)
+        conn.close()
+
+    assert normal.status_code == 200, normal.text

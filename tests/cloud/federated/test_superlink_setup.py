@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from flwr.common import constant
 from pydantic import ValidationError
 
 from cloud.embedded.processes import free_port
@@ -77,8 +78,37 @@ def test_flower_processes_get_an_allow_listed_environment(tmp_path: Path) -> Non
         "FLWR_LOG_LEVEL": "DEBUG", "OMP_NUM_THREADS": "1",
         "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_INTERNAL_GRPC_CONTROL_API": "0", "FLWR_INTERNAL_GRPC_FLEET_API": "0",
         "FLWR_HOME": str(tmp_path / "home"),
     }  # fmt: skip
+
+
+def test_flower_variables_are_kept_by_name_and_its_grpc_apis_forced_off(tmp_path: Path) -> None:
+    """FLWR_INTERNAL_GRPC_CONTROL_API=1 in the cloud's environment would have
+    `flower-superlink` open an unauthenticated gRPC Control API on 0.0.0.0, and
+    FLWR_MODEL_API_KEY is a secret a ServerApp could read: neither gets through, whatever
+    the cloud was started with (the names are Flower's own, read from flwr)."""
+    environ = {
+        "PATH": "/usr/bin",
+        constant.FLWR_INTERNAL_GRPC_CONTROL_API: "1",
+        constant.FLWR_INTERNAL_GRPC_FLEET_API: "1",
+        "FLWR_MODEL_API_KEY": "sk-secret",
+        "FLWR_MODEL_API_ENDPOINT": "https://models.example/v1",
+        "FLWR_TELEMETRY_ENABLED": "1",
+        "FLWR_HOME": "/elsewhere",
+        "FLWR_LOG_LEVEL": "INFO",
+    }
+
+    env = flower_env(tmp_path / "home", environ)
+
+    assert env[constant.FLWR_INTERNAL_GRPC_CONTROL_API] == "0"
+    assert env[constant.FLWR_INTERNAL_GRPC_FLEET_API] == "0"
+    assert "FLWR_MODEL_API_KEY" not in env
+    assert "FLWR_MODEL_API_ENDPOINT" not in env
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_LOG_LEVEL"] == "INFO"
+    assert "sk-secret" not in env.values()
 
 
 def test_a_taken_devices_port_stops_the_start_before_any_superlink(tmp_path: Path) -> None:
