@@ -360,6 +360,8 @@ class PassUnderWay:
         )
         topic = topics.device_topic(device_id, DeviceTopic.ARTIFACT_REQUEST)
         self.client.on_connect = lambda client, *_a: client.subscribe(topic, 1)
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
         self.client.on_message = self._on_message
         self.passes = threading.Thread(target=self._passes, daemon=True)
         self.stop = threading.Event()
@@ -384,6 +386,9 @@ class PassUnderWay:
     def start(self) -> None:
         self.client.connect("127.0.0.1", 1883)
         self.client.loop_start()
+        # Before the device's first ask: an ask the broker delivered to nobody left this
+        # carousel idle and the device waiting out its 60 s patience (seen under load).
+        assert self.subscribed.wait(10)
         self.passes.start()
 
     def close(self) -> None:
