@@ -157,6 +157,9 @@ def test_refused_then_the_half_open_probe_reaches_the_cloud_that_came_back(
             "hard input, cloud circuit open",
         ]
         with _serving_on(context, port) as service:
+            # Loaded, as a client's ready call leaves it: the trial call below must not pay
+            # the first load within the agent's 0.3 s budget (it did not, under load).
+            service.model_ready(service.resolve("digits-cloud", "1"))
             clock.now += 9.9  # the cloud is back, but the breaker does not know yet
             assert _reasons(agent, 1) == ["hard input, cloud circuit open"]
             metric = service.metrics.registry.get_sample_value
