@@ -113,6 +113,8 @@ def fleet_api(
     seed_reference_cache(settings, reference_onnx)
     urls = ServiceUrls(settings.resolved_database_url, "mqtt://127.0.0.1:9", embedded.redis_url)
     context = CloudContext.open(settings, urls)
+    # The session's Redis: nothing another test left there (a budget in force, live views).
+    context.redis.flushdb()
     register_reference(context, names=["digits-edge"], actor="test")
     ids = device_ids()
     with context.database.session() as s:
