@@ -17,7 +17,7 @@ from cloud.embedded.services import ServiceUrls, mqtt_address
 from cloud.fleet.service import FleetService
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
-from cloud.registry.tables import AuditEvent
+from cloud.registry.tables import AuditEvent, Device
 from cloud.settings import CloudSettings
 from shared import topics
 from shared.topics import DeviceTopic
@@ -81,12 +81,21 @@ def running_fleet(context: CloudContext, device_ids: list[str]) -> Iterator[Flee
         yield fleet
     finally:
         fleet.stop()
-        watcher = Watcher(context.urls.mqtt_url)
-        try:
-            for device_id in device_ids:
-                watcher.clear(topics.device_topic(device_id, DeviceTopic.DESIRED))
-        finally:
-            watcher.close()
+        clear_desired(context, device_ids)
+
+
+def clear_desired(context: CloudContext, device_ids: list[str] | None = None) -> None:
+    """Clear the devices' retained desired documents on the broker (every enrolled device's
+    when ``device_ids`` is None), so that no later test receives them."""
+    if device_ids is None:
+        with context.database.session() as s:
+            device_ids = list(s.scalars(select(Device.id)))
+    watcher = Watcher(context.urls.mqtt_url)
+    try:
+        for device_id in device_ids:
+            watcher.clear(topics.device_topic(device_id, DeviceTopic.DESIRED))
+    finally:
+        watcher.close()
 
 
 class Watcher:

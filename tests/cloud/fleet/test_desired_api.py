@@ -5,17 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import select
 
 from cloud.context import CloudContext
-from cloud.registry.tables import Device
-from shared import topics
 from shared.signing import load_public_key, verify_desired_state
-from shared.topics import DeviceTopic
 from tests.cloud.fleet.desired_support import (
-    Watcher,
     add_models,
     audit_of,
+    clear_desired,
     flush_link,
     retained_desired,
 )
@@ -27,14 +23,7 @@ def cloud(context: CloudContext) -> Iterator[Cloud]:
     add_models(context, ("alpha",))
     with running_cloud(context) as running:
         yield running
-    with context.database.session() as s:
-        device_ids = list(s.scalars(select(Device.id)))
-    watcher = Watcher(context.urls.mqtt_url)
-    try:
-        for device_id in device_ids:
-            watcher.clear(topics.device_topic(device_id, DeviceTopic.DESIRED))
-    finally:
-        watcher.close()
+    clear_desired(context)
 
 
 def test_an_operator_reads_the_desired_state_and_retries_it_under_a_new_rev(cloud: Cloud) -> None:

@@ -20,7 +20,6 @@ from cloud.fleet.desired import MAX_DOCUMENT_BYTES
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
 from cloud.registry.tables import Device, Rollout
-from shared import topics
 from shared.errors import PayloadTooLarge
 from shared.messages import (
     MAX_SECOND_OPINION_WEIGHTS,
@@ -30,11 +29,10 @@ from shared.messages import (
     SecondOpinion,
 )
 from shared.signing import verify_desired_state
-from shared.topics import DeviceTopic
 from tests.cloud.fleet.desired_support import (
-    Watcher,
     add_models,
     audit_of,
+    clear_desired,
     flush_link,
     retained_desired,
 )
@@ -80,14 +78,7 @@ def cloud(context: CloudContext) -> Iterator[Cloud]:
     add_models(context, ("small",), versions=1)
     with running_cloud(context) as running:
         yield running
-    with context.database.session() as s:
-        device_ids = list(s.scalars(select(Device.id)))
-    watcher = Watcher(context.urls.mqtt_url)
-    try:
-        for device_id in device_ids:
-            watcher.clear(topics.device_topic(device_id, DeviceTopic.DESIRED))
-    finally:
-        watcher.close()
+    clear_desired(context)
 
 
 def test_the_limit_fits_inside_every_shipped_broker_s_packet_limit() -> None:
