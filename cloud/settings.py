@@ -55,6 +55,10 @@ class CloudSettings(BaseSettings):
     # Devices the rollout engine moves in one transaction (their new revs, signed documents
     # and targets), then hands to the broker; the lease is checked between batches.
     rollout_batch_size: int = Field(default=50, ge=1, le=1000)
+    # The documents of a wave go to the broker together once all are written, so its devices
+    # share the chunk carousel's passes; a wave that takes longer to write is released in
+    # parts this often (the most a device waits for the rest of its wave).
+    rollout_release_after_s: float = Field(default=10.0, ge=0, le=120)
     # -- telemetry history (cloud.history): per device per minute in SQL -------------------
     # Minutes older than this are deleted (checked every prune interval); windows are summed
     # in memory and written every flush interval (what a hard crash may lose of telemetry).

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from redis.exceptions import RedisError
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from cloud.context import CloudContext
 from cloud.fleet.desired import (
@@ -189,9 +190,13 @@ class DesiredStateKeeper:
         of what we hand it.
         """
         with self._locks[_stripe(device_id)]:
-            with self.context.database.session() as s:
-                device = s.get(Device, device_id)
-                document = device.desired_document if device is not None else None
+            try:
+                with self.context.database.session() as s:
+                    device = s.get(Device, device_id)
+                    document = device.desired_document if device is not None else None
+            except SQLAlchemyError as exc:
+                self._unread([device_id], exc)
+                return False
             handed = self._hand_over(device_id, device is not None, document)
         self._note(device_id, handed)
         return handed
@@ -205,9 +210,12 @@ class DesiredStateKeeper:
         with contextlib.ExitStack() as held:
             for stripe in sorted({_stripe(device_id) for device_id in ids}):
                 held.enter_context(self._locks[stripe])
-            with self.context.database.session() as s:
-                found = select(Device.id, Device.desired_document).where(Device.id.in_(ids))
-                documents: dict[str, str | None] = dict(s.execute(found).all())
+            try:
+                with self.context.database.session() as s:
+                    found = select(Device.id, Device.desired_document).where(Device.id.in_(ids))
+                    documents: dict[str, str | None] = dict(s.execute(found).all())
+            except SQLAlchemyError as exc:
+                return self._unread(ids, exc)
             handed = {
                 device_id: self._hand_over(
                     device_id, device_id in documents, documents.get(device_id)
@@ -226,6 +234,14 @@ class DesiredStateKeeper:
             payload = document if kind is DeviceTopic.DESIRED and document else ""
             handed = self._publish(topics.device_topic(device_id, kind), payload) and handed
         return handed
+
+    def _unread(self, device_ids: list[str], exc: SQLAlchemyError) -> int:
+        """The database did not give us their rows (a change to them may have committed just
+        before): keep them for the next round like a refusal from the broker. Returns 0."""
+        _LOGGER.warning("%s devices' documents not read (%s); trying again", len(device_ids), exc)
+        for device_id in device_ids:
+            self._note(device_id, False)
+        return 0
 
     def _note(self, device_id: str, handed: bool) -> None:
         """Keep a device the broker did not take for the next round (and wake it)."""

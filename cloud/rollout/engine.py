@@ -69,6 +69,7 @@ class RolloutEngine:
         leadership: Leadership | None = None,
         batch_size: int | None = None,
         publish_many: PublishMany | None = None,
+        release_after_s: float | None = None,
     ) -> None:
         self.context = context
         self.publish = publish
@@ -77,6 +78,11 @@ class RolloutEngine:
         self.tick_s = tick_s
         # Devices moved per transaction (EDGEFLEET_ROLLOUT_BATCH_SIZE).
         self.batch_size = batch_size or context.settings.rollout_batch_size
+        # A decision's committed documents go to the broker together, at the end or once the
+        # oldest has waited this long (EDGEFLEET_ROLLOUT_RELEASE_AFTER_S).
+        self.release_after_s = (
+            context.settings.rollout_release_after_s if release_after_s is None else release_after_s
+        )
         self.leadership = leadership or Leadership(context.redis)
         self.lifetime = timedelta(seconds=context.settings.desired_lifetime_s)
         self.rounds = 0
@@ -254,28 +260,45 @@ class RolloutEngine:
 
     def _carry_out(self, rollout_id: int, token: int, decision: Decision) -> None:
         """The devices to move, ``batch_size`` to a transaction (their new revs and target
-        rows together), each batch's documents going to the broker once it committed. The
-        lease is checked before each batch; a rollout changed meanwhile (StaleDecision) or a
-        lease lost stops the rest, and what was not committed is decided again next round."""
+        rows together). The lease is checked before each batch; a rollout changed meanwhile
+        (StaleDecision) or a lease lost stops the rest, and what was not committed is decided
+        again next round.
+
+        The committed documents are released to the broker together: when the decision is
+        carried out (or stops), or once the oldest waited ``release_after_s``. A wave's
+        devices then join the chunk carousel within moments of each other and share its
+        passes; released batch by batch, the first devices were already downloading (and
+        taking the CPU) while the rest were still being written, and they joined over more
+        time than a pass waits, so the artifact went out three times and more."""
         moves = [
             (start_targets, False, decision.deploy),
             (revert_targets, True, [t.device_id for t in decision.revert]),
         ]
-        for move, reverting, device_ids in moves:
-            for first in range(0, len(device_ids), self.batch_size):
-                if self._stop.is_set():
-                    return
-                batch = device_ids[first : first + self.batch_size]
-                self._send(move, rollout_id, token, batch, reverting=reverting)
+        held: list[str] = []
+        since = time.monotonic()
+        try:
+            for move, reverting, device_ids in moves:
+                for first in range(0, len(device_ids), self.batch_size):
+                    if self._stop.is_set():
+                        return
+                    batch = device_ids[first : first + self.batch_size]
+                    if not held:
+                        since = time.monotonic()
+                    held += self._send(move, rollout_id, token, batch, reverting=reverting)
+                    if held and time.monotonic() - since >= self.release_after_s:
+                        self._release(held)
+                        held = []
+        finally:
+            self._release(held)
 
     def _send(
         self, move: _Move, rollout_id: int, token: int, device_ids: list[str], *, reverting: bool
-    ) -> None:
-        """One batch in one transaction, then published. A device that cannot be moved makes
-        the database roll the whole batch back: it is split in halves until that device is
-        found, and it fails alone while the others are moved. A database error rolls it back
-        too and it is tried again at once (``_BATCH_ATTEMPTS`` in all), then left to the
-        next round: a device is never half moved, nor given two revs."""
+    ) -> list[str]:
+        """One batch in one transaction; the devices to publish. A device that cannot be
+        moved makes the database roll the whole batch back: it is split in halves until that
+        device is found, and it fails alone while the others are moved. A database error
+        rolls it back too and it is tried again at once (``_BATCH_ATTEMPTS`` in all), then
+        left to the next round: a device is never half moved, nor given two revs."""
         for attempt in range(1, _BATCH_ATTEMPTS + 1):
             if not self._leading():
                 raise _LeaseLost
@@ -299,25 +322,33 @@ class RolloutEngine:
             except _DEVICE_ERRORS as exc:
                 if len(device_ids) == 1:
                     self._cannot_move(rollout_id, token, device_ids[0], reverting, exc)
-                    return
+                    return []
                 half = len(device_ids) // 2
-                for part in (device_ids[:half], device_ids[half:]):
-                    self._send(move, rollout_id, token, part, reverting=reverting)
-                return
+                return [
+                    device_id
+                    for part in (device_ids[:half], device_ids[half:])
+                    for device_id in self._send(move, rollout_id, token, part, reverting=reverting)
+                ]
             # After a database error the lost attempt may have committed after all (its
             # devices are no longer PENDING, so not in ``done``): publish the whole batch then.
             # Publishing sends what SQL holds, so a device sent twice gets the same document.
-            self._publish(done if attempt == 1 else device_ids)
-            return
+            return list(done) if attempt == 1 else list(device_ids)
+        return []
 
-    def _publish(self, device_ids: list[str]) -> None:
-        if not device_ids:
-            return
-        if self.publish_many is not None:
-            self.publish_many(device_ids)
-            return
-        for device_id in device_ids:
-            self.publish(device_id)
+    def _release(self, device_ids: list[str]) -> None:
+        """Hand committed documents to the broker, ``batch_size`` to a call. Never raises:
+        this also runs while an error leaves ``_carry_out``, and what SQL holds is not lost —
+        a device the keeper could not read or hand over is published again by its upkeep."""
+        for first in range(0, len(device_ids), self.batch_size):
+            batch = device_ids[first : first + self.batch_size]
+            try:
+                if self.publish_many is not None:
+                    self.publish_many(batch)
+                else:
+                    for device_id in batch:
+                        self.publish(device_id)
+            except Exception:
+                _LOGGER.exception("rollout engine: %s documents not handed over", len(batch))
 
     def _cannot_move(
         self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls
@@ -203,3 +204,37 @@ def test_publish_many_hands_over_what_sql_says_and_keeps_what_was_refused(
     broker.taking.clear()
     assert keeper.publish_many([signed, bare]) == 0
     assert keeper.pending() == {signed, bare}
+
+
+def test_devices_whose_rows_could_not_be_read_are_published_on_a_later_round(
+    quick_context: CloudContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database drops the read of a batch just committed (publish_many) or of one
+    device (publish): no exception reaches the rollout engine or the API, whose change is
+    committed, and those devices are pending, so the next round sends their documents."""
+    context = quick_context
+    signed, other = enroll(context), enroll(context)
+    with context.database.session() as s:
+        device = repository.lock_device(s, device_id=signed)
+        set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
+                                                                      version=1))  # fmt: skip
+        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
+        document = device.desired_document
+    broker = Broker()
+    broker.taking.set()
+    keeper = DesiredStateKeeper(context, broker)
+    real = context.database.session
+
+    def dropped() -> None:
+        raise OperationalError("SELECT", {}, Exception("injected: connection lost"))
+
+    monkeypatch.setattr(context.database, "session", dropped)
+    assert keeper.publish_many([signed, other]) == 0
+    assert keeper.publish(signed) is False
+    assert keeper.pending() == {signed, other}
+    assert broker.taken == []
+
+    monkeypatch.setattr(context.database, "session", real)
+    assert keeper.publish_pending() == 2
+    assert keeper.pending() == set()
+    assert (topics.device_topic(signed, DeviceTopic.DESIRED), document) in broker.taken

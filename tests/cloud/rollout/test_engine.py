@@ -214,6 +214,7 @@ def test_a_pause_or_abort_between_the_decision_and_the_moves_is_obeyed(
 
     run, _ = engine(context, publish=operator_acts)
     run.batch_size = 1  # one device a transaction: the operator acts between two of them
+    run.release_after_s = 0.0  # each published once written (where the operator acts)
     assert run.tick()
     moved = [d for d, state in targets(context, rollout_id).items() if state == "DEPLOYING"]
     assert len(moved) == 1

@@ -91,6 +91,7 @@ def test_a_round_longer_than_the_lease_keeps_it(sqlite_cloud: CloudContext) -> N
         return True
 
     run, _ = engine(context, ttl_s=3.0, publish=slow_publish)
+    run.release_after_s = 0.0  # each batch published once written: the publishes make it long
     rival = Leadership(context.redis, ttl_s=3.0, identity="rival")
     took: list[int] = []
     done = threading.Event()
@@ -133,6 +134,7 @@ def test_a_round_that_loses_its_lease_stops_acting(sqlite_cloud: CloudContext) -
 
     run, _ = engine(context, ttl_s=0.6, publish=publish)
     run.batch_size = 5  # the lease is checked between batches: several of them in this wave
+    run.release_after_s = 0.0  # each batch published once written: the publishes make it long
     assert not run.tick()
     assert run.leadership.token is None
     states = list(targets(context, rollout_id).values())
