@@ -284,7 +284,7 @@ class RolloutEngine:
                     batch = device_ids[first : first + self.batch_size]
                     if not held:
                         since = time.monotonic()
-                    held += self._send(move, rollout_id, token, batch, reverting=reverting)
+                    self._send(move, rollout_id, token, batch, reverting=reverting, out=held)
                     if held and time.monotonic() - since >= self.release_after_s:
                         self._release(held)
                         held = []
@@ -292,13 +292,22 @@ class RolloutEngine:
             self._release(held)
 
     def _send(
-        self, move: _Move, rollout_id: int, token: int, device_ids: list[str], *, reverting: bool
-    ) -> list[str]:
-        """One batch in one transaction; the devices to publish. A device that cannot be
-        moved makes the database roll the whole batch back: it is split in halves until that
-        device is found, and it fails alone while the others are moved. A database error
-        rolls it back too and it is tried again at once (``_BATCH_ATTEMPTS`` in all), then
-        left to the next round: a device is never half moved, nor given two revs."""
+        self,
+        move: _Move,
+        rollout_id: int,
+        token: int,
+        device_ids: list[str],
+        *,
+        reverting: bool,
+        out: list[str],
+    ) -> None:
+        """One batch in one transaction; the devices to publish go to ``out`` as soon as
+        they may have committed (whatever is raised later, they are released). A device that
+        cannot be moved makes the database roll the whole batch back: it is split in halves
+        until that device is found, and it fails alone while the others are moved. A
+        database error rolls it back too and it is tried again at once (``_BATCH_ATTEMPTS``
+        in all), then left to the next round: a device is never half moved, nor given two
+        revs."""
         for attempt in range(1, _BATCH_ATTEMPTS + 1):
             if not self._leading():
                 raise _LeaseLost
@@ -311,6 +320,11 @@ class RolloutEngine:
             except (Deposed, StaleDecision):
                 raise
             except _TRANSIENT as exc:
+                # The error may have come as the commit went through (its devices are then no
+                # longer PENDING, so not in a retry's ``done``): publish the whole batch
+                # whatever happens next. Publishing sends what SQL holds, so a device sent
+                # twice, or one that did not move after all, gets its newest document.
+                out.extend(device_ids)
                 if attempt == _BATCH_ATTEMPTS:
                     raise
                 self.batch_retries += 1
@@ -322,23 +336,19 @@ class RolloutEngine:
             except _DEVICE_ERRORS as exc:
                 if len(device_ids) == 1:
                     self._cannot_move(rollout_id, token, device_ids[0], reverting, exc)
-                    return []
+                    return
                 half = len(device_ids) // 2
-                return [
-                    device_id
-                    for part in (device_ids[:half], device_ids[half:])
-                    for device_id in self._send(move, rollout_id, token, part, reverting=reverting)
-                ]
-            # After a database error the lost attempt may have committed after all (its
-            # devices are no longer PENDING, so not in ``done``): publish the whole batch then.
-            # Publishing sends what SQL holds, so a device sent twice gets the same document.
-            return list(done) if attempt == 1 else list(device_ids)
-        return []
+                for part in (device_ids[:half], device_ids[half:]):
+                    self._send(move, rollout_id, token, part, reverting=reverting, out=out)
+                return
+            out.extend(done)
+            return
 
     def _release(self, device_ids: list[str]) -> None:
         """Hand committed documents to the broker, ``batch_size`` to a call. Never raises:
         this also runs while an error leaves ``_carry_out``, and what SQL holds is not lost —
         a device the keeper could not read or hand over is published again by its upkeep."""
+        device_ids = list(dict.fromkeys(device_ids))  # a batch tried again is in twice
         for first in range(0, len(device_ids), self.batch_size):
             batch = device_ids[first : first + self.batch_size]
             try:

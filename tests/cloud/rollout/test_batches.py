@@ -139,7 +139,9 @@ def test_a_batch_the_database_keeps_refusing_leaves_no_device_half_moved(
 ) -> None:
     """The second batch fails on every attempt: the round stops there with the batches before
     it committed and published, and none of its devices changed (no rev, no document, still
-    PENDING, not published). Once the database takes it, the next round moves the rest."""
+    PENDING). Its devices are published all the same, as the error may have come with the
+    commit: the broker gets what SQL holds for them, nothing new. Once the database takes it,
+    the next round moves the rest."""
     ids = devices(cloud, 120)
     rollout_id = start(cloud, 2, canary=120)
     run, published = engine(cloud)
@@ -151,7 +153,7 @@ def test_a_batch_the_database_keeps_refusing_leaves_no_device_half_moved(
     assert targets(cloud, rollout_id) == dict.fromkeys(first, "DEPLOYING") | dict.fromkeys(
         rest, "PENDING"
     )
-    assert published == first
+    assert published == first + ids[50:100]
     revs = _revs(cloud)
     assert [revs[d] for d in rest] == [0] * len(rest)
     with cloud.database.session() as s:
@@ -161,7 +163,7 @@ def test_a_batch_the_database_keeps_refusing_leaves_no_device_half_moved(
 
     assert run.tick()
     assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
-    assert sorted(published) == ids
+    assert published[100:] == ids[50:]
     assert set(_revs(cloud).values()) == {1}
     assert _signed(cloud) == Counter(dict.fromkeys(ids, 1))
 
@@ -307,3 +309,70 @@ def test_what_was_written_before_the_lease_was_lost_is_still_released(
     assert targets(cloud, rollout_id) == dict.fromkeys(ids[:50], "DEPLOYING") | dict.fromkeys(
         ids[50:], "PENDING"
     )
+
+
+def test_a_split_batch_whose_first_half_committed_is_published_when_the_rest_stops(
+    cloud: CloudContext,
+) -> None:
+    """A batch split in halves (one device in it cannot be moved) whose first half committed,
+    then the lease is lost before the second half: the first half's devices are DEPLOYING in
+    SQL and still reach the broker (nothing else would republish them before the keeper's
+    renewal or the next reconnect; they would time out and count as failures)."""
+    ids = devices(cloud, 50)
+    stuck = ids[30]  # in the second half: the first half [0:25] commits first
+    with cloud.database.session() as s:
+        s.add(DeploymentEvent(device_id=stuck, rev=MAX_REV, rollout_id=None, model=MODEL,
+                              version=1, state="ACTIVE", at=datetime.now(UTC)))  # fmt: skip
+    rollout_id = start(cloud, 2, canary=50, min_failures=3, success_threshold=0.5)
+    run, published = engine(cloud)
+    checks: list[int] = []
+
+    def leading() -> bool:
+        checks.append(1)
+        # the round's check, the whole batch's (rolled back: the stuck device), the first
+        # half's (it commits); then the lease is gone before the second half
+        return len(checks) <= 3
+
+    run._leading = leading  # type: ignore[method-assign]
+    run.tick()
+    state = targets(cloud, rollout_id)
+    committed = [d for d in ids if state[d] == "DEPLOYING"]
+    assert committed == ids[:25]
+    assert sorted(published) == committed
+
+
+def test_a_batch_committed_unheard_is_published_though_every_retry_fails(
+    cloud: CloudContext,
+) -> None:
+    """The second batch commits but the engine hears an error, and the database then refuses
+    both retries: the round stops, yet that batch's devices, DEPLOYING in SQL, are published
+    (nothing else would send them their documents before a renewal or a reconnect)."""
+    ids = devices(cloud, 120)
+    rollout_id = start(cloud, 2, canary=120)
+    seen: list[int] = []
+    lost: list[int] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
+        if lost and sql.lstrip().upper().startswith("UPDATE ROLLOUTS"):
+            raise OperationalError(sql, params, Exception("injected: database away"))
+        if "INSERT INTO audit_events" in sql and "d075" in repr(params):
+            seen.append(1)
+
+    def after_commit(_session: Session) -> None:
+        if seen and not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
+
+    db = cloud.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        run, published = engine(cloud)
+        run.tick()
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+        event.remove(Session, "after_commit", after_commit)
+    assert lost == [1]
+    state = targets(cloud, rollout_id)
+    assert [d for d in ids if state[d] == "DEPLOYING"] == ids[:100]
+    assert published == ids[:100]
