@@ -31,8 +31,8 @@ _LOGGER = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], bool]
 ChunkSizeOf = Callable[[str], int | None]
-# May this device have this artifact broadcast? (device id, sha256)
-Allowed = Callable[[str, str], bool]
+# May these devices have these artifacts broadcast? [(device id, sha256)] -> one answer each
+Allowed = Callable[[list[tuple[str, str]]], list[bool]]
 MAX_INBOX = 50_000
 _IDLE_WAIT_S = 0.5  # the longest the sender sleeps without a reason to wake
 
@@ -140,17 +140,26 @@ class ChunkBroadcaster:
                 _LOGGER.exception("chunk requests not admitted; going on")
 
     def _admit(self) -> None:
-        """Move the noted requests that pass the checks into their artifact's reel."""
+        """Move the noted requests that pass the checks into their artifact's reel: every
+        request noted since the last admission checked at once (a wave's devices ask within
+        moments of each other; one registry read per request made the carousel see them
+        join over tens of seconds, after their chunks had gone out)."""
         with self._lock:
             inbox, self._inbox = self._inbox, []
-        for device_id, request in inbox:
-            try:
-                reel = self._refusal(device_id, request.sha256)
-            except Exception:
-                self.errors += 1
-                if (held := self._throttle.allow("error")) is not None:
-                    _LOGGER.exception("chunk request of %s not checked%s", device_id, _more(held))
-                continue
+        if not inbox:
+            return
+        try:
+            verdicts = self._verdicts(inbox)
+        except Exception:
+            self.errors += 1
+            if (held := self._throttle.allow("error")) is not None:
+                _LOGGER.exception(
+                    "%s chunk requests not checked (the devices ask again)%s",
+                    len(inbox), _more(held),
+                )  # fmt: skip
+            return
+        admitted = False
+        for (device_id, request), reel in zip(inbox, verdicts, strict=True):
             if isinstance(reel, str):
                 self.refused += 1
                 if (held := self._throttle.allow("refused")) is not None:
@@ -163,13 +172,29 @@ class ChunkBroadcaster:
                 reel = self._reels.setdefault(request.sha256, reel)
                 reel.ask(request.chunks, self.clock(), self.pacing, first=request.first)
                 self.requests += 1
+            admitted = True
+        if admitted:
             self._wake.set()
 
-    def _refusal(self, device_id: str | None, sha256: str) -> Reel | str:
-        """A reel for the artifact (new, unless one runs), or why the request is refused."""
-        if self.allowed is not None and (device_id is None or not self.allowed(device_id, sha256)):
-            return "not in that device's desired state"
-        return self._lookup(sha256) or "unknown artifact"
+    def _verdicts(self, inbox: list[tuple[str | None, ArtifactRequest]]) -> list[Reel | str]:
+        """For each request: a reel for its artifact, or why it is refused. One check of
+        the devices' rights for the whole inbox, one look at each artifact."""
+        rights: list[bool] = [True] * len(inbox)
+        if self.allowed is not None:
+            asks = [(device_id, request.sha256) for device_id, request in inbox if device_id]
+            answers = iter(self.allowed(asks))
+            rights = [bool(device_id) and next(answers) for device_id, _ in inbox]
+        reels: dict[str, Reel | None] = {}
+        verdicts: list[Reel | str] = []
+        for (_, request), right in zip(inbox, rights, strict=True):
+            if not right:
+                verdicts.append("not in that device's desired state")
+                continue
+            if request.sha256 not in reels:
+                reels[request.sha256] = self._lookup(request.sha256)
+            reel = reels[request.sha256]
+            verdicts.append(reel if reel is not None else "unknown artifact")
+        return verdicts
 
     def _lookup(self, sha256: str) -> Reel | None:
         chunk_size = self.chunk_size_of(sha256)
@@ -227,10 +252,16 @@ class ChunkBroadcaster:
             wait = _IDLE_WAIT_S
             for step in range(len(reels)):
                 reel = reels[(self._turn + step) % len(reels)]
-                passes = reel.passes
+                passes, joins, due = reel.passes, reel.joins, reel.due_since
                 index = reel.next_index(now, self.pacing)
                 if index is not None:
                     self._turn = (self._turn + step + 1) % len(reels)
+                    if reel.passes != passes:
+                        _LOGGER.info(
+                            "pass %s over %s: %s chunks wanted, %s devices joined since the "
+                            "last, held %.1f s", reel.passes, reel.sha256[:12], len(reel.wanted),
+                            joins, now - due if due is not None else 0.0,
+                        )  # fmt: skip
                     return (reel, index, reel.passes != passes), 0.0
                 resting = reel.resting(now, self.pacing)
                 if resting is not None:

@@ -97,7 +97,7 @@ class FleetService:
             context.artifacts,
             lambda topic, payload: self.link.publish(topic, payload, qos=1),
             chunk_size_of=self._chunk_size,
-            allowed=lambda device_id, sha256: self.access.allowed(device_id, sha256),
+            allowed=lambda asks: self.access.allowed_many(asks),
             in_flight=lambda: self.link.in_flight,
             max_in_flight=context.settings.chunk_max_in_flight,
             pacing=Pacing(max_wait_s=context.settings.chunk_pass_max_wait_s),

@@ -259,7 +259,7 @@ def test_a_request_outside_the_devices_desired_state_sends_nothing(
     artifact = store.put_bytes(b"y" * 2048)
     link = LateAcks()
     broadcaster = _broadcaster(store, link)
-    broadcaster.allowed = lambda device_id, _sha: device_id == "mine"
+    broadcaster.allowed = lambda asks: [device_id == "mine" for device_id, _sha in asks]
     broadcaster.start()
     try:
         broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[0, 1]), "stranger")
@@ -295,3 +295,33 @@ def test_an_artifact_gone_from_disk_is_an_error_and_the_carousel_goes_on(
     finally:
         broadcaster.stop()
     assert link.published[1:] == [topics.artifact_chunk(kept.sha256, i) for i in range(4)]
+
+
+def test_a_waves_requests_are_checked_together(store: ArtifactStore) -> None:
+    """200 devices ask within one admission window: their rights are checked in one call
+    (one registry read for all, not one each: at fleet scale those reads made the carousel
+    see a wave join over tens of seconds), a device without the right is refused alone and
+    one without an id is refused without being asked about."""
+    artifact = store.put_bytes(b"w" * 4096)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link)
+    broadcaster.window_s = 0.3
+    calls: list[list[tuple[str, str]]] = []
+
+    def allowed(asks: list[tuple[str, str]]) -> list[bool]:
+        calls.append(list(asks))
+        return [device_id != "d007" for device_id, _sha in asks]
+
+    broadcaster.allowed = allowed
+    broadcaster.start()
+    try:
+        for n in range(200):
+            request = ArtifactRequest(sha256=artifact.sha256, chunks=[0, 1, 2, 3], first=True)
+            broadcaster.request(request, f"d{n:03d}")
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[0]), None)
+        wait_for(lambda: broadcaster.requests + broadcaster.refused == 201, 10, "the admission")
+    finally:
+        broadcaster.stop()
+    assert len(calls) == 1
+    assert calls[0] == [(f"d{n:03d}", artifact.sha256) for n in range(200)]
+    assert (broadcaster.requests, broadcaster.refused) == (199, 2)
