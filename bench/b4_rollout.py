@@ -1,6 +1,6 @@
 """B4 — rollout at fleet scale: simulated agents through a real Mosquitto and the real cloud.
 
-    python -m bench b4_rollout [--quick] [--agents 100,500,1000]
+    python -m bench b4_rollout [--quick] [--agents=100,500,1000] [--only=together,waves,...]
 
 For each fleet size N: a throwaway cloud (bench/fleet_cloud.py: Mosquitto with the shipped
 queue limits, PostgreSQL, Redis, one cloud process), N devices enrolled in bulk and run by
@@ -18,6 +18,8 @@ models registered over REST, and rollouts through the real engine (`POST /v1/rol
   every canary confirmed back on the old version.
 
 ``--quick`` runs N = 100 only and writes b4_rollout_quick.json (never the full results).
+``--only=`` runs those rollouts (together, waves, broken, loss, restarts) only. The cloud's
+log is kept as results/b4_rollout_cloud_nN.log (each carousel pass is a line in it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from bench.common import machine, write
+from bench.common import RESULTS, machine, write
 from bench.fleet_cloud import TOKEN, BenchCloud, big_model, broker_config, peak_rss_mib
 from cloud.registry.database import Database
 from cloud.registry.tables import AuditEvent, DeploymentEvent, RolloutTarget
@@ -208,11 +210,16 @@ class Run:
         }
 
 
+def _key(name: str) -> str:
+    """together, waves, broken, loss or restarts: what --only= names a rollout by."""
+    return "loss" if "loss" in name else "restarts" if "restarted" in name else name
+
+
 def _when(timeline: list[tuple[float, int]], count: float) -> float | None:
     return next((t for t, active in timeline if active >= count), None)
 
 
-def run_size(agents: int, work: Path) -> list[dict[str, Any]]:
+def run_size(agents: int, work: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
     cloud = BenchCloud(work / f"n{agents}")
     (work / f"n{agents}").mkdir(parents=True)
     shm = Path("/dev/shm")
@@ -236,6 +243,9 @@ def run_size(agents: int, work: Path) -> list[dict[str, Any]]:
                 ("together, 10% restarted mid-download", 3, {"canary": agents}),
             ]),
         ]  # fmt: skip
+        if only is not None:  # --only=together,loss: those rollouts (by _key)
+            plans = [(f, x, [r for r in rs if _key(r[0]) in only]) for f, x, rs in plans]
+            plans = [plan for plan in plans if plan[2]]
         for fleet_name, faults, rollouts in plans:
             cost = run.start_fleet(faults)
             print(f"N={agents} fleet {fleet_name}: {cost}", flush=True)
@@ -250,20 +260,26 @@ def run_size(agents: int, work: Path) -> list[dict[str, Any]]:
         run.stop_fleet()
         cloud.stop()
         shutil.rmtree(root, ignore_errors=True)
+        log = work / f"n{agents}" / "cloud.log"
+        if log.exists():  # the carousel's passes and the engine's rounds, for a look after
+            shutil.copy(log, RESULTS / f"b4_rollout_cloud_n{agents}.log")
     return results
 
 
 def main(argv: list[str]) -> None:
     quick = "--quick" in argv
     sizes = [100] if quick else [100, 500, 1000]
+    only: set[str] | None = None
     for arg in argv:
         if arg.startswith("--agents="):
             sizes = [int(n) for n in arg.split("=", 1)[1].split(",")]
+        if arg.startswith("--only="):
+            only = set(arg.split("=", 1)[1].split(","))
     work = Path(tempfile.mkdtemp(prefix="edgefleet-b4-work-"))
     results: list[dict[str, Any]] = []
     try:
         for agents in sizes:
-            results += run_size(agents, work)
+            results += run_size(agents, work, only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     payload = {
