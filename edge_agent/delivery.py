@@ -35,7 +35,9 @@ class MqttDelivery:
     A device asks for everything it lacks at once, then lets the carousel come round: it asks
     again only once no chunk of the artifact arrived for ``wait_s`` (jittered, so a fleet does
     not ask in step), or none it lacked for ``patience`` times that. Asking again for a chunk
-    already on its way (queued by the broker behind others) would have it sent twice.
+    already on its way (queued by the broker behind others) would have it sent twice, so such
+    an ask says it comes of silence (``passed_over`` False), and the cloud sends a chunk it
+    sent moments ago again only when a gap shows it lost (``passed_over`` True).
 
     A pass goes up the indices: a chunk arriving while one below it is still missing shows
     that one was lost (or not in this pass), and the device asks again ``skip_delay_s`` later
@@ -168,6 +170,8 @@ class MqttDelivery:
                 sha256=ref.sha256,
                 chunks=missing[start : start + self.request_window],
                 first=first and start == 0,  # one join, however many messages it takes
+                # A gap under a chunk that arrived was lost; silence may be a queue.
+                passed_over=None if first else gap is not None,
             )
             self.link.publish(topic, request.model_dump_json(), qos=1)
         self.requests += 1

@@ -450,6 +450,12 @@ class ArtifactRequest(Message):
     # the cloud's carousel waits for joins to settle before a new pass. Older agents leave
     # it out, and their asks count as repeats.
     first: bool = False
+    # Why a device asks again (newer agents; None on a first ask and from older agents, whose
+    # repeats the cloud takes as before). True: a pass went past these chunks (later ones
+    # arrived), so they were lost on the way. False: it heard nothing for a while, and they
+    # may still be queued for it at the broker behind a pass to a thousand devices: the cloud
+    # sends again a chunk it sent only a moment ago only on evidence that it was lost.
+    passed_over: bool | None = None
 
 
 class CloudBudget(Message):

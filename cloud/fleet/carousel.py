@@ -10,7 +10,8 @@ stops being sent: the device that made it is gone, or will ask again. That time 
 while no pass is under way (from the ask, or from the end of the pass it waited behind): a
 device receiving a pass in order gains chunk after chunk and has no reason to ask again,
 however long the pass lasts. A repeated ask that
-comes within ``grace_s`` of the chunk's sending is not taken (see ``Pacing.grace_s``).
+comes within ``grace_s`` of the chunk's sending is not taken (see ``Pacing.grace_s``), and one
+made only because the device heard nothing for a while within ``silence_grace_s``.
 
 A pass waits for the devices still joining (a rollout's wave reaches its devices over
 seconds): it starts once no device made its first ask for ``settle_s``, or ``max_wait_s``
@@ -43,6 +44,11 @@ class Pacing:
     # still on its way (a device asks again when it heard nothing for a while, and may do so
     # just as a pass begins); one truly lost is asked for again after this.
     grace_s: float = 2.0
+    # A repeated ask from a device that heard nothing for a while (``passed_over`` False)
+    # says nothing about a chunk sent this recently: the broker hands a pass to each of a
+    # thousand devices in turn, over seconds, so the chunk is most likely queued for it.
+    # Taken, it had the whole pass sent again to devices about to receive it.
+    silence_grace_s: float = 12.0
 
 
 @dataclass
@@ -65,11 +71,21 @@ class Reel:
     _order: list[int] = field(default_factory=list)  # ``wanted``'s keys, sorted
     _sent_at: dict[int, float] = field(default_factory=dict)  # chunk index -> last sent
 
-    def ask(self, indices: list[int], now: float, pacing: Pacing, *, first: bool = False) -> int:
-        """Note that someone lacks ``indices`` (``first``: a device's first ask, it joins);
-        returns how many were new wants. Indices beyond the artifact are ignored (a device
-        cannot make us hold more than it has)."""
+    def ask(
+        self,
+        indices: list[int],
+        now: float,
+        pacing: Pacing,
+        *,
+        first: bool = False,
+        passed_over: bool | None = None,
+    ) -> int:
+        """Note that someone lacks ``indices`` (``first``: a device's first ask, it joins;
+        ``passed_over``: why it asks again, see ``ArtifactRequest``); returns how many were
+        new wants. Indices beyond the artifact are ignored (a device cannot make us hold more
+        than it has)."""
         added = 0
+        grace = pacing.silence_grace_s if passed_over is False else pacing.grace_s
         if not self._order and now - self.touched >= pacing.settle_s:
             self.pass_started = None  # idle a while: the next pass starts from the first index
         self.touched = max(self.touched, now)
@@ -79,7 +95,7 @@ class Reel:
         for index in indices:
             if not 0 <= index < self.chunks:
                 continue
-            if not first and now - self._sent_at.get(index, float("-inf")) < pacing.grace_s:
+            if not first and now - self._sent_at.get(index, float("-inf")) < grace:
                 continue  # just sent: most likely on its way to the device that asks again
             if index not in self.wanted:
                 bisect.insort(self._order, index)

@@ -170,7 +170,10 @@ class ChunkBroadcaster:
                 continue
             with self._lock:
                 reel = self._reels.setdefault(request.sha256, reel)
-                reel.ask(request.chunks, self.clock(), self.pacing, first=request.first)
+                reel.ask(
+                    request.chunks, self.clock(), self.pacing, first=request.first,
+                    passed_over=request.passed_over,
+                )  # fmt: skip
                 self.requests += 1
             admitted = True
         if admitted:

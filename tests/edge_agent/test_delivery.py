@@ -421,4 +421,36 @@ def test_a_device_joining_mid_pass_asks_for_the_gap_once_not_for_everything_agai
     assert sorted(i for r in first for i in r.chunks) == list(range(40))
     assert sorted(i for r in again for i in r.chunks) == list(range(20))
     assert not any(r.first for r in again)
+    # A first ask says nothing of why; the gap's, that later chunks showed it was lost.
+    assert [r.passed_over for r in first] == [None] * 3
+    assert [r.passed_over for r in again] == [True] * len(again)
     assert delivery.store.finish(cloud.ref).read_bytes() == data
+
+
+def test_an_ask_made_of_silence_says_so(tmp_path: Path, link: MqttLink) -> None:
+    """Nothing arrives: the device asks again after its quiet time, and says the ask comes of
+    silence (passed_over False), so the cloud does not send the whole pass again to a device
+    whose chunks may be queued for it at the broker."""
+    device = _device()
+    asks: list[ArtifactRequest] = []
+    recorder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rec-{device}")
+    subscribed = threading.Event()
+    recorder.on_subscribe = lambda *_a: subscribed.set()
+    recorder.on_message = lambda _c, _u, m: asks.append(decode(ArtifactRequest, m.payload))
+    recorder.connect("127.0.0.1", 1883)
+    recorder.loop_start()
+    recorder.subscribe(topics.device_topic(device, DeviceTopic.ARTIFACT_REQUEST), 1)
+    assert subscribed.wait(10)
+    delivery = MqttDelivery(
+        link, ModelStore(tmp_path), device_id=device, wait_s=0.1, max_stalls=2, give_up_s=0.3,
+        backoff=Backoff(base=0.01, cap=0.02),
+    )  # fmt: skip
+    try:
+        with pytest.raises(ServiceUnavailable):
+            delivery.fetch(REF, lambda _done: None, threading.Event())
+        wait_for(lambda: len(asks) >= 3, 10, "the asks")
+    finally:
+        recorder.disconnect()
+        recorder.loop_stop()
+    assert (asks[0].first, asks[0].passed_over) == (True, None)
+    assert all((a.first, a.passed_over) == (False, False) for a in asks[1:])

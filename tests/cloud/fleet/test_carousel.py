@@ -153,6 +153,26 @@ def test_a_repeated_ask_right_after_the_chunk_left_is_not_a_want() -> None:
     assert sorted(reel.wanted) == [0, 1]
 
 
+def test_an_ask_of_silence_waits_longer_than_one_that_shows_a_loss() -> None:
+    """Three devices ask again for chunks sent 3 s ago: one that only heard nothing for a
+    while (passed_over False: its chunks may be queued at the broker) is not a want until
+    silence_grace_s has passed; one whose later chunks arrived (passed_over True: lost) is;
+    an older agent's (None) is taken as before, after grace_s."""
+    pacing = Pacing(pass_interval_s=1.0, settle_s=1.0, lone_settle_s=0.2, max_wait_s=5.0,
+                    grace_s=2.0, silence_grace_s=10.0)  # fmt: skip
+    reel = Reel(SHA, chunk_size=1024, chunks=4)
+    reel.ask([0, 1, 2, 3], 0.0, pacing, first=True)
+    while (index := reel.next_index(1.0, pacing)) is not None:
+        reel.sent(index, 1.0)
+    assert reel.ask([0, 1], 4.0, pacing, passed_over=False) == 0
+    assert not reel.wanted
+    assert reel.ask([1], 4.0, pacing, passed_over=True) == 1
+    assert reel.ask([2], 4.0, pacing) == 1
+    assert sorted(reel.wanted) == [1, 2]
+    assert reel.ask([0, 3], 11.5, pacing, passed_over=False) == 2
+    assert sorted(reel.wanted) == [0, 1, 2, 3]
+
+
 # -- the broadcaster ---------------------------------------------------------------------
 
 
