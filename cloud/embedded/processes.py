@@ -4,17 +4,17 @@ even when one is interrupted, and free local ports."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
+import errno
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from shared.errors import ServiceUnavailable
 
@@ -29,21 +29,8 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-_SIGTERM = int(signal.SIGTERM)
-
-
-def _load_prctl() -> Callable[..., Any] | None:
-    try:
-        prctl: Callable[..., Any] = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-        return prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# Loaded here, in the parent: between fork and exec the child may hold a lock another thread
-# of ours held at the fork, so it must not dlopen (or import, or allocate much) there.
-_PRCTL = _load_prctl()
+# Started first in every child, see ``ChildProcess.spawn``.
+_DIE_WITH_PARENT = str(Path(__file__).with_name("die_with_parent.py"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,13 +48,19 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
 
 
 def wait_for_port(
-    host: str, port: int, *, timeout: float, process: subprocess.Popen[bytes]
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    process: subprocess.Popen[bytes],
+    argv: Sequence[str] | None = None,
 ) -> None:
+    """Until ``process`` (which runs ``argv``, when its Popen args are a launcher's) listens."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServiceUnavailable(
-                f"{process.args!r} exited with {process.returncode} during start"
+                f"{argv or process.args!r} exited with {process.returncode} during start"
             )
         if port_open(host, port):
             return
@@ -75,14 +68,13 @@ def wait_for_port(
     raise ServiceUnavailable(f"nothing listened on {host}:{port} within {timeout:g}s")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    # Runs in the child between fork and exec: prctl only. Linux then sends SIGTERM to the
-    # child when the thread that started it dies, even by SIGKILL; a parent that died before
-    # the prctl took effect is seen as a new parent pid, and the child leaves at once.
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM)
-    if os.getppid() != parent_pid:
-        os._exit(1)
+def _executable(program: str, env: Mapping[str, str] | None) -> str:
+    """The file ``program`` names, looked up on the child's PATH as Popen would: a missing
+    program is an error here, in the parent, not an exit status of the child."""
+    found = shutil.which(program, path=os.pathsep.join(os.get_exec_path(env)))
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return found
 
 
 def describe_exit(code: int) -> str:
@@ -138,17 +130,25 @@ class ChildProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
-        """Start the process and return at once; see ``start`` and ``wait_until``."""
+        """Start the process and return at once; see ``start`` and ``wait_until``.
+
+        Never by ``fork()`` (a ``preexec_fn`` would make Popen fork): this process may run
+        threads that fork handlers restart in the child, gRPC's poller among them, which
+        then abort the child when Popen closes its inherited fds before exec. Popen uses
+        vfork and exec; the child's first program sets the parent-death signal, checks that
+        we are still its parent, and becomes ``argv`` (see ``cloud.embedded.die_with_parent``).
+        """
+        launcher = [sys.executable, "-I", "-S", _DIE_WITH_PARENT, str(os.getpid())]
+        executable = _executable(self.argv[0], self.env)
         log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
         try:
             self.process = subprocess.Popen(
-                self.argv,
+                [*launcher, executable, *self.argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
             )
         finally:
             if not isinstance(log, int):
@@ -159,7 +159,7 @@ class ChildProcess:
         self.spawn()
         assert self.process is not None
         try:
-            wait_for_port(host, port, timeout=timeout, process=self.process)
+            wait_for_port(host, port, timeout=timeout, process=self.process, argv=self.argv)
         except BaseException:
             self.stop()
             raise

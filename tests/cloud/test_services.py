@@ -3,7 +3,6 @@ sessions of their own; the embedded broker is Mosquitto with per-device logins w
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
@@ -85,6 +84,39 @@ def test_a_child_runs_in_its_own_session() -> None:
     assert process.returncode == -signal.SIGTERM
 
 
+# A cloud serving gRPC, as the demo's is when it starts its agents, the dashboard and Flower.
+_SPAWN_BESIDE_GRPC = """
+import os, sys
+from concurrent import futures
+import grpc
+from cloud.embedded.processes import ChildProcess
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+server.add_insecure_port("127.0.0.1:0")
+server.start()
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+child = ChildProcess([sys.executable, "-c", "pass"])
+child.spawn()
+assert child.process is not None
+print(child.process.wait(30), len(forks))
+"""
+
+
+def test_a_child_is_started_without_forking_a_process_that_serves_grpc() -> None:
+    """gRPC's fork handlers restart its poller threads in a forked child; subprocess then
+    closes the child's inherited fds before exec, and a poller whose next epoll_wait came
+    first made gRPC abort the child (SIGABRT, its log one `Epoll1Poller ... epoll_wait
+    error: Bad file descriptor` line): a demo agent, one start in a few hundred. A child is
+    started without fork (vfork and exec), so no fork handler, gRPC's or ours, runs."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SPAWN_BESIDE_GRPC],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    exit_code, forks = done.stdout.split()
+    assert exit_code == "0", done.stderr
+    assert forks == "0", done.stderr
+
+
 def test_stop_kills_a_child_that_ignores_sigterm() -> None:
     """SIGTERM first; a child that ignores it is killed once the wait runs out."""
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
@@ -156,21 +188,50 @@ def test_a_dead_child_is_named_with_its_log_and_left_for_stop_to_reap(tmp_path: 
 
 
 def test_a_child_whose_parent_is_gone_before_it_runs_exits_at_once() -> None:
-    """Between fork and exec the child only calls prctl (libc was loaded by the parent), then
-    leaves if its parent is already another process: it would outlive the one that died."""
-    assert processes._PRCTL is not None
+    """The child's first program sets its parent-death signal, then leaves if its parent is
+    already another process: it would outlive the one that died."""
+    launcher = [sys.executable, "-I", "-S", processes._DIE_WITH_PARENT]
+    program = [sys.executable, sys.executable, "-c", "print('ran')"]
     alive = subprocess.run(
-        [sys.executable, "-c", "print('ran')"],
-        preexec_fn=functools.partial(processes._die_with_parent, os.getpid()),
+        [*launcher, str(os.getpid()), *program],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert (alive.returncode, alive.stdout) == (0, "ran\n")
     orphaned = subprocess.run(
-        [sys.executable, "-c", "print('ran')"],
-        preexec_fn=functools.partial(processes._die_with_parent, os.getpid() + 1),
+        [*launcher, str(os.getpid() + 1), *program],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert (orphaned.returncode, orphaned.stdout) == (1, "")
+
+
+def test_a_child_runs_its_program_with_sigterm_as_its_parent_death_signal(
+    tmp_path: Path,
+) -> None:
+    """Linux ends the child with SIGTERM when we die, even by SIGKILL: the signal set by its
+    first program is still set once it became the program it was started for."""
+    pdeathsig = (
+        "import ctypes, sys; value = ctypes.c_int(); "
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(value)); "  # PR_GET_PDEATHSIG
+        "print(value.value, sys.argv[1:])"
+    )
+    log = tmp_path / "child.log"
+    child = ChildProcess([sys.executable, "-c", pdeathsig, "an", "argument"], log_path=log)
+    child.spawn()
+    assert child.process is not None
+    assert child.process.wait(30) == 0, log.read_text()
+    assert log.read_text() == f"{int(signal.SIGTERM)} ['an', 'argument']\n"
+    child.stop()
+
+
+def test_a_program_that_is_not_there_is_an_error_of_the_spawn(tmp_path: Path) -> None:
+    """As with Popen: not an exit status of a child that never ran it."""
+    child = ChildProcess([str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError):
+        child.spawn()
+    assert child.process is None
+    path_child = ChildProcess(["edgefleet-no-such-program"], env={"PATH": str(tmp_path)})
+    with pytest.raises(FileNotFoundError):
+        path_child.spawn()
 
 
 def test_waiting_for_a_child_that_exits_is_a_clear_error() -> None:
