@@ -1,7 +1,8 @@
 """One artifact's carousel: which chunks are wanted, and which one goes out next.
 
 A reel keeps, for one artifact, the union of the chunk indices devices asked for, each with
-the moment it was last asked for — nothing per device. Chunks go out in index order from a
+the moment it was last asked for — per device only when it last asked, for a few seconds.
+Chunks go out in index order from a
 cursor, round and round: each wanted chunk once per pass. Sending a chunk satisfies every
 ask made before it (the broker hands it to every device subscribed); a device asking for a
 chunk the cursor has passed gets it on the next pass, and a device that joins mid-pass gets
@@ -9,9 +10,9 @@ the rest of this pass and the start of the next. An ask nobody repeats within ``
 stops being sent: the device that made it is gone, or will ask again. That time runs only
 while no pass is under way (from the ask, or from the end of the pass it waited behind): a
 device receiving a pass in order gains chunk after chunk and has no reason to ask again,
-however long the pass lasts. A repeated ask that
-comes within ``grace_s`` of the chunk's sending is not taken (see ``Pacing.grace_s``), and one
-made only because the device heard nothing for a while within ``silence_grace_s``.
+however long the pass lasts. A repeated ask that comes within ``grace_s`` of the chunk's
+sending is not taken (see ``Pacing.grace_s``), nor one made only because the device heard
+nothing for a while, for longer the more devices the chunk went to (``Pacing.fan_out_s``).
 
 A pass waits for the devices still joining (a rollout's wave reaches its devices over
 seconds): it starts once no device made its first ask for ``settle_s``, or ``max_wait_s``
@@ -45,10 +46,13 @@ class Pacing:
     # just as a pass begins); one truly lost is asked for again after this.
     grace_s: float = 2.0
     # A repeated ask from a device that heard nothing for a while (``passed_over`` False)
-    # says nothing about a chunk sent this recently: the broker hands a pass to each of a
-    # thousand devices in turn, over seconds, so the chunk is most likely queued for it.
-    # Taken, it had the whole pass sent again to devices about to receive it.
+    # says nothing about a chunk sent recently: the broker hands a pass to each device in
+    # turn, so the chunk is most likely still queued for it. Taken, it had the whole pass
+    # sent again to a thousand devices about to receive it. How long the broker takes grows
+    # with the devices it hands the chunk to (those that asked within the last
+    # ``silence_grace_s``): ``grace_s`` plus ``fan_out_s`` each, at most ``silence_grace_s``.
     silence_grace_s: float = 12.0
+    fan_out_s: float = 0.01
 
 
 @dataclass
@@ -70,6 +74,10 @@ class Reel:
     pass_ended: float = float("-inf")  # when the last pass sent its last wanted chunk
     _order: list[int] = field(default_factory=list)  # ``wanted``'s keys, sorted
     _sent_at: dict[int, float] = field(default_factory=dict)  # chunk index -> last sent
+    # Chunk index -> how many devices were downloading when it was last sent (asked lately).
+    _sent_to: dict[int, int] = field(default_factory=dict)
+    # Device -> its last ask (only for the silence grace; forgotten after silence_grace_s).
+    _askers: dict[str, float] = field(default_factory=dict)
 
     def ask(
         self,
@@ -79,13 +87,15 @@ class Reel:
         *,
         first: bool = False,
         passed_over: bool | None = None,
+        device: str | None = None,
     ) -> int:
         """Note that someone lacks ``indices`` (``first``: a device's first ask, it joins;
         ``passed_over``: why it asks again, see ``ArtifactRequest``); returns how many were
         new wants. Indices beyond the artifact are ignored (a device cannot make us hold more
         than it has)."""
         added = 0
-        grace = pacing.silence_grace_s if passed_over is False else pacing.grace_s
+        if device is not None:
+            self._askers[device] = now
         if not self._order and now - self.touched >= pacing.settle_s:
             self.pass_started = None  # idle a while: the next pass starts from the first index
         self.touched = max(self.touched, now)
@@ -95,7 +105,9 @@ class Reel:
         for index in indices:
             if not 0 <= index < self.chunks:
                 continue
-            if not first and now - self._sent_at.get(index, float("-inf")) < grace:
+            if not first and now - self._sent_at.get(index, float("-inf")) < self._grace(
+                index, pacing, silence=passed_over is False
+            ):
                 continue  # just sent: most likely on its way to the device that asks again
             if index not in self.wanted:
                 bisect.insort(self._order, index)
@@ -129,9 +141,18 @@ class Reel:
         joining = min(self.last_join + settle - now, self.due_since + pacing.max_wait_s - now)
         return max(0.0, self.rest_until - now, joining)
 
-    def sent(self, index: int, now: float) -> None:
+    def _grace(self, index: int, pacing: Pacing, *, silence: bool) -> float:
+        if not silence:
+            return pacing.grace_s
+        fan_out = pacing.grace_s + pacing.fan_out_s * self._sent_to.get(index, 0)
+        return min(pacing.silence_grace_s, fan_out)
+
+    def sent(self, index: int, now: float, pacing: Pacing | None = None) -> None:
         """``index`` went out: every ask for it so far is answered; the pass moves on."""
         self._sent_at[index] = now
+        horizon = now - (pacing or Pacing()).silence_grace_s
+        self._askers = {d: at for d, at in self._askers.items() if at >= horizon}
+        self._sent_to[index] = len(self._askers)
         if self.wanted.pop(index, None) is not None:
             del self._order[bisect.bisect_left(self._order, index)]
         self.cursor = index + 1

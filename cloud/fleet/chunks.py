@@ -172,7 +172,7 @@ class ChunkBroadcaster:
                 reel = self._reels.setdefault(request.sha256, reel)
                 reel.ask(
                     request.chunks, self.clock(), self.pacing, first=request.first,
-                    passed_over=request.passed_over,
+                    passed_over=request.passed_over, device=device_id,
                 )  # fmt: skip
                 self.requests += 1
             admitted = True
@@ -289,7 +289,7 @@ class ChunkBroadcaster:
         self.chunks_published += 1
         self.bytes_published += len(data)
         with self._lock:
-            reel.sent(index, self.clock())
+            reel.sent(index, self.clock(), self.pacing)
         return True
 
     def _take(self, size: int) -> None:

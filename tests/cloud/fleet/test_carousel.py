@@ -154,23 +154,48 @@ def test_a_repeated_ask_right_after_the_chunk_left_is_not_a_want() -> None:
 
 
 def test_an_ask_of_silence_waits_longer_than_one_that_shows_a_loss() -> None:
-    """Three devices ask again for chunks sent 3 s ago: one that only heard nothing for a
-    while (passed_over False: its chunks may be queued at the broker) is not a want until
-    silence_grace_s has passed; one whose later chunks arrived (passed_over True: lost) is;
-    an older agent's (None) is taken as before, after grace_s."""
+    """A thousand devices downloading; three ask again for chunks sent 3 s ago: one that only
+    heard nothing for a while (passed_over False: its chunks may be queued at the broker) is
+    not a want until silence_grace_s has passed; one whose later chunks arrived (passed_over
+    True: lost) is; an older agent's (None) is taken as before, after grace_s."""
     pacing = Pacing(pass_interval_s=1.0, settle_s=1.0, lone_settle_s=0.2, max_wait_s=5.0,
-                    grace_s=2.0, silence_grace_s=10.0)  # fmt: skip
+                    grace_s=2.0, silence_grace_s=10.0, fan_out_s=0.01)  # fmt: skip
     reel = Reel(SHA, chunk_size=1024, chunks=4)
-    reel.ask([0, 1, 2, 3], 0.0, pacing, first=True)
+    for n in range(1000):
+        reel.ask([0, 1, 2, 3], 0.0, pacing, first=True, device=f"d{n}")
     while (index := reel.next_index(1.0, pacing)) is not None:
-        reel.sent(index, 1.0)
-    assert reel.ask([0, 1], 4.0, pacing, passed_over=False) == 0
+        reel.sent(index, 1.0, pacing)
+    assert reel.ask([0, 1], 4.0, pacing, passed_over=False, device="d1") == 0
     assert not reel.wanted
-    assert reel.ask([1], 4.0, pacing, passed_over=True) == 1
+    assert reel.ask([1], 4.0, pacing, passed_over=True, device="d2") == 1
     assert reel.ask([2], 4.0, pacing) == 1
     assert sorted(reel.wanted) == [1, 2]
-    assert reel.ask([0, 3], 11.5, pacing, passed_over=False) == 2
+    assert reel.ask([0, 3], 11.5, pacing, passed_over=False, device="d1") == 2
     assert sorted(reel.wanted) == [0, 1, 2, 3]
+
+
+def test_the_silence_grace_grows_with_the_devices_a_chunk_went_to() -> None:
+    """Chunk 0 goes out while 300 devices are downloading (asked within silence_grace_s):
+    a silence ask 3.5 s later is not a want (the broker may still be handing it to 300
+    devices: 2 + 3 s of grace), one 5.5 s later is. Chunk 1 goes out later, when only 5 are
+    (the 300 are forgotten): a silence ask 3 s later is a want (2.05 s of grace)."""
+    pacing = Pacing(pass_interval_s=1.0, settle_s=1.0, lone_settle_s=0.2, max_wait_s=5.0,
+                    grace_s=2.0, silence_grace_s=10.0, fan_out_s=0.01)  # fmt: skip
+    reel = Reel(SHA, chunk_size=1024, chunks=2)
+    for n in range(300):
+        reel.ask([0], 0.0, pacing, first=True, device=f"d{n}")
+    assert reel.next_index(2.0, pacing) == 0
+    reel.sent(0, 2.0, pacing)
+    assert reel.ask([0], 5.5, pacing, passed_over=False, device="d0") == 0
+    assert reel.ask([0], 7.5, pacing, passed_over=False, device="d0") == 1
+    assert reel.next_index(8.5, pacing) == 0
+    reel.sent(0, 8.5, pacing)
+    for n in range(5):
+        reel.ask([1], 20.0, pacing, first=True, device=f"late{n}")
+    assert reel.next_index(22.0, pacing) == 1
+    reel.sent(1, 22.0, pacing)
+    assert len(reel._askers) == 5
+    assert reel.ask([1], 25.0, pacing, passed_over=False, device="late0") == 1
 
 
 # -- the broadcaster ---------------------------------------------------------------------
