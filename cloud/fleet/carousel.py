@@ -1,7 +1,7 @@
 """One artifact's carousel: which chunks are wanted, and which one goes out next.
 
 A reel keeps, for one artifact, the union of the chunk indices devices asked for, each with
-the moment it was last asked for — per device only when it last asked, for a few seconds.
+the moment it was last asked for — per device only whether it asked in the last two passes.
 Chunks go out in index order from a
 cursor, round and round: each wanted chunk once per pass. Sending a chunk satisfies every
 ask made before it (the broker hands it to every device subscribed); a device asking for a
@@ -49,8 +49,8 @@ class Pacing:
     # says nothing about a chunk sent recently: the broker hands a pass to each device in
     # turn, so the chunk is most likely still queued for it. Taken, it had the whole pass
     # sent again to a thousand devices about to receive it. How long the broker takes grows
-    # with the devices it hands the chunk to (those that asked within the last
-    # ``silence_grace_s``): ``grace_s`` plus ``fan_out_s`` each, at most ``silence_grace_s``.
+    # with the devices it hands the chunk to (those that asked since the pass before began):
+    # ``grace_s`` plus ``fan_out_s`` each, at most ``silence_grace_s``.
     silence_grace_s: float = 12.0
     fan_out_s: float = 0.01
 
@@ -74,10 +74,12 @@ class Reel:
     pass_ended: float = float("-inf")  # when the last pass sent its last wanted chunk
     _order: list[int] = field(default_factory=list)  # ``wanted``'s keys, sorted
     _sent_at: dict[int, float] = field(default_factory=dict)  # chunk index -> last sent
-    # Chunk index -> how many devices were downloading when it was last sent (asked lately).
+    # Chunk index -> how many devices it went to when last sent: those that asked since the
+    # pass before it began (a device receiving a pass does not ask again, so an ask older
+    # than the pass is what shows it is downloading).
     _sent_to: dict[int, int] = field(default_factory=dict)
-    # Device -> its last ask (only for the silence grace; forgotten after silence_grace_s).
-    _askers: dict[str, float] = field(default_factory=dict)
+    _asked_before: set[str] = field(default_factory=set)  # between the last two pass starts
+    _asking: set[str] = field(default_factory=set)  # since the current pass began
 
     def ask(
         self,
@@ -95,7 +97,7 @@ class Reel:
         than it has)."""
         added = 0
         if device is not None:
-            self._askers[device] = now
+            self._asking.add(device)
         if not self._order and now - self.touched >= pacing.settle_s:
             self.pass_started = None  # idle a while: the next pass starts from the first index
         self.touched = max(self.touched, now)
@@ -125,6 +127,7 @@ class Reel:
             if self.wait_for_pass(now, pacing) > 0:
                 return None
             self.cursor, position = 0, 0
+            self._asked_before, self._asking = self._asking, set()
             self.passes += 1
             self.pass_started = now
             self.rest_until = now + pacing.pass_interval_s
@@ -147,12 +150,10 @@ class Reel:
         fan_out = pacing.grace_s + pacing.fan_out_s * self._sent_to.get(index, 0)
         return min(pacing.silence_grace_s, fan_out)
 
-    def sent(self, index: int, now: float, pacing: Pacing | None = None) -> None:
+    def sent(self, index: int, now: float) -> None:
         """``index`` went out: every ask for it so far is answered; the pass moves on."""
         self._sent_at[index] = now
-        horizon = now - (pacing or Pacing()).silence_grace_s
-        self._askers = {d: at for d, at in self._askers.items() if at >= horizon}
-        self._sent_to[index] = len(self._askers)
+        self._sent_to[index] = len(self._asked_before | self._asking)
         if self.wanted.pop(index, None) is not None:
             del self._order[bisect.bisect_left(self._order, index)]
         self.cursor = index + 1

@@ -289,7 +289,7 @@ class ChunkBroadcaster:
         self.chunks_published += 1
         self.bytes_published += len(data)
         with self._lock:
-            reel.sent(index, self.clock(), self.pacing)
+            reel.sent(index, self.clock())
         return True
 
     def _take(self, size: int) -> None:

@@ -164,7 +164,7 @@ def test_an_ask_of_silence_waits_longer_than_one_that_shows_a_loss() -> None:
     for n in range(1000):
         reel.ask([0, 1, 2, 3], 0.0, pacing, first=True, device=f"d{n}")
     while (index := reel.next_index(1.0, pacing)) is not None:
-        reel.sent(index, 1.0, pacing)
+        reel.sent(index, 1.0)
     assert reel.ask([0, 1], 4.0, pacing, passed_over=False, device="d1") == 0
     assert not reel.wanted
     assert reel.ask([1], 4.0, pacing, passed_over=True, device="d2") == 1
@@ -175,27 +175,26 @@ def test_an_ask_of_silence_waits_longer_than_one_that_shows_a_loss() -> None:
 
 
 def test_the_silence_grace_grows_with_the_devices_a_chunk_went_to() -> None:
-    """Chunk 0 goes out while 300 devices are downloading (asked within silence_grace_s):
-    a silence ask 3.5 s later is not a want (the broker may still be handing it to 300
-    devices: 2 + 3 s of grace), one 5.5 s later is. Chunk 1 goes out later, when only 5 are
-    (the 300 are forgotten): a silence ask 3 s later is a want (2.05 s of grace)."""
+    """Chunk 0 goes out to the 300 devices that asked before its pass: a silence ask 3.5 s
+    later is not a want (the broker may still be handing it to 300 devices: 2 + 3 s of
+    grace), one 5.5 s later is. Of those, 5 ask again during that pass; the next pass sends
+    chunk 0 to them (and the one that asked): a silence ask 3 s later is a want (2.06 s)."""
     pacing = Pacing(pass_interval_s=1.0, settle_s=1.0, lone_settle_s=0.2, max_wait_s=5.0,
                     grace_s=2.0, silence_grace_s=10.0, fan_out_s=0.01)  # fmt: skip
     reel = Reel(SHA, chunk_size=1024, chunks=2)
     for n in range(300):
-        reel.ask([0], 0.0, pacing, first=True, device=f"d{n}")
+        reel.ask([0, 1], 0.0, pacing, first=True, device=f"d{n}")
     assert reel.next_index(2.0, pacing) == 0
-    reel.sent(0, 2.0, pacing)
+    reel.sent(0, 2.0)
     assert reel.ask([0], 5.5, pacing, passed_over=False, device="d0") == 0
     assert reel.ask([0], 7.5, pacing, passed_over=False, device="d0") == 1
-    assert reel.next_index(8.5, pacing) == 0
-    reel.sent(0, 8.5, pacing)
-    for n in range(5):
-        reel.ask([1], 20.0, pacing, first=True, device=f"late{n}")
-    assert reel.next_index(22.0, pacing) == 1
-    reel.sent(1, 22.0, pacing)
-    assert len(reel._askers) == 5
-    assert reel.ask([1], 25.0, pacing, passed_over=False, device="late0") == 1
+    for n in range(1, 6):
+        reel.ask([0], 7.6, pacing, passed_over=True, device=f"d{n}")
+    assert reel.next_index(8.0, pacing) == 1
+    reel.sent(1, 8.0)
+    assert reel.next_index(9.0, pacing) == 0
+    reel.sent(0, 9.0)
+    assert reel.ask([0], 12.0, pacing, passed_over=False, device="d1") == 1
 
 
 # -- the broadcaster ---------------------------------------------------------------------
