@@ -64,6 +64,7 @@ class MqttDelivery:
         patience: float = 4.0,
         skip_delay_s: float = 2.5,
         give_up_s: float = 30.0,
+        presume_lost_s: float = 12.0,
         rng: random.Random | None = None,
     ) -> None:
         self.link = link
@@ -76,6 +77,10 @@ class MqttDelivery:
         self.patience = patience
         self.skip_delay_s = skip_delay_s
         self.give_up_s = give_up_s
+        # Asks of silence this long after the last chunk gained say the chunks were lost:
+        # the cloud would go on taking them for chunks still queued (its silence grace, at
+        # most 12 s), and a device that lost its last chunk has no gap to show.
+        self.presume_lost_s = presume_lost_s
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._arrived = threading.Condition()
         self._active: dict[str, ArtifactRef] = {}
@@ -152,10 +157,16 @@ class MqttDelivery:
                     seen.pop(ref.sha256, None)
 
     def _ask(
-        self, ref: ArtifactRef, missing: list[int], *, first: bool, gap: int | None = None
+        self,
+        ref: ArtifactRef,
+        missing: list[int],
+        *,
+        first: bool,
+        gap: int | None = None,
+        lost: bool = False,
     ) -> bool:
         """Ask for ``missing``; or, with ``gap``, for those of them below it that no ask of
-        this pass covered yet."""
+        this pass covered yet. ``lost``: the chunks are known (a gap) or presumed lost."""
         if not self.link.connected:
             return False
         topic = topics.device_topic(self.device_id, DeviceTopic.ARTIFACT_REQUEST)
@@ -171,7 +182,7 @@ class MqttDelivery:
                 chunks=missing[start : start + self.request_window],
                 first=first and start == 0,  # one join, however many messages it takes
                 # A gap under a chunk that arrived was lost; silence may be a queue.
-                passed_over=None if first else gap is not None,
+                passed_over=None if first else lost,
             )
             self.link.publish(topic, request.model_dump_json(), qos=1)
         self.requests += 1
@@ -187,7 +198,8 @@ class MqttDelivery:
             if not missing:
                 return
             before = len(missing)
-            if self._ask(ref, missing, first=first, gap=gap):
+            lost = gap is not None or time.monotonic() - gained >= self.presume_lost_s
+            if self._ask(ref, missing, first=first, gap=gap, lost=lost):
                 first = False
             gap = self._wait_for_the_carousel(ref, stop, progress)
             now_missing = len(self.store.missing_chunks(ref))

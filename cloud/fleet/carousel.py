@@ -54,6 +54,10 @@ class Pacing:
     silence_grace_s: float = 12.0
     fan_out_s: float = 0.01
 
+    def __post_init__(self) -> None:
+        if self.silence_grace_s < self.grace_s:
+            raise ValueError("silence_grace_s must be at least grace_s")
+
 
 @dataclass
 class Reel:
@@ -77,9 +81,12 @@ class Reel:
     # Chunk index -> how many devices it went to when last sent: those that asked since the
     # pass before it began (a device receiving a pass does not ask again, so an ask older
     # than the pass is what shows it is downloading).
-    _sent_to: dict[int, int] = field(default_factory=dict)
-    _asked_before: set[str] = field(default_factory=set)  # between the last two pass starts
-    _asking: set[str] = field(default_factory=set)  # since the current pass began
+    _sent_to: dict[int, int] = field(default_factory=dict, repr=False)
+    # Devices that asked between the last two pass starts, and since the current one began;
+    # ``_audience`` counts both (no device twice).
+    _asked_before: set[str] = field(default_factory=set, repr=False)
+    _asking: set[str] = field(default_factory=set, repr=False)
+    _audience: int = 0
 
     def ask(
         self,
@@ -96,8 +103,9 @@ class Reel:
         new wants. Indices beyond the artifact are ignored (a device cannot make us hold more
         than it has)."""
         added = 0
-        if device is not None:
+        if device is not None and device not in self._asking:
             self._asking.add(device)
+            self._audience += device not in self._asked_before
         if not self._order and now - self.touched >= pacing.settle_s:
             self.pass_started = None  # idle a while: the next pass starts from the first index
         self.touched = max(self.touched, now)
@@ -128,6 +136,7 @@ class Reel:
                 return None
             self.cursor, position = 0, 0
             self._asked_before, self._asking = self._asking, set()
+            self._audience = len(self._asked_before)
             self.passes += 1
             self.pass_started = now
             self.rest_until = now + pacing.pass_interval_s
@@ -153,7 +162,7 @@ class Reel:
     def sent(self, index: int, now: float) -> None:
         """``index`` went out: every ask for it so far is answered; the pass moves on."""
         self._sent_at[index] = now
-        self._sent_to[index] = len(self._asked_before | self._asking)
+        self._sent_to[index] = self._audience
         if self.wanted.pop(index, None) is not None:
             del self._order[bisect.bisect_left(self._order, index)]
         self.cursor = index + 1

@@ -35,6 +35,7 @@ ChunkSizeOf = Callable[[str], int | None]
 Allowed = Callable[[list[tuple[str, str]]], list[bool]]
 MAX_INBOX = 50_000
 _IDLE_WAIT_S = 0.5  # the longest the sender sleeps without a reason to wake
+_RECHECK_S = 1.0  # requests whose check failed are checked again after this
 
 
 class ChunkBroadcaster:
@@ -154,9 +155,17 @@ class ChunkBroadcaster:
             self.errors += 1
             if (held := self._throttle.allow("error")) is not None:
                 _LOGGER.exception(
-                    "%s chunk requests not checked (the devices ask again)%s",
-                    len(inbox), _more(held),
+                    "%s chunk requests not checked; trying again in %ss%s",
+                    len(inbox), _RECHECK_S, _more(held),
                 )  # fmt: skip
+            # Kept (a wave's first asks among them), ahead of what came meanwhile, up to the
+            # inbox's bound; checked again after a pause, not in a loop on a database away.
+            with self._lock:
+                kept = (inbox + self._inbox)[:MAX_INBOX]
+                self.overflow += len(inbox) + len(self._inbox) - len(kept)
+                self._inbox = kept
+            self._stop.wait(_RECHECK_S)
+            self._admit_wake.set()
             return
         admitted = False
         for (device_id, request), reel in zip(inbox, verdicts, strict=True):

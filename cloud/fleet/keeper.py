@@ -189,6 +189,11 @@ class DesiredStateKeeper:
         for a device reads (and sends) the newest state, and one connection keeps the order
         of what we hand it.
         """
+        return self._publish_one(device_id) is True
+
+    def _publish_one(self, device_id: str) -> bool | None:
+        """:meth:`publish`; None when the database did not give us the row (the device is
+        then pending): a round over many devices stops there instead of trying each."""
         with self._locks[_stripe(device_id)]:
             try:
                 with self.context.database.session() as s:
@@ -196,7 +201,7 @@ class DesiredStateKeeper:
                     document = device.desired_document if device is not None else None
             except SQLAlchemyError as exc:
                 self._unread([device_id], exc)
-                return False
+                return None
             handed = self._hand_over(device_id, device is not None, document)
         self._note(device_id, handed)
         return handed
@@ -282,7 +287,11 @@ class DesiredStateKeeper:
         for device_id in ordered:
             if self._stop.is_set():
                 break
-            published += self.publish(device_id)
+            handed = self._publish_one(device_id)
+            if handed is None:  # the database went away: all of it again next round
+                self._republish.set()
+                return published
+            published += handed
         if published < len(ordered):
             _LOGGER.warning(
                 "%s of %s devices' retained topics not queued for the broker; trying again",
@@ -299,7 +308,15 @@ class DesiredStateKeeper:
         """Try again every device the broker did not take; how many it took now."""
         with self._pending_lock:
             due = sorted(self._pending)
-        return sum(self.publish(device_id) for device_id in due if not self._stop.is_set())
+        taken = 0
+        for device_id in due:
+            if self._stop.is_set():
+                break
+            handed = self._publish_one(device_id)
+            if handed is None:  # the database is away: the rest waits for the next round
+                break
+            taken += handed
+        return taken
 
     # -- the upkeep loop -----------------------------------------------------------------
 

@@ -353,12 +353,23 @@ class RolloutEngine:
             batch = device_ids[first : first + self.batch_size]
             try:
                 if self.publish_many is not None:
+                    self._keep_lease()
                     self.publish_many(batch)
                 else:
                     for device_id in batch:
+                        self._keep_lease()
                         self.publish(device_id)
             except Exception:
                 _LOGGER.exception("rollout engine: %s documents not handed over", len(batch))
+
+    def _keep_lease(self) -> None:
+        """Renew the lease while a long release goes on (a broker slow to take a wave's
+        documents must not let a rival take over the next round's decisions). Publishing
+        needs no lease (it sends what SQL holds), so a lease lost does not stop it."""
+        try:
+            self._leading()
+        except Exception as exc:  # Redis away: the next round finds out
+            _LOGGER.debug("rollout engine: lease not renewed while releasing: %s", exc)
 
     def _cannot_move(
         self, rollout_id: int, token: int, device_id: str, reverting: bool, exc: Exception

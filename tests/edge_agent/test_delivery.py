@@ -427,10 +427,13 @@ def test_a_device_joining_mid_pass_asks_for_the_gap_once_not_for_everything_agai
     assert delivery.store.finish(cloud.ref).read_bytes() == data
 
 
-def test_an_ask_made_of_silence_says_so(tmp_path: Path, link: MqttLink) -> None:
+def test_an_ask_made_of_silence_says_so_until_the_chunks_are_presumed_lost(
+    tmp_path: Path, link: MqttLink
+) -> None:
     """Nothing arrives: the device asks again after its quiet time, and says the ask comes of
     silence (passed_over False), so the cloud does not send the whole pass again to a device
-    whose chunks may be queued for it at the broker."""
+    whose chunks may be queued for it at the broker; presume_lost_s after the last gain it
+    says they were lost (a lost last chunk shows no gap, and the cloud would wait on)."""
     device = _device()
     asks: list[ArtifactRequest] = []
     recorder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"rec-{device}")
@@ -442,8 +445,8 @@ def test_an_ask_made_of_silence_says_so(tmp_path: Path, link: MqttLink) -> None:
     recorder.subscribe(topics.device_topic(device, DeviceTopic.ARTIFACT_REQUEST), 1)
     assert subscribed.wait(10)
     delivery = MqttDelivery(
-        link, ModelStore(tmp_path), device_id=device, wait_s=0.1, max_stalls=2, give_up_s=0.3,
-        backoff=Backoff(base=0.01, cap=0.02),
+        link, ModelStore(tmp_path), device_id=device, wait_s=0.1, max_stalls=2, give_up_s=1.0,
+        presume_lost_s=0.5, backoff=Backoff(base=0.01, cap=0.02),
     )  # fmt: skip
     try:
         with pytest.raises(ServiceUnavailable):
@@ -453,4 +456,8 @@ def test_an_ask_made_of_silence_says_so(tmp_path: Path, link: MqttLink) -> None:
         recorder.disconnect()
         recorder.loop_stop()
     assert (asks[0].first, asks[0].passed_over) == (True, None)
-    assert all((a.first, a.passed_over) == (False, False) for a in asks[1:])
+    assert not any(a.first for a in asks[1:])
+    said = [a.passed_over for a in asks[1:]]
+    assert said[0] is False
+    assert said[-1] is True
+    assert said == sorted(said)  # silence first, then lost: never back

@@ -369,3 +369,32 @@ def test_a_waves_requests_are_checked_together(store: ArtifactStore) -> None:
     assert len(calls) == 1
     assert calls[0] == [(f"d{n:03d}", artifact.sha256) for n in range(200)]
     assert (broadcaster.requests, broadcaster.refused) == (199, 2)
+
+
+def test_requests_whose_check_failed_are_checked_again(store: ArtifactStore) -> None:
+    """The rights check fails once (the registry away): the wave's requests, first asks
+    among them, are not dropped but checked again a moment later and joined."""
+    artifact = store.put_bytes(b"r" * 4096)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link)
+    calls: list[int] = []
+
+    def allowed(asks: list[tuple[str, str]]) -> list[bool]:
+        calls.append(len(asks))
+        if len(calls) == 1:
+            raise RuntimeError("injected: registry away")
+        return [True] * len(asks)
+
+    broadcaster.allowed = allowed
+    broadcaster.start()
+    try:
+        for n in range(20):
+            request = ArtifactRequest(sha256=artifact.sha256, chunks=[0, 1], first=True)
+            broadcaster.request(request, f"d{n}")
+        wait_for(lambda: broadcaster.requests == 20, 10, "the requests admitted")
+    finally:
+        broadcaster.stop()
+    assert broadcaster.errors == 1
+    assert calls[0] == 20
+    assert sum(calls[1:]) == 20
+    assert (broadcaster.refused, broadcaster.overflow) == (0, 0)

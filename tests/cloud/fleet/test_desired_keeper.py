@@ -238,3 +238,27 @@ def test_devices_whose_rows_could_not_be_read_are_published_on_a_later_round(
     assert keeper.publish_pending() == 2
     assert keeper.pending() == set()
     assert (topics.device_topic(signed, DeviceTopic.DESIRED), document) in broker.taken
+
+
+def test_a_round_stops_at_the_first_read_the_database_refuses(
+    quick_context: CloudContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 devices pending; the database goes away: one round should find that out once,
+    not open (and wait on) one session per pending device, logging a warning each."""
+    context = quick_context
+    ids = [enroll(context) for _ in range(200)]
+    broker = Broker()
+    keeper = DesiredStateKeeper(context, broker)
+    keeper.publish_many(ids)  # refused by the broker: all pending
+    assert keeper.pending() == set(ids)
+    attempts: list[int] = []
+
+    def dropped() -> None:
+        attempts.append(1)
+        raise OperationalError("SELECT", {}, Exception("injected: database away"))
+
+    monkeypatch.setattr(context.database, "session", dropped)
+    keeper.publish_pending()
+    assert keeper.pending() == set(ids)
+    assert len(attempts) <= 2, f"{len(attempts)} sessions opened in one round"

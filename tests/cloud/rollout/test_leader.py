@@ -141,3 +141,41 @@ def test_a_round_that_loses_its_lease_stops_acting(sqlite_cloud: CloudContext) -
     assert states.count("PENDING") > 0
     assert states.count("DEPLOYING") == len(published) < 40
     assert rollout(context, rollout_id)[0] == "IN_PROGRESS"
+
+
+def test_a_long_release_at_the_end_of_a_round_keeps_the_lease(sqlite_cloud: CloudContext) -> None:
+    """test_a_round_longer_than_the_lease_keeps_it with the default release (the wave's
+    documents go out together at the end): publishing 80 devices at 50 ms each outlasts the
+    3 s lease; the engine must keep it while it releases, so the rival never takes it."""
+    context = sqlite_cloud
+    ids = devices(context, 80)
+    rollout_id = start(context, 2, canary=80)
+
+    def slow_publish(_device_id: str) -> bool:
+        time.sleep(0.05)
+        return True
+
+    run, _ = engine(context, ttl_s=3.0, publish=slow_publish)
+    assert run.release_after_s == 10.0
+    rival = Leadership(context.redis, ttl_s=3.0, identity="rival")
+    took: list[int] = []
+    done = threading.Event()
+
+    def contend() -> None:
+        while not done.is_set():
+            token = rival.hold()
+            if token is not None:
+                took.append(token)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=contend)
+    assert run.leadership.hold() is not None
+    thread.start()
+    try:
+        assert run.tick()
+    finally:
+        done.set()
+        thread.join(10)
+    assert targets(context, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert took == [], "a rival took the lease while the engine was releasing the wave"
+    assert run.leadership.token is not None
