@@ -8,8 +8,12 @@ a run with a Flower App of their own, i.e. run code on the cloud. So the SuperLi
 allow-list (the paths of ``flwr.supernode.fleet_http_client``, all POST) and sends each
 request upstream to the allowed path alone (no query string, no raw spelling of it). Bodies
 stream both ways; SuperNode authentication (signed ``flwr-*`` headers, checked by the
-SuperLink) passes through untouched. A SuperLink that is down is a JSON 503,
-one that fails mid-call a JSON 502.
+SuperLink) passes through untouched. A SuperLink that is down is a JSON 503, one that fails
+mid-call a JSON 502; every refusal ends the connection.
+
+The port faces the internet, so no client may hold it for long: a request head must be in
+within a timeout (``cloud.api.server``), and one address holds a bounded share of the
+connections.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from cloud.api.server import JsonH11Protocol
+from cloud.api.server import HEAD_TIMEOUT_S, JsonH11Protocol
 from shared.errors import ServiceUnavailable
 
 __all__ = ["FLEET_PATHS", "FleetGateway", "GatewayLimits", "create_gateway_app"]
@@ -83,6 +87,11 @@ class GatewayLimits:
     messages and records without their arrays; 256 MiB leaves ample headroom."""
 
     max_body_bytes: int = 256 * MIB
+    # A request head not all in this long after the connection (or the last answer on it)
+    # is a 408, and the connection ends.
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    # Connections one address may hold at once (None: no cap); more are refused (429).
+    connections_per_address: int | None = 256
     # A request body that sends nothing for this long, or is not all in by the deadline,
     # is refused (408) and its upstream connection given back.
     body_idle_s: float = 30.0
@@ -105,12 +114,11 @@ class _BodyRefused(Exception):
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _refuse_body(status: int, message: str) -> JSONResponse:
-    # The rest of the body is not read: the connection ends with this answer.
-    return _error(status, message, {"connection": "close"})
+    # The request may not have been read to its end: the connection ends with the answer
+    # (uvicorn would otherwise read and drop the rest of the body, however long it is).
+    return JSONResponse(
+        {"error": message}, status_code=status, headers={**(headers or {}), "connection": "close"}
+    )
 
 
 def _named_by_connection(value: str) -> frozenset[str]:
@@ -159,13 +167,13 @@ def _declared_length(request: Request, limits: GatewayLimits) -> JSONResponse | 
     lengths = request.headers.getlist("content-length")
     if lengths and "transfer-encoding" in request.headers:
         # Two framings (RFC 9112 6.3): the shape of request smuggling; no client needs it.
-        return _refuse_body(400, "Content-Length and Transfer-Encoding together")
+        return _error(400, "Content-Length and Transfer-Encoding together")
     if not lengths:
         return None
     if len(set(lengths)) != 1 or not lengths[0].isdigit():
-        return _refuse_body(400, "invalid Content-Length")
+        return _error(400, "invalid Content-Length")
     if int(lengths[0]) > limits.max_body_bytes:
-        return _refuse_body(413, f"the request body is over {limits.max_body_bytes} bytes")
+        return _error(413, f"the request body is over {limits.max_body_bytes} bytes")
     return None
 
 
@@ -187,13 +195,13 @@ async def _forward(request: Request) -> Response:
     try:
         answer = await client.send(outgoing, stream=True)
     except _BodyRefused as exc:
-        return _refuse_body(exc.status, exc.message)
+        return _error(exc.status, exc.message)
     except ClientDisconnect:
         return _error(400, "the request body ended early")
     except h11.LocalProtocolError as exc:
         # The body did not fit its own framing on the way out (a length it did not keep).
         _LOGGER.warning("fleet gateway: %s could not be forwarded as sent: %s", allowed, exc)
-        return _refuse_body(400, "the request could not be forwarded as sent")
+        return _error(400, "the request could not be forwarded as sent")
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         _LOGGER.warning("fleet gateway: the SuperLink is out of reach: %s", exc)
         return _error(503, "the SuperLink is not available; try again later")
@@ -322,6 +330,7 @@ class FleetGateway:
             scheme = "https"
             verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         chosen = limits or GatewayLimits()
+        self.limits = chosen
         app = create_gateway_app(
             f"{scheme}://127.0.0.1:{upstream_port}", verify=verify, limits=chosen
         )
@@ -339,7 +348,13 @@ class FleetGateway:
                 # The peer is the client: uvicorn would otherwise take X-Forwarded-* from any
                 # client on 127.0.0.1 as the truth about who it is.
                 proxy_headers=False,
-                http=JsonH11Protocol,  # a bounded request head, refused in JSON
+                # A request head bounded in size and time, refused in JSON; connections
+                # from one address capped.
+                http=JsonH11Protocol.configured(
+                    head_timeout_s=chosen.head_timeout_s,
+                    connections_per_peer=chosen.connections_per_address,
+                ),
+                ws="none",  # an upgrade is a request like any other: a JSON 404 or 405
             )
         )
         self.thread: threading.Thread | None = None
