@@ -84,6 +84,7 @@ class SuperLink:
                 max_body_bytes=settings.max_body_bytes,
                 head_timeout_s=settings.head_timeout_s,
                 connections_per_address=settings.connections_per_address or None,
+                body_min_rate=settings.min_body_rate,
             ),
         )
 

@@ -382,13 +382,16 @@ def test_a_chunked_upload_is_counted_and_refused_past_the_limit(upstream: Upstre
 
 
 def test_stalled_uploads_time_out_and_free_the_superlink_connections(upstream: Upstream) -> None:
-    """Content-Length 1000000, 2 bytes, then silence, as many times as the gateway has
-    connections to the SuperLink: each is a JSON 408 once idle, its upstream connection
-    given back, and a normal call made while they hang goes through."""
-    limits = GatewayLimits(upstream_connections=2, body_idle_s=1.0, body_deadline_s=30.0)
+    """Content-Length 1000000, 4 KiB (past the read-ahead: the rest streams), then silence,
+    as many times as the gateway has connections to the SuperLink: each is a JSON 408 once
+    idle, its upstream connection given back, and a normal call made while they hang goes
+    through."""
+    limits = GatewayLimits(
+        upstream_connections=2, body_idle_s=1.0, body_deadline_s=30.0, buffer_bytes=1024
+    )
     with _gateway(upstream.port, limits) as url:
         head = "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 1000000\n"
-        stalled = [_raw(url, head, b"ab") for _ in range(2)]
+        stalled = [_raw(url, head, b"ab" * 2048) for _ in range(2)]
         time.sleep(0.3)  # both hold an upstream connection now
 
         normal = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)

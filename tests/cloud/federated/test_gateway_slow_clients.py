@@ -1,13 +1,16 @@
 """The fleet gateway against slow clients (from the review of d2def6d, where each of these
 failed): a connection that never finishes its request head held a slot of limit_concurrency
-for ever, and once all were held every device got uvicorn's plain-text 503; a refusal sent
-without reading the body left the connection open to drain an endless body; one address
-could take every connection; a WebSocket upgrade got a plain-text 403."""
+for ever, and once all were held every device got uvicorn's plain-text 503; a body trickled
+a byte at a time held a SuperLink connection until its deadline; a refusal sent without
+reading the body left the connection open to drain an endless body; one address could take
+every connection; a WebSocket upgrade got a plain-text 403."""
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -123,6 +126,108 @@ def test_a_websocket_upgrade_is_an_ordinary_json_refusal(
     assert headers["content-type"] == "application/json"
     assert json.loads(body)["error"]
     assert upstream.seen == []
+
+
+def test_trickled_bodies_hold_no_superlink_connection(upstream: Upstream) -> None:
+    """As many uploads trickling a byte at a time (never idle long enough to be cut) as the
+    gateway has SuperLink connections: their bodies are read before a connection is taken,
+    so a device's call made meanwhile goes through at once (it waited for a connection and
+    got a 503)."""
+    limits = GatewayLimits(upstream_connections=2, body_idle_s=5.0, body_deadline_s=60.0,
+                           body_min_rate=0)  # fmt: skip
+    with _gateway(upstream.port, limits) as url:
+        head = "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 1000\n"
+        trickles = [_raw(url, head, b"a") for _ in range(2)]
+        done = threading.Event()
+
+        def trickle() -> None:
+            while not done.wait(0.3):
+                for conn in trickles:
+                    conn.sendall(b"b")
+
+        trickling = threading.Thread(target=trickle, daemon=True)
+        trickling.start()
+        try:
+            time.sleep(0.5)
+            started = time.monotonic()
+            normal = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)
+            took = time.monotonic() - started
+        finally:
+            done.set()
+            trickling.join()
+            for conn in trickles:
+                conn.close()
+
+    assert normal.status_code == 200, normal.text
+    assert took < 5
+    assert [seen.path for seen in upstream.seen] == ["/v1/fleet/get-run"]
+
+
+def test_a_body_slower_than_the_floor_is_a_408(upstream: Upstream) -> None:
+    """A byte every 0.2 s, under a floor of 100 bytes/s: refused once the grace period is
+    over, long before the deadline, and never forwarded."""
+    limits = GatewayLimits(body_idle_s=5.0, body_deadline_s=60.0, body_min_rate=100,
+                           body_grace_s=1.0)  # fmt: skip
+    with _gateway(upstream.port, limits) as url:
+        conn = _raw(url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 100\n")
+        started = time.monotonic()
+        try:
+            for _ in range(50):
+                conn.sendall(b"z")
+                time.sleep(0.2)
+        except OSError:
+            pass
+        status, headers, body = _answer(conn)
+
+    assert (status, headers["connection"]) == (408, "close")
+    assert "slower than 100 bytes/s" in json.loads(body)["error"]
+    assert time.monotonic() - started < 5
+    assert upstream.seen == []
+
+
+def test_a_chunked_upload_read_whole_is_sent_on_with_its_length(
+    upstream: Upstream,
+) -> None:
+    with _gateway(upstream.port) as url:
+        conn = _raw(
+            url,
+            "POST /v1/fleet/push-messages HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
+            "Connection: close\n",
+            b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        status, _headers, _body = _answer(conn)
+
+    assert status == 200
+    seen = upstream.seen[-1]
+    assert (seen.size, seen.headers["content-length"]) == (7, "7")
+    assert "transfer-encoding" not in seen.headers
+
+
+def test_superlink_connections_all_busy_is_a_503_logged_as_such(
+    upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body larger than the read-ahead streams, so it holds the one SuperLink connection
+    while it stalls; the next call waits for a connection, gets a 503 and the log says the
+    connections were busy (it said 'the SuperLink is out of reach: ' and nothing more)."""
+    limits = GatewayLimits(upstream_connections=1, upstream_wait_s=0.5, buffer_bytes=1024,
+                           body_idle_s=5.0, body_min_rate=0)  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="cloud.federated.gateway")
+    with _gateway(upstream.port, limits) as url:
+        streaming = _raw(
+            url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 100000\n",
+            b"z" * 4096,
+        )  # fmt: skip
+        time.sleep(0.3)
+
+        busy = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)
+        streaming.close()
+
+    assert busy.status_code == 503
+    assert busy.headers["connection"] == "close"
+    assert "busy" in busy.json()["error"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("connections to the SuperLink stayed busy" in m for m in logged), logged
+    assert not any("out of reach" in m for m in logged)
 
 
 def test_one_address_cannot_take_every_connection(upstream: Upstream) -> None:

@@ -128,6 +128,7 @@ def test_the_gateways_limits_on_slow_clients_come_from_the_settings(
 ) -> None:
     monkeypatch.setenv("EDGEFLEET_FEDERATED_HEAD_TIMEOUT_S", "7.5")
     monkeypatch.setenv("EDGEFLEET_FEDERATED_CONNECTIONS_PER_ADDRESS", "0")
+    monkeypatch.setenv("EDGEFLEET_FEDERATED_MIN_BODY_RATE", "512")
 
     link = SuperLink(FederatedSettings(), data_dir=tmp_path, dev_mode=True)
 
@@ -135,3 +136,4 @@ def test_the_gateways_limits_on_slow_clients_come_from_the_settings(
     assert not isinstance(protocol, str)
     assert protocol.head_timeout_s == 7.5
     assert protocol.connections_per_peer is None
+    assert link.gateway.limits.body_min_rate == 512
