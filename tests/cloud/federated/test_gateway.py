@@ -362,10 +362,15 @@ def test_a_declared_length_over_the_limit_is_a_json_413_before_the_superlink(
     assert upstream.seen == []
 
 
-def test_a_chunked_upload_is_counted_and_refused_past_the_limit(upstream: Upstream) -> None:
-    """No length up front: the gateway counts what it forwards and stops at the limit (the
-    upstream sees a body cut short, never a whole one)."""
-    with _gateway(upstream.port, GatewayLimits(max_body_bytes=MIB)) as url:
+@pytest.mark.parametrize("buffer_bytes", [8 * MIB, 64 * 1024], ids=["read ahead", "streamed"])
+def test_a_chunked_upload_is_counted_and_refused_past_the_limit(
+    upstream: Upstream, buffer_bytes: int
+) -> None:
+    """No length up front: the gateway counts what it reads and stops at the limit, whether
+    it reads the body before the SuperLink is asked or streams it on (the upstream sees a
+    body cut short, never a whole one)."""
+    limits = GatewayLimits(max_body_bytes=MIB, buffer_bytes=buffer_bytes)
+    with _gateway(upstream.port, limits) as url:
         conn = _raw(
             url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
         )
