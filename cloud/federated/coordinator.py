@@ -26,7 +26,7 @@ from cloud.federated.finalize import finalize_run
 from cloud.federated.flower import FlowerCli, FlowerRun
 from cloud.federated.head import find_head
 from cloud.federated.plan import DpConfig, RunFiles, RunPlan, TrainSettings
-from cloud.federated.schemas import ACTIVE_RUN_STATES, RunState
+from cloud.federated.schemas import ACTIVE_RUN_STATES, CANCELLABLE_RUN_STATES, RunState
 from cloud.federated.settings import FederatedSettings
 from cloud.federated.store import record_rounds, set_state
 from cloud.registry.tables import FederatedRun, ModelVersion
@@ -350,7 +350,7 @@ class Coordinator:
             moved = set_state(
                 s,
                 run_id,
-                expect=(RunState.PENDING, RunState.RUNNING),
+                expect=CANCELLABLE_RUN_STATES,
                 to=RunState.CANCELLED,
                 reason="cancelled by an operator",
             )

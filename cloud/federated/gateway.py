@@ -6,10 +6,15 @@ has no authentication without Flower's enterprise plugin: whoever reaches that p
 a run with a Flower App of their own, i.e. run code on the cloud. So the SuperLink listens on
 127.0.0.1 only, and devices get this gateway instead, which knows the Fleet API by an
 allow-list (the paths of ``flwr.supernode.fleet_http_client``, all POST) and sends each
-request upstream to the allowed path alone (no query string, no raw spelling of it). Bodies
-stream both ways; SuperNode authentication (signed ``flwr-*`` headers, checked by the
-SuperLink) passes through untouched. A SuperLink that is down is a JSON 503,
-one that fails mid-call a JSON 502.
+request upstream to the allowed path alone (no query string, no raw spelling of it).
+SuperNode authentication (signed ``flwr-*`` headers, checked by the SuperLink) passes
+through untouched. A SuperLink that is down or busy is a JSON 503, one that fails mid-call a
+JSON 502; every refusal ends the connection.
+
+The port faces the internet, so no client may hold it for long: a request head must be in
+within a timeout (``cloud.api.server``), a body keep a minimum rate, and a body is read
+before a SuperLink connection is taken (``gateway_body``; only a large one streams), so the
+SuperLink's connections go to requests that are ready. Answers stream back.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import Receive, Scope, Send
 
-from cloud.api.server import JsonH11Protocol
+from cloud.api.server import HEAD_TIMEOUT_S, JsonH11Protocol
+from cloud.federated.gateway_body import (
+    BodyBudget,
+    BodyLimits,
+    BodyReader,
+    BodyRefused,
+    Buffered,
+    read_ahead,
+)
 from shared.errors import ServiceUnavailable
 
 __all__ = ["FLEET_PATHS", "FleetGateway", "GatewayLimits", "create_gateway_app"]
@@ -83,66 +96,54 @@ class GatewayLimits:
     messages and records without their arrays; 256 MiB leaves ample headroom."""
 
     max_body_bytes: int = 256 * MIB
+    # A request head not all in this long after the connection (or the last answer on it)
+    # is a 408, and the connection ends.
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    # Connections one address may hold at once (None: no cap); more are refused (429).
+    connections_per_address: int | None = 256
     # A request body that sends nothing for this long, or is not all in by the deadline,
-    # is refused (408) and its upstream connection given back.
+    # or whose average rate is below the floor once the grace period is over, is refused
+    # (408).
     body_idle_s: float = 30.0
     body_deadline_s: float = 600.0
+    body_min_rate: float = 1024.0  # bytes/s; 0: no floor
+    body_grace_s: float = 10.0
+    # A body up to this size is read whole before a SuperLink connection is taken, while
+    # the bodies read so far (all requests together) stay under the budget; a larger one
+    # streams on past that.
+    buffer_bytes: int = 8 * MIB
+    buffer_budget_bytes: int = 256 * MIB
     # The answer relayed to a client that stops reading ends at this deadline.
     response_deadline_s: float = 600.0
-    # Connections to the SuperLink, and connections plus requests the gateway's uvicorn
-    # takes before it answers 503 (bounds sockets and tasks, however many clients stall).
+    # Connections to the SuperLink, how long a request waits for one of them, and
+    # connections plus requests the gateway's uvicorn takes before it answers 503 (bounds
+    # sockets and tasks, however many clients stall).
     upstream_connections: int = 512
+    upstream_wait_s: float = 10.0
     max_concurrency: int = 1024
 
-
-class _BodyRefused(Exception):
-    """The request body broke a limit; the answer the client gets."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    @property
+    def body(self) -> BodyLimits:
+        return BodyLimits(
+            max_bytes=self.max_body_bytes,
+            idle_s=self.body_idle_s,
+            deadline_s=self.body_deadline_s,
+            min_rate=self.body_min_rate,
+            grace_s=self.body_grace_s,
+        )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _refuse_body(status: int, message: str) -> JSONResponse:
-    # The rest of the body is not read: the connection ends with this answer.
-    return _error(status, message, {"connection": "close"})
+    # The request may not have been read to its end: the connection ends with the answer
+    # (uvicorn would otherwise read and drop the rest of the body, however long it is).
+    return JSONResponse(
+        {"error": message}, status_code=status, headers={**(headers or {}), "connection": "close"}
+    )
 
 
 def _named_by_connection(value: str) -> frozenset[str]:
     """The headers a Connection header says are for this hop only."""
     return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
-
-
-async def _body(receive: Receive, limits: GatewayLimits) -> AsyncIterator[bytes]:
-    """The request body as it comes, each wait for a chunk bounded by the idle timeout and
-    all of them by the deadline, its size by the limit (also for chunked uploads)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.body_deadline_s
-    size = 0
-    while True:
-        try:
-            wait = min(limits.body_idle_s, deadline - loop.time())
-            message = await asyncio.wait_for(receive(), max(wait, 0.0))
-        except TimeoutError:
-            if loop.time() >= deadline:
-                late = f"the request body took over {limits.body_deadline_s:g}s"
-                raise _BodyRefused(408, late) from None
-            raise _BodyRefused(408, "the request body stopped coming") from None
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise _BodyRefused(413, f"the request body is over {limits.max_body_bytes} bytes")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
 
 
 def _request_headers(request: Request) -> list[tuple[bytes, bytes]]:
@@ -159,13 +160,13 @@ def _declared_length(request: Request, limits: GatewayLimits) -> JSONResponse | 
     lengths = request.headers.getlist("content-length")
     if lengths and "transfer-encoding" in request.headers:
         # Two framings (RFC 9112 6.3): the shape of request smuggling; no client needs it.
-        return _refuse_body(400, "Content-Length and Transfer-Encoding together")
+        return _error(400, "Content-Length and Transfer-Encoding together")
     if not lengths:
         return None
     if len(set(lengths)) != 1 or not lengths[0].isdigit():
-        return _refuse_body(400, "invalid Content-Length")
+        return _error(400, "invalid Content-Length")
     if int(lengths[0]) > limits.max_body_bytes:
-        return _refuse_body(413, f"the request body is over {limits.max_body_bytes} bytes")
+        return _error(413, f"the request body is over {limits.max_body_bytes} bytes")
     return None
 
 
@@ -180,21 +181,49 @@ async def _forward(request: Request) -> Response:
     refused = _declared_length(request, limits)
     if refused is not None:
         return refused
+    budget: BodyBudget = request.app.state.budget
+    reader = BodyReader(request.receive, limits.body)
+    try:
+        buffered = await read_ahead(reader, budget, limits.buffer_bytes)
+    except BodyRefused as exc:
+        return _error(exc.status, exc.message)
+    except ClientDisconnect:
+        return _error(400, "the request body ended early")
+    try:
+        return await _send(request, allowed, reader, buffered)
+    finally:
+        budget.give(buffered.reserved)
+
+
+async def _send(request: Request, allowed: str, reader: BodyReader, buffered: Buffered) -> Response:
+    """The request sent on to the SuperLink, what was read of its body first; its answer."""
+    limits: GatewayLimits = request.app.state.limits
     client: httpx.AsyncClient = request.app.state.upstream
+    headers = _request_headers(request)
+    if buffered.complete and "content-length" not in request.headers:
+        # Read whole from a chunked upload: sent on with its length.
+        headers.append((b"content-length", str(reader.size).encode()))
     outgoing = client.build_request(
-        "POST", allowed, headers=_request_headers(request), content=_body(request.receive, limits)
+        "POST", allowed, headers=headers, content=buffered.content(reader)
     )
     try:
         answer = await client.send(outgoing, stream=True)
-    except _BodyRefused as exc:
-        return _refuse_body(exc.status, exc.message)
+    except BodyRefused as exc:
+        return _error(exc.status, exc.message)
     except ClientDisconnect:
         return _error(400, "the request body ended early")
     except h11.LocalProtocolError as exc:
         # The body did not fit its own framing on the way out (a length it did not keep).
         _LOGGER.warning("fleet gateway: %s could not be forwarded as sent: %s", allowed, exc)
-        return _refuse_body(400, "the request could not be forwarded as sent")
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        return _error(400, "the request could not be forwarded as sent")
+    except httpx.PoolTimeout:
+        _LOGGER.warning(
+            "fleet gateway: all %d connections to the SuperLink stayed busy for %gs; "
+            "%s refused with 503",
+            limits.upstream_connections, limits.upstream_wait_s, allowed,
+        )  # fmt: skip
+        return _error(503, "the SuperLink is busy; try again later")
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         _LOGGER.warning("fleet gateway: the SuperLink is out of reach: %s", exc)
         return _error(503, "the SuperLink is not available; try again later")
     except (httpx.HTTPError, h11.ProtocolError) as exc:
@@ -280,7 +309,7 @@ def create_gateway_app(
             base_url=upstream,
             verify=verify,
             # A pull or push of a large object may take a while; connecting must not.
-            timeout=httpx.Timeout(120.0, connect=5.0, pool=10.0),
+            timeout=httpx.Timeout(120.0, connect=5.0, pool=chosen.upstream_wait_s),
             limits=httpx.Limits(
                 max_connections=chosen.upstream_connections, max_keepalive_connections=64
             ),
@@ -289,6 +318,7 @@ def create_gateway_app(
         ) as client:
             app.state.upstream = client
             app.state.limits = chosen
+            app.state.budget = BodyBudget(chosen.buffer_budget_bytes)
             yield
 
     return Starlette(
@@ -322,6 +352,7 @@ class FleetGateway:
             scheme = "https"
             verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
         chosen = limits or GatewayLimits()
+        self.limits = chosen
         app = create_gateway_app(
             f"{scheme}://127.0.0.1:{upstream_port}", verify=verify, limits=chosen
         )
@@ -339,7 +370,13 @@ class FleetGateway:
                 # The peer is the client: uvicorn would otherwise take X-Forwarded-* from any
                 # client on 127.0.0.1 as the truth about who it is.
                 proxy_headers=False,
-                http=JsonH11Protocol,  # a bounded request head, refused in JSON
+                # A request head bounded in size and time, refused in JSON; connections
+                # from one address capped.
+                http=JsonH11Protocol.configured(
+                    head_timeout_s=chosen.head_timeout_s,
+                    connections_per_peer=chosen.connections_per_address,
+                ),
+                ws="none",  # an upgrade is a request like any other: a JSON 404 or 405
             )
         )
         self.thread: threading.Thread | None = None

@@ -14,6 +14,7 @@ from cloud.rollout.strategy import Strategy
 
 __all__ = [
     "ACTIVE_RUN_STATES",
+    "CANCELLABLE_RUN_STATES",
     "GateOptions",
     "RoundPublic",
     "RunCreate",
@@ -43,6 +44,8 @@ class RunState(StrEnum):
 
 
 ACTIVE_RUN_STATES = (RunState.PENDING, RunState.RUNNING, RunState.FINALIZING)
+# What an operator's cancel stops; a FINALIZING run is registering its result and finishes.
+CANCELLABLE_RUN_STATES = (RunState.PENDING, RunState.RUNNING)
 
 
 class GateOptions(BaseModel):
@@ -111,6 +114,7 @@ class RunPublic(BaseModel):
     result_version: int | None = Field(description="the new FP32 version")
     result_int8_version: int | None = Field(description="its INT8 child, what devices run")
     rollout_id: int | None
+    cancellable: bool = Field(description="whether POST .../cancel stops it now")
     created_by: str
     created_at: datetime
     submitted_at: datetime | None

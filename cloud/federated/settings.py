@@ -26,6 +26,14 @@ class FederatedSettings(BaseSettings):
     # memory). Flower pushes a model's arrays in objects of at most 5 MiB each; 256 MiB is
     # headroom for heads and FABs far larger than ours. Larger: a JSON 413.
     max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=4 * 1024**3)
+    # The gateway's port faces the devices' networks: a request head not all in this long
+    # after its connection (or the last answer on it) is a JSON 408 and the connection ends;
+    # one address holds at most this many connections at once (0: no cap; devices behind
+    # one NAT share an address); a request body slower on average than this many bytes/s
+    # after its first 10 s is a 408 (0: no floor).
+    head_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    connections_per_address: int = Field(default=256, ge=0, le=1_000_000)
+    min_body_rate: float = Field(default=1024.0, ge=0, le=1024**3)
     # The SuperLink's own port, on 127.0.0.1 only: Flower 1.41 serves its Fleet, Control
     # (start a run = run code on the cloud) and Runtime APIs on one port, so devices must
     # never reach it. Unset: port + 1 (port - 1 for 65535), the same in every process.

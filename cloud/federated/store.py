@@ -15,6 +15,7 @@ from cloud.federated.head import find_head
 from cloud.federated.plan import RoundReport
 from cloud.federated.schemas import (
     ACTIVE_RUN_STATES,
+    CANCELLABLE_RUN_STATES,
     RoundPublic,
     RunCreate,
     RunDetail,
@@ -235,6 +236,7 @@ def public(session: Session, run: FederatedRun) -> RunPublic:
         result_version=_version_number(session, run.result_version_id),
         result_int8_version=_version_number(session, run.result_int8_version_id),
         rollout_id=run.rollout_id,
+        cancellable=RunState(run.state) in CANCELLABLE_RUN_STATES,
         created_by=run.created_by,
         created_at=run.created_at,
         submitted_at=run.submitted_at,

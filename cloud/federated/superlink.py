@@ -80,7 +80,12 @@ class SuperLink:
             certfile=settings.ssl_certfile,
             keyfile=settings.ssl_keyfile,
             ca_file=settings.ssl_ca_certfile,
-            limits=GatewayLimits(max_body_bytes=settings.max_body_bytes),
+            limits=GatewayLimits(
+                max_body_bytes=settings.max_body_bytes,
+                head_timeout_s=settings.head_timeout_s,
+                connections_per_address=settings.connections_per_address or None,
+                body_min_rate=settings.min_body_rate,
+            ),
         )
 
     @property

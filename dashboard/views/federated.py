@@ -12,10 +12,9 @@ import streamlit as st
 from dashboard.client import ApiClient, ApiError
 from dashboard.ui import frame, live, not_available, optional, when
 
-__all__ = ["ACTIVE", "RUNS_PATH", "render", "round_table"]
+__all__ = ["RUNS_PATH", "render", "round_table"]
 
 RUNS_PATH = "/v1/federated/runs"
-ACTIVE = ("PENDING", "RUNNING", "FINALIZING")  # a run that may still be cancelled
 _COLUMNS = [
     "id", "model", "base version", "state", "rounds", "result version", "INT8 version",
     "rollout", "created", "finished", "reason",
@@ -85,7 +84,8 @@ def _detail(api: ApiClient, run_id: int) -> None:
     top[3].metric("On devices (INT8)", _or_dash(run.get("result_int8_version")))
     if run.get("reason"):
         st.caption(f"Why: {run['reason']}")
-    if run["state"] in ACTIVE and st.button("Cancel run", key=f"federated_cancel_{run_id}"):
+    # The API says whether a cancel would stop it (not once it is FINALIZING).
+    if run.get("cancellable") and st.button("Cancel run", key=f"federated_cancel_{run_id}"):
         _cancel(api, run_id)
     rounds = round_table(run)
     if rounds.empty:

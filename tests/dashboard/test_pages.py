@@ -14,6 +14,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cloud.embedded.processes import free_port
+from cloud.federated.schemas import RunState
+from cloud.federated.store import set_state
 from dashboard import ui
 from dashboard.client import ApiClient
 from dashboard.views import fleet, inference
@@ -329,6 +331,28 @@ def test_a_pending_federated_run_is_cancelled_from_the_page(env: FleetApi) -> No
     assert env.get(f"/v1/federated/runs/{run_id}")["state"] == "CANCELLED"
     assert f"Run #{run_id} is CANCELLED." in [s.value for s in at.success]
     assert _metrics(at)["State"] == "CANCELLED"
+
+
+def test_a_finalizing_federated_run_offers_no_cancel(env: FleetApi) -> None:
+    """Its result is being gated and registered: the API refuses a cancel (409), so the page
+    offers none (it offered one that always failed)."""
+    with env.client() as client:
+        created = client.post(
+            "/v1/federated/runs",
+            json={"model": "digits-edge", "rounds": 2, "selector": {"site": "lab"}},
+        )
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    with env.context.database.session() as s:
+        set_state(s, run_id, expect=(RunState.PENDING,), to=RunState.FINALIZING)
+    try:
+        at = _page("federated")
+        assert at.selectbox(key="federated_run").value == run_id  # the newest first
+        assert _metrics(at)["State"] == "FINALIZING"
+        assert not [b for b in at.button if b.label == "Cancel run"]
+    finally:  # one run of a model at a time: leave none going on for the other tests
+        with env.context.database.session() as s:
+            set_state(s, run_id, expect=(RunState.FINALIZING,), to=RunState.FAILED)
 
 
 def test_an_api_that_is_down_is_one_message(env: FleetApi, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -362,10 +362,15 @@ def test_a_declared_length_over_the_limit_is_a_json_413_before_the_superlink(
     assert upstream.seen == []
 
 
-def test_a_chunked_upload_is_counted_and_refused_past_the_limit(upstream: Upstream) -> None:
-    """No length up front: the gateway counts what it forwards and stops at the limit (the
-    upstream sees a body cut short, never a whole one)."""
-    with _gateway(upstream.port, GatewayLimits(max_body_bytes=MIB)) as url:
+@pytest.mark.parametrize("buffer_bytes", [8 * MIB, 64 * 1024], ids=["read ahead", "streamed"])
+def test_a_chunked_upload_is_counted_and_refused_past_the_limit(
+    upstream: Upstream, buffer_bytes: int
+) -> None:
+    """No length up front: the gateway counts what it reads and stops at the limit, whether
+    it reads the body before the SuperLink is asked or streams it on (the upstream sees a
+    body cut short, never a whole one)."""
+    limits = GatewayLimits(max_body_bytes=MIB, buffer_bytes=buffer_bytes)
+    with _gateway(upstream.port, limits) as url:
         conn = _raw(
             url, "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
         )
@@ -382,13 +387,16 @@ def test_a_chunked_upload_is_counted_and_refused_past_the_limit(upstream: Upstre
 
 
 def test_stalled_uploads_time_out_and_free_the_superlink_connections(upstream: Upstream) -> None:
-    """Content-Length 1000000, 2 bytes, then silence, as many times as the gateway has
-    connections to the SuperLink: each is a JSON 408 once idle, its upstream connection
-    given back, and a normal call made while they hang goes through."""
-    limits = GatewayLimits(upstream_connections=2, body_idle_s=1.0, body_deadline_s=30.0)
+    """Content-Length 1000000, 4 KiB (past the read-ahead: the rest streams), then silence,
+    as many times as the gateway has connections to the SuperLink: each is a JSON 408 once
+    idle, its upstream connection given back, and a normal call made while they hang goes
+    through."""
+    limits = GatewayLimits(
+        upstream_connections=2, body_idle_s=1.0, body_deadline_s=30.0, buffer_bytes=1024
+    )
     with _gateway(upstream.port, limits) as url:
         head = "POST /v1/fleet/push-object HTTP/1.1\nHost: x\nContent-Length: 1000000\n"
-        stalled = [_raw(url, head, b"ab") for _ in range(2)]
+        stalled = [_raw(url, head, b"ab" * 2048) for _ in range(2)]
         time.sleep(0.3)  # both hold an upstream connection now
 
         normal = httpx.post(f"{url}/v1/fleet/get-run", content=b"x", timeout=30)

@@ -154,6 +154,27 @@ def test_cancel_stops_a_pending_run_once(
         assert c.post("/v1/federated/runs/999/cancel").status_code == 404
 
 
+def test_a_run_says_whether_a_cancel_would_stop_it(
+    api_with_coordinator: tuple[RunningApi, Coordinator],
+) -> None:
+    """Pending or running: yes. Finalizing (its result being gated and registered): no, and
+    a cancel is a 409, so the dashboard offers none."""
+    api, _ = api_with_coordinator
+    run_id = _start(api).json()["id"]
+    with api.client() as c:
+        assert c.get(f"/v1/federated/runs/{run_id}").json()["cancellable"] is True
+        with api.context.database.session() as s:
+            set_state(s, run_id, expect=(RunState.PENDING,), to=RunState.FINALIZING)
+
+        finalizing = c.get(f"/v1/federated/runs/{run_id}").json()
+        listed = c.get("/v1/federated/runs").json()
+        refused = c.post(f"/v1/federated/runs/{run_id}/cancel")
+
+    assert (finalizing["state"], finalizing["cancellable"]) == ("FINALIZING", False)
+    assert [run["cancellable"] for run in listed if run["id"] == run_id] == [False]
+    assert refused.status_code == 409
+
+
 def _running(context: CloudContext, coordinator: Coordinator, **body: Any) -> int:
     """A run as if submitted: RUNNING, without a Flower run id (no SuperLink to ask)."""
     app = create_app(context)

@@ -121,3 +121,19 @@ def test_a_taken_devices_port_stops_the_start_before_any_superlink(tmp_path: Pat
 
     assert link.child.pid is None
     assert not link.gateway.running
+
+
+def test_the_gateways_limits_on_slow_clients_come_from_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGEFLEET_FEDERATED_HEAD_TIMEOUT_S", "7.5")
+    monkeypatch.setenv("EDGEFLEET_FEDERATED_CONNECTIONS_PER_ADDRESS", "0")
+    monkeypatch.setenv("EDGEFLEET_FEDERATED_MIN_BODY_RATE", "512")
+
+    link = SuperLink(FederatedSettings(), data_dir=tmp_path, dev_mode=True)
+
+    protocol = link.gateway.server.config.http
+    assert not isinstance(protocol, str)
+    assert protocol.head_timeout_s == 7.5
+    assert protocol.connections_per_peer is None
+    assert link.gateway.limits.body_min_rate == 512
