@@ -1,6 +1,8 @@
 """Transformer fusion before dynamic INT8: attention, embedding layer norm and GELU fused by
 onnxruntime's transformer optimizer, so quantization yields QAttention and fused kernels
-instead of dozens of small float ops between the int8 matrix products.
+instead of dozens of small float ops between the int8 matrix products. GELU becomes
+FastGelu (the tanh form, at most 5e-4 from erf): about 25 % cheaper than BiasGelu on
+onnxruntime's CPU, far inside the INT8 error the cosine gate already judges.
 
 The residual additions before each LayerNormalization are deliberately left unfused (as
 ``Sum``): onnxruntime's CPU SkipLayerNormalization kernel is a scalar loop, about 4x the
@@ -80,6 +82,7 @@ def fuse_transformer(source: Path, target: Path) -> dict[str, int] | None:
 
     options = FusionOptions(hints.model_type)
     options.enable_skip_layer_norm = False
+    options.enable_gelu_approximation = True
     optimized = optimizer.optimize_model(
         model,
         model_type=hints.model_type,

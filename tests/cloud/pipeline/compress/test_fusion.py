@@ -117,6 +117,7 @@ def test_minilm_int8_is_fused_and_passes_the_cosine_gate(tmp_path: Path) -> None
     ops = collections.Counter(n.op_type for n in onnx.load_from_string(int8).graph.node)
     assert ops["QAttention"] == 6  # one per layer
     assert ops["QEmbedLayerNormalization"] == 1
+    assert ops["FastGelu"] == 6
     assert (ops["Sum"], ops["LayerNormalization"]) == (12, 12)  # two residuals per layer
     at_load = _ops_at_load(int8, tmp_path)
     assert at_load["SkipLayerNormalization"] == 0
