@@ -227,6 +227,7 @@ def _serve(
                 access_log=False,
                 timeout_graceful_shutdown=5,
                 http=JsonH11Protocol,  # JSON errors and a bounded head, see cloud.api.server
+                ws="none",  # no WebSocket routes: an upgrade is a request like any other
             )
         )
         # Off the main thread, uvicorn installs no signal handlers: ours decide the order.

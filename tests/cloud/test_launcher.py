@@ -194,3 +194,25 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def test_a_websocket_upgrade_to_the_api_gets_a_json_answer(tmp_path: Path) -> None:
+    """The REST API has no WebSocket routes: an upgrade is answered like any unknown request,
+    in JSON (uvicorn's WebSocket layer answered a plain-text 403)."""
+    stop = threading.Event()
+    answers: list[httpx.Response] = []
+
+    def upgrade(_context: CloudContext, url: str, stop_: threading.Event) -> None:
+        headers = {
+            "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }  # fmt: skip
+        try:
+            answers.append(httpx.get(f"{url}/v1/stream", headers=headers, timeout=10))
+        finally:
+            stop_.set()
+
+    run_cloud(_settings(tmp_path), on_ready=upgrade, stop=stop)
+    assert len(answers) == 1
+    assert answers[0].status_code in (404, 405)
+    assert answers[0].headers["content-type"].startswith("application/json")
