@@ -72,7 +72,10 @@ class CloudSettings(BaseSettings):
     # the broker at a time; a pass over an artifact waits for the devices still joining at
     # most this long once the one before is over — silence for a device that asked, so kept
     # well below the 30 s an agent waits without a chunk before it gives a download up
-    # (edge_agent/config.py download_give_up_s).
+    # (edge_agent/config.py download_give_up_s). A chunk lost on its way costs up to the
+    # carousel's silence grace too (Pacing.silence_grace_s, 12 s; the agent says it lost
+    # the chunks after 12 s without one): the two together may reach that 30 s only while a
+    # wave keeps joining the artifact's next pass.
     chunk_max_in_flight: int = Field(default=8, ge=1, le=100)
     chunk_pass_max_wait_s: float = Field(default=15.0, ge=0, le=20)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
