@@ -383,23 +383,23 @@ def devices_due_for_renewal(session: Session, *, now: datetime, limit: int = 500
 
 def desired_artifacts(session: Session, *, device: Device) -> set[str]:
     """The sha256 of every artifact in ``device``'s desired state: all it may download."""
-    version_ids = [entry["version_id"] for entry in (device.desired or {}).values()]
-    if not version_ids:
-        return set()
-    return set(
-        session.scalars(
-            select(ModelVersion.artifact_sha256).where(ModelVersion.id.in_(version_ids))
-        )
-    )
+    return set(_artifacts_of(session, {device.id: device.desired})[device.id])
 
 
 def desired_artifacts_of(session: Session, device_ids: list[str]) -> dict[str, frozenset[str]]:
     """:func:`desired_artifacts` for many devices in two queries; a device the registry does
     not have is left out."""
     rows = session.execute(select(Device.id, Device.desired).where(Device.id.in_(device_ids)))
+    return _artifacts_of(session, {row[0]: row[1] for row in rows})
+
+
+def _artifacts_of(
+    session: Session, desired: dict[str, dict[str, Any] | None]
+) -> dict[str, frozenset[str]]:
+    """Each device's artifacts from its desired deployments: one query for all."""
     wanted = {
-        device_id: [entry["version_id"] for entry in (desired or {}).values()]
-        for device_id, desired in rows.all()
+        device_id: [entry["version_id"] for entry in (deployments or {}).values()]
+        for device_id, deployments in desired.items()
     }
     version_ids = {version_id for ids in wanted.values() for version_id in ids}
     shas: dict[int, str] = {}

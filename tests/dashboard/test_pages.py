@@ -314,14 +314,20 @@ def test_federated_shows_runs_rounds_and_resulting_versions(env: FleetApi) -> No
     assert not [b for b in at.button if b.label == "Cancel run"]
 
 
-def test_a_pending_federated_run_is_cancelled_from_the_page(env: FleetApi) -> None:
+def _new_federated_run(env: FleetApi) -> int:
+    """A federated run of digits-edge over the lab devices, PENDING (nothing runs it)."""
     with env.client() as client:
         created = client.post(
             "/v1/federated/runs",
             json={"model": "digits-edge", "rounds": 2, "selector": {"site": "lab"}},
         )
     assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
+    run_id: int = created.json()["id"]
+    return run_id
+
+
+def test_a_pending_federated_run_is_cancelled_from_the_page(env: FleetApi) -> None:
+    run_id = _new_federated_run(env)
     at = _page("federated")
     assert at.selectbox(key="federated_run").value == run_id  # the newest first
     assert _metrics(at)["State"] == "PENDING"
@@ -336,13 +342,7 @@ def test_a_pending_federated_run_is_cancelled_from_the_page(env: FleetApi) -> No
 def test_a_finalizing_federated_run_offers_no_cancel(env: FleetApi) -> None:
     """Its result is being gated and registered: the API refuses a cancel (409), so the page
     offers none (it offered one that always failed)."""
-    with env.client() as client:
-        created = client.post(
-            "/v1/federated/runs",
-            json={"model": "digits-edge", "rounds": 2, "selector": {"site": "lab"}},
-        )
-    assert created.status_code == 201, created.text
-    run_id = created.json()["id"]
+    run_id = _new_federated_run(env)
     with env.context.database.session() as s:
         set_state(s, run_id, expect=(RunState.PENDING,), to=RunState.FINALIZING)
     try:

@@ -175,6 +175,20 @@ def test_a_run_says_whether_a_cancel_would_stop_it(
     assert refused.status_code == 409
 
 
+def _completed(api: RunningApi, coordinator: Coordinator, run_id: int) -> dict[str, Any]:
+    """The run's one round ends COMPLETED with an adapted head; the coordinator finalizes it
+    (gate, register, roll out): the run as the API then says it, COMPLETED."""
+    files = run_files(api.context, run_id)
+    files.append_round(_report(1))
+    files.write_head("result", _adapted_head(api.context))
+    files.write_outcome(Outcome(state="COMPLETED", rounds=1))
+    coordinator.tick()
+    with api.client() as c:
+        done: dict[str, Any] = c.get(f"/v1/federated/runs/{run_id}").json()
+    assert done["state"] == "COMPLETED", done["reason"]
+    return done
+
+
 def _running(context: CloudContext, coordinator: Coordinator, **body: Any) -> int:
     """A run as if submitted: RUNNING, without a Flower run id (no SuperLink to ask)."""
     app = create_app(context)
@@ -256,14 +270,7 @@ def test_a_completed_run_registers_fp32_and_int8_with_lineage_and_a_canary(
         api.context, coordinator, selector={"site": "lab"}, rollout={"canary": 1},
         gate={"eval_dataset": "builtin:digits-rotated-20", "min_gain_pt": 5},
     )  # fmt: skip
-    files = run_files(api.context, run_id)
-    files.append_round(_report(1))
-    files.write_head("result", _adapted_head(api.context))
-    files.write_outcome(Outcome(state="COMPLETED", rounds=1))
-    coordinator.tick()
-    with api.client() as c:
-        done = c.get(f"/v1/federated/runs/{run_id}").json()
-    assert done["state"] == "COMPLETED", done["reason"]
+    done = _completed(api, coordinator, run_id)
     assert (done["result_version"], done["result_int8_version"]) == (3, 4)
     gate = done["metrics"]["gate"]
     assert gate["eval_gain_pt"] >= 5
@@ -314,14 +321,7 @@ def test_the_int8_version_of_a_run_keeps_the_base_s_second_opinion(
     api, coordinator = api_with_coordinator
     base = _route_base_int8_with_a_second_opinion(api.context)
     run_id = _running(api.context, coordinator, selector={"site": "lab"})
-    files = run_files(api.context, run_id)
-    files.append_round(_report(1))
-    files.write_head("result", _adapted_head(api.context))
-    files.write_outcome(Outcome(state="COMPLETED", rounds=1))
-    coordinator.tick()
-    with api.client() as c:
-        done = c.get(f"/v1/federated/runs/{run_id}").json()
-    assert done["state"] == "COMPLETED", done["reason"]
+    done = _completed(api, coordinator, run_id)
     with api.context.database.session() as s:
         int8 = repository.get_version(s, model_name=MODEL, version=done["result_int8_version"])
         routing = RoutingSpec.model_validate(int8.routing)

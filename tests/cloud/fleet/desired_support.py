@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls, mqtt_address
+from cloud.fleet.desired import issue, set_deployment
 from cloud.fleet.service import FleetService
 from cloud.pipeline.register import register_version
 from cloud.registry import repository
@@ -58,6 +60,18 @@ def enroll(context: CloudContext) -> str:
     with context.database.session() as s:
         repository.enroll_device(s, device_id=device_id)
     return device_id
+
+
+def sign_deployment(context: CloudContext, device_id: str, model: str, version: int) -> str:
+    """Deploy ``model:version`` to the device and sign its document (a day's lifetime), as
+    the keeper does, without publishing it; the signed document."""
+    with context.database.session() as s:
+        device = repository.lock_device(s, device_id=device_id)
+        set_deployment(device=device, version=repository.get_version(s, model_name=model,
+                                                                      version=version))  # fmt: skip
+        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
+        assert device.desired_document is not None
+        return device.desired_document
 
 
 def audit_of(context: CloudContext, device_id: str, action: str) -> list[dict[str, Any]]:

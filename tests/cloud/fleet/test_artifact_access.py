@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import event
 
 from cloud.context import CloudContext
 from cloud.fleet.access import ArtifactAccess
-from cloud.fleet.desired import desired_artifacts, issue, set_deployment
+from cloud.fleet.desired import desired_artifacts, set_deployment
 from cloud.registry import repository
 from cloud.registry.tables import Device
-from tests.cloud.fleet.desired_support import add_models, enroll
+from tests.cloud.fleet.desired_support import add_models, enroll, sign_deployment
 from tests.cloud.rollout.support import devices
 
 
@@ -85,10 +84,6 @@ def test_a_device_given_a_new_version_is_allowed_it_at_once(context: CloudContex
         set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
                                                                       version=1))  # fmt: skip
     assert access.allowed_many([(device_id, v1), (device_id, v2)]) == [True, False]
-    with context.database.session() as s:
-        device = repository.lock_device(s, device_id=device_id)
-        set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
-                                                                      version=2))  # fmt: skip
-        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
+    sign_deployment(context, device_id, "alpha", 2)
     now[0] += 2.0
     assert access.allowed_many([(device_id, v2)]) == [True]

@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from cloud.context import CloudContext
 from cloud.embedded.services import ServiceUrls
 from cloud.fleet import keeper as keeper_module
-from cloud.fleet.desired import issue, set_deployment, stored_state
+from cloud.fleet.desired import stored_state
 from cloud.fleet.keeper import _CLEARED_WHEN_DELETED, LEGACY_REDIS_KEY, DesiredStateKeeper
 from cloud.registry import repository
 from shared import topics
@@ -27,6 +27,7 @@ from tests.cloud.fleet.desired_support import (
     flush_link,
     open_context,
     retained_desired,
+    sign_deployment,
 )
 from tests.fleet_harness import Cloud, running_cloud, wait_for
 
@@ -185,12 +186,7 @@ def test_publish_many_hands_over_what_sql_says_and_keeps_what_was_refused(
     SQL no longer has; a broker that refuses leaves them all pending for the next round."""
     context = quick_context
     signed, bare = enroll(context), enroll(context)
-    with context.database.session() as s:
-        device = repository.lock_device(s, device_id=signed)
-        set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
-                                                                      version=1))  # fmt: skip
-        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
-        document = device.desired_document
+    document = sign_deployment(context, signed, "alpha", 1)
     broker = Broker()
     keeper = DesiredStateKeeper(context, broker)
     broker.taking.set()
@@ -214,12 +210,7 @@ def test_devices_whose_rows_could_not_be_read_are_published_on_a_later_round(
     committed, and those devices are pending, so the next round sends their documents."""
     context = quick_context
     signed, other = enroll(context), enroll(context)
-    with context.database.session() as s:
-        device = repository.lock_device(s, device_id=signed)
-        set_deployment(device=device, version=repository.get_version(s, model_name="alpha",
-                                                                      version=1))  # fmt: skip
-        issue(s, device=device, key=context.signing_key, lifetime=timedelta(days=1))
-        document = device.desired_document
+    document = sign_deployment(context, signed, "alpha", 1)
     broker = Broker()
     broker.taking.set()
     keeper = DesiredStateKeeper(context, broker)
@@ -262,3 +253,4 @@ def test_a_round_stops_at_the_first_read_the_database_refuses(
     keeper.publish_pending()
     assert keeper.pending() == set(ids)
     assert len(attempts) <= 2, f"{len(attempts)} sessions opened in one round"
+

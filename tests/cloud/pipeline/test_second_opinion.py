@@ -9,7 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from cloud.pipeline.calibrate import SECOND_OPINION, RoutingTarget, calibrate, routing_spec
+from cloud.pipeline.calibrate import (
+    SECOND_OPINION,
+    Calibration,
+    RoutingTarget,
+    calibrate,
+    routing_spec,
+)
 from cloud.pipeline.evaluate import run_model
 from cloud.pipeline.learned_router import gain_area
 from cloud.pipeline.reference.digits import digits_splits
@@ -30,6 +36,14 @@ def _outputs(models: dict[str, bytes], split: str) -> dict[str, np.ndarray]:
     }
 
 
+def _calibrated(cal: dict[str, np.ndarray], target: RoutingTarget) -> Calibration:
+    """Calibration on ``cal`` with the cloud's answers and the inputs (so a second opinion
+    can be trained)."""
+    return calibrate(
+        cal["edge"], cal["y"], target=target, cloud_probs=cal["cloud"], inputs=cal["x"]
+    )
+
+
 @pytest.fixture(scope="module")
 def weak(reference_onnx: dict[str, bytes]) -> dict[str, dict[str, np.ndarray]]:
     return {split: _outputs(reference_onnx, split) for split in ("calib", "test")}
@@ -42,13 +56,7 @@ def test_on_the_weak_edge_it_meets_the_gap_target_with_far_less_offload(
     uses: a device offloads exactly the rows calibration picked, an agent without the field
     about as many, by the plain policy."""
     cal = weak["calib"]
-    found = calibrate(
-        cal["edge"],
-        cal["y"],
-        target=RoutingTarget("gap", 0.8),
-        cloud_probs=cal["cloud"],
-        inputs=cal["x"],
-    )
+    found = _calibrated(cal, RoutingTarget("gap", 0.8))
     policies = found.report["policies"]
     assert found.chosen == SECOND_OPINION
     plain = found.fallback
@@ -102,13 +110,7 @@ def test_a_device_following_a_budget_on_the_shipped_curve_lands_on_the_shipped_t
     """One curve serves both rankers: the threshold the pipeline sets for a budget of 0.2 is
     the one a device reads off the shipped curve for 0.2 (what the cloud's budget does)."""
     cal = weak["calib"]
-    found = calibrate(
-        cal["edge"],
-        cal["y"],
-        target=RoutingTarget("budget", 0.2),
-        cloud_probs=cal["cloud"],
-        inputs=cal["x"],
-    )
+    found = _calibrated(cal, RoutingTarget("budget", 0.2))
     name, spec = routing_spec(found)  # at equal offload, the most accurate
     assert name == SECOND_OPINION
     assert spec.threshold is not None
@@ -120,13 +122,7 @@ def test_a_policy_asked_for_ships_without_the_second_opinion(
     weak: dict[str, dict[str, np.ndarray]],
 ) -> None:
     cal = weak["calib"]
-    found = calibrate(
-        cal["edge"],
-        cal["y"],
-        target=RoutingTarget("gap", 0.8),
-        cloud_probs=cal["cloud"],
-        inputs=cal["x"],
-    )
+    found = _calibrated(cal, RoutingTarget("gap", 0.8))
     name, spec = routing_spec(found, policy=RoutingPolicy.ENTROPY)
     assert (name, spec.policy, spec.second_opinion) == ("entropy", RoutingPolicy.ENTROPY, None)
     assert spec.threshold == found.threshold("entropy")
@@ -157,13 +153,7 @@ def test_a_second_opinion_asked_for_beside_a_policy_ships_on_that_policy_s_scale
     entropy: the second opinion again, beside entropy (not the calibration's fallback), its
     threshold moved onto entropy's curve; without a calibrated one, entropy alone."""
     cal = weak["calib"]
-    found = calibrate(
-        cal["edge"],
-        cal["y"],
-        target=RoutingTarget("budget", 0.2),
-        cloud_probs=cal["cloud"],
-        inputs=cal["x"],
-    )
+    found = _calibrated(cal, RoutingTarget("budget", 0.2))
     name, spec = routing_spec(found, policy=RoutingPolicy.ENTROPY, second_opinion_beside=True)
     assert (name, spec.policy) == (SECOND_OPINION, RoutingPolicy.ENTROPY)
     assert spec.second_opinion is not None
@@ -184,13 +174,7 @@ def test_an_agent_that_does_not_know_the_second_opinion_routes_the_shipped_spec_
     by the plain policy on the shipped threshold: about the same share of new rows goes to
     the cloud, and the rows it sends are its least confident ones."""
     cal, new = weak["calib"], weak["test"]
-    found = calibrate(
-        cal["edge"],
-        cal["y"],
-        target=RoutingTarget("budget", 0.2),
-        cloud_probs=cal["cloud"],
-        inputs=cal["x"],
-    )
+    found = _calibrated(cal, RoutingTarget("budget", 0.2))
     name, spec = routing_spec(found)
     assert name == SECOND_OPINION
     raw = json.loads(spec.model_dump_json())

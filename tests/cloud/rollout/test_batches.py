@@ -72,6 +72,37 @@ def _failing_batch(context: CloudContext, device_id: str, times: int) -> Iterato
         event.remove(db, "before_cursor_execute", statement)
 
 
+@contextmanager
+def _commit_heard_as_lost(
+    context: CloudContext, device_id: str, *, then_refuse: bool
+) -> Iterator[list[int]]:
+    """The batch that holds ``device_id`` commits, but the engine hears an error (the
+    connection dropped as the commit went through); with ``then_refuse`` the database then
+    refuses every fenced write after it. Yields a list that holds one item once it struck."""
+    seen: list[int] = []
+    lost: list[int] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
+        if then_refuse and lost and sql.lstrip().upper().startswith("UPDATE ROLLOUTS"):
+            raise OperationalError(sql, params, Exception("injected: database away"))
+        if "INSERT INTO audit_events" in sql and device_id in repr(params):
+            seen.append(1)
+
+    def after_commit(_session: Session) -> None:
+        if seen and not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
+
+    db = context.database.engine
+    event.listen(db, "before_cursor_execute", statement)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        yield lost
+    finally:
+        event.remove(db, "before_cursor_execute", statement)
+        event.remove(Session, "after_commit", after_commit)
+
+
 def _revs(context: CloudContext) -> dict[str, int]:
     with context.database.session() as s:
         return {d: r or 0 for d, r in s.execute(select(Device.id, Device.desired_rev)).all()}
@@ -217,27 +248,9 @@ def test_a_batch_whose_commit_was_lost_but_happened_is_still_published(
     none twice, yet publishes them all, so no device waits for a document it was given."""
     ids = devices(cloud, 120)
     rollout_id = start(cloud, 2, canary=120)
-    seen: list[int] = []
-    lost: list[int] = []
-
-    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
-        if "INSERT INTO audit_events" in sql and "d075" in repr(params):
-            seen.append(1)
-
-    def after_commit(_session: Session) -> None:
-        if seen and not lost:
-            lost.append(1)
-            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
-
-    db = cloud.database.engine
-    event.listen(db, "before_cursor_execute", statement)
-    event.listen(Session, "after_commit", after_commit)
-    try:
+    with _commit_heard_as_lost(cloud, "d075", then_refuse=False) as lost:
         run, published = engine(cloud)
         assert run.tick()
-    finally:
-        event.remove(db, "before_cursor_execute", statement)
-        event.remove(Session, "after_commit", after_commit)
     assert lost == [1]
     assert run.batch_retries == 1
     assert targets(cloud, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
@@ -349,29 +362,9 @@ def test_a_batch_committed_unheard_is_published_though_every_retry_fails(
     (nothing else would send them their documents before a renewal or a reconnect)."""
     ids = devices(cloud, 120)
     rollout_id = start(cloud, 2, canary=120)
-    seen: list[int] = []
-    lost: list[int] = []
-
-    def statement(_conn: Any, _cursor: Any, sql: str, params: Any, *_args: Any) -> None:
-        if lost and sql.lstrip().upper().startswith("UPDATE ROLLOUTS"):
-            raise OperationalError(sql, params, Exception("injected: database away"))
-        if "INSERT INTO audit_events" in sql and "d075" in repr(params):
-            seen.append(1)
-
-    def after_commit(_session: Session) -> None:
-        if seen and not lost:
-            lost.append(1)
-            raise OperationalError("COMMIT", {}, Exception("injected: connection lost"))
-
-    db = cloud.database.engine
-    event.listen(db, "before_cursor_execute", statement)
-    event.listen(Session, "after_commit", after_commit)
-    try:
+    with _commit_heard_as_lost(cloud, "d075", then_refuse=True) as lost:
         run, published = engine(cloud)
         run.tick()
-    finally:
-        event.remove(db, "before_cursor_execute", statement)
-        event.remove(Session, "after_commit", after_commit)
     assert lost == [1]
     state = targets(cloud, rollout_id)
     assert [d for d in ids if state[d] == "DEPLOYING"] == ids[:100]

@@ -11,6 +11,7 @@ from sqlalchemy import update
 
 from cloud.context import CloudContext
 from cloud.registry.tables import Rollout
+from cloud.rollout.engine import RolloutEngine
 from cloud.rollout.leader import Leadership
 from tests.cloud.rollout.support import devices, engine, rollout, start, targets
 
@@ -86,32 +87,10 @@ def test_a_round_longer_than_the_lease_keeps_it(sqlite_cloud: CloudContext) -> N
     ids = devices(context, 80)
     rollout_id = start(context, 2, canary=80)
 
-    def slow_publish(_device_id: str) -> bool:
-        time.sleep(0.05)
-        return True
-
-    run, _ = engine(context, ttl_s=3.0, publish=slow_publish)
+    run, _ = engine(context, ttl_s=3.0, publish=_slow_publish)
     run.release_after_s = 0.0  # each batch published once written: the publishes make it long
-    rival = Leadership(context.redis, ttl_s=3.0, identity="rival")
-    took: list[int] = []
-    done = threading.Event()
-
-    def contend() -> None:
-        while not done.is_set():
-            token = rival.hold()
-            if token is not None:
-                took.append(token)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=contend)
     started = time.monotonic()
-    assert run.leadership.hold() is not None
-    thread.start()
-    try:
-        assert run.tick()
-    finally:
-        done.set()
-        thread.join(10)
+    took = _tick_while_a_rival_tries(context, run)
     assert time.monotonic() - started > 3.0, "the round must outlast the lease to show this"
     assert took == []
     assert targets(context, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
@@ -151,12 +130,22 @@ def test_a_long_release_at_the_end_of_a_round_keeps_the_lease(sqlite_cloud: Clou
     ids = devices(context, 80)
     rollout_id = start(context, 2, canary=80)
 
-    def slow_publish(_device_id: str) -> bool:
-        time.sleep(0.05)
-        return True
-
-    run, _ = engine(context, ttl_s=3.0, publish=slow_publish)
+    run, _ = engine(context, ttl_s=3.0, publish=_slow_publish)
     assert run.release_after_s == 10.0
+    took = _tick_while_a_rival_tries(context, run)
+    assert targets(context, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
+    assert took == [], "a rival took the lease while the engine was releasing the wave"
+    assert run.leadership.token is not None
+
+
+def _slow_publish(_device_id: str) -> bool:
+    time.sleep(0.05)
+    return True
+
+
+def _tick_while_a_rival_tries(context: CloudContext, run: RolloutEngine) -> list[int]:
+    """One round of ``run`` (which must take place) while a rival engine with the same 3 s
+    lease tries to take it every 50 ms; the tokens the rival got."""
     rival = Leadership(context.redis, ttl_s=3.0, identity="rival")
     took: list[int] = []
     done = threading.Event()
@@ -176,6 +165,4 @@ def test_a_long_release_at_the_end_of_a_round_keeps_the_lease(sqlite_cloud: Clou
     finally:
         done.set()
         thread.join(10)
-    assert targets(context, rollout_id) == dict.fromkeys(ids, "DEPLOYING")
-    assert took == [], "a rival took the lease while the engine was releasing the wave"
-    assert run.leadership.token is not None
+    return took
