@@ -19,6 +19,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
 from cloud.artifacts.store import ArtifactStore
 from cloud.fleet.carousel import Pacing, Reel
 from cloud.fleet.watch import Throttle
@@ -95,6 +98,7 @@ class ChunkBroadcaster:
         self.held_back = 0  # times the sender waited for the broker's acknowledgements
         self._tokens = 0.0
         self._refilled = clock()
+        self._rechecked: set[int] = set()  # requests put back once after a failed check
 
     def start(self) -> None:
         self._admitter.start()
@@ -151,22 +155,28 @@ class ChunkBroadcaster:
             return
         try:
             verdicts = self._verdicts(inbox)
-        except Exception:
+        except Exception as exc:
             self.errors += 1
+            # A registry or disk that failed for a moment: the requests (a wave's first asks
+            # among them) are checked once more after a pause, ahead of what came meanwhile.
+            # Any other error, or a second failure, drops them (the devices ask again), so
+            # one request that always fails cannot hold the others back.
+            again = [r for r in inbox if id(r) not in self._rechecked] if _passing(exc) else []
+            self._rechecked = {id(r) for r in again}
             if (held := self._throttle.allow("error")) is not None:
                 _LOGGER.exception(
-                    "%s chunk requests not checked; trying again in %ss%s",
-                    len(inbox), _RECHECK_S, _more(held),
+                    "%s chunk requests not checked; %s checked again in %ss%s",
+                    len(inbox), len(again), _RECHECK_S, _more(held),
                 )  # fmt: skip
-            # Kept (a wave's first asks among them), ahead of what came meanwhile, up to the
-            # inbox's bound; checked again after a pause, not in a loop on a database away.
-            with self._lock:
-                kept = (inbox + self._inbox)[:MAX_INBOX]
-                self.overflow += len(inbox) + len(self._inbox) - len(kept)
-                self._inbox = kept
-            self._stop.wait(_RECHECK_S)
-            self._admit_wake.set()
+            if again:
+                with self._lock:
+                    kept = (again + self._inbox)[:MAX_INBOX]
+                    self.overflow += len(again) + len(self._inbox) - len(kept)
+                    self._inbox = kept
+                self._stop.wait(_RECHECK_S)
+                self._admit_wake.set()
             return
+        self._rechecked = set()
         admitted = False
         for (device_id, request), reel in zip(inbox, verdicts, strict=True):
             if isinstance(reel, str):
@@ -324,6 +334,11 @@ class ChunkBroadcaster:
                 # so that an ask soon after waits for its next pass like the others.
                 if not reel.wanted and now - reel.touched > max(self.want_ttl_s, 60.0):
                     del self._reels[reel.sha256]
+
+
+def _passing(exc: Exception) -> bool:
+    """An error that may be gone a moment later: the registry, Redis or the disk."""
+    return isinstance(exc, (SQLAlchemyError, RedisError, OSError))
 
 
 def _more(held: int) -> str:

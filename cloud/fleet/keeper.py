@@ -325,7 +325,11 @@ class DesiredStateKeeper:
         not take, renew what is due."""
         if self._republish.is_set():
             self._republish.clear()
-            self.republish_all(now)
+            try:
+                self.republish_all(now)
+            except Exception:
+                self._republish.set()  # the database went away before the list: next round
+                raise
         self.publish_pending()
         self.renew_due(now)
 

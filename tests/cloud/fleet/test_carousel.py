@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from cloud.artifacts.store import ArtifactStore
 from cloud.fleet.carousel import Pacing, Reel
@@ -382,7 +383,7 @@ def test_requests_whose_check_failed_are_checked_again(store: ArtifactStore) -> 
     def allowed(asks: list[tuple[str, str]]) -> list[bool]:
         calls.append(len(asks))
         if len(calls) == 1:
-            raise RuntimeError("injected: registry away")
+            raise OperationalError("SELECT", {}, Exception("injected: registry away"))
         return [True] * len(asks)
 
     broadcaster.allowed = allowed
@@ -398,3 +399,32 @@ def test_requests_whose_check_failed_are_checked_again(store: ArtifactStore) -> 
     assert calls[0] == 20
     assert sum(calls[1:]) == 20
     assert (broadcaster.refused, broadcaster.overflow) == (0, 0)
+
+
+def test_a_request_whose_check_always_fails_does_not_hold_the_others_back(
+    store: ArtifactStore,
+) -> None:
+    """Checking one device's request raises an unexpected error every time: the requests of
+    that admission are dropped (their devices ask again), not put back for ever, so a
+    request that comes after it is admitted."""
+    artifact = store.put_bytes(b"q" * 4096)
+    link = LateAcks()
+    broadcaster = _broadcaster(store, link)
+    broadcaster.window_s = 0.2
+
+    def allowed(asks: list[tuple[str, str]]) -> list[bool]:
+        if any(device_id == "bad" for device_id, _sha in asks):
+            raise RuntimeError("injected: a bug in the check")
+        return [True] * len(asks)
+
+    broadcaster.allowed = allowed
+    broadcaster.start()
+    try:
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[0]), "bad")
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[0]), "good")
+        wait_for(lambda: broadcaster.errors == 1, 10, "the failed check")
+        broadcaster.request(ArtifactRequest(sha256=artifact.sha256, chunks=[1]), "good")
+        wait_for(lambda: broadcaster.requests == 1, 10, "the next request admitted")
+    finally:
+        broadcaster.stop()
+    assert broadcaster.errors == 1

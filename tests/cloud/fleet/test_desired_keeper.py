@@ -254,3 +254,28 @@ def test_a_round_stops_at_the_first_read_the_database_refuses(
     assert keeper.pending() == set(ids)
     assert len(attempts) <= 2, f"{len(attempts)} sessions opened in one round"
 
+
+def test_a_republish_the_database_interrupted_is_done_again_next_round(
+    quick_context: CloudContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker reconnected (every document is due again) while the database is away:
+    the round fails, and the next one, with the database back, gives the broker every
+    document (the request to republish was dropped before the list could be read)."""
+    context = quick_context
+    device_id = enroll(context)
+    document = sign_deployment(context, device_id, "alpha", 1)
+    broker = Broker()
+    broker.taking.set()
+    keeper = DesiredStateKeeper(context, broker)
+    keeper.request_republish()
+    real = context.database.session
+
+    def dropped() -> None:
+        raise OperationalError("SELECT", {}, Exception("injected: database away"))
+
+    monkeypatch.setattr(context.database, "session", dropped)
+    with pytest.raises(OperationalError):
+        keeper.upkeep()
+    monkeypatch.setattr(context.database, "session", real)
+    keeper.upkeep()
+    assert (topics.device_topic(device_id, DeviceTopic.DESIRED), document) in broker.taken
